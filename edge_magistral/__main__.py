@@ -1,0 +1,3 @@
+from edge_magistral.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""Terminal rendering shared by the commands: a rich console and progress bars."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+@lru_cache(maxsize=1)
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+@lru_cache(maxsize=1)
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class RichProgress:
+    """Progress bars on stderr (hidden when it is not a terminal); implements the build's Progress."""
+
+    def __init__(self) -> None:
+        self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
+                           TimeElapsedColumn(), TimeRemainingColumn(), console=err_console(), transient=False)
+
+    def __enter__(self) -> "RichProgress":
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._p.__exit__(*exc)
+
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        tid = self._p.add_task(description, total=total)
+        return lambda n: self._p.advance(tid, n)

@@ -1,0 +1,159 @@
+"""Ask llama.cpp itself what a load would allocate, without allocating it.
+
+With ``no_alloc`` set in the model parameters (and ``load_mode = LLAMA_LOAD_MODE_NONE``: the default
+mmap mode asserts and aborts), llama.cpp reads only the GGUF header, simulates every allocation
+and logs the buffer sizes it would have made: weights per buffer, the KV cache, the compute
+buffers. This is the same dry run llama.cpp's ``--fit`` relies on. The load runs in a child
+process that streams llama.cpp's log back, so an abort inside llama.cpp costs only the child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+from edge_magistral.errors import BackendError, ModelNotFoundError
+
+MiB = 1024 * 1024
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+
+
+@dataclass(frozen=True)
+class DryRunRequest:
+    """The load to simulate: the same knobs a Plan sets."""
+
+    model_path: str
+    n_ctx: int
+    n_gpu_layers: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = True
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 1
+
+
+@dataclass
+class DryRunResult:
+    """Buffer sizes (bytes) as llama.cpp logged them, by buffer name ("CPU", "CUDA0", "CUDA_Host")."""
+
+    model_buffers: dict[str, int] = field(default_factory=dict)
+    kv_bytes: int = 0
+    kv_k_bytes: int = 0
+    kv_v_bytes: int = 0
+    kv_cells: int = 0
+    compute_buffers: dict[str, int] = field(default_factory=dict)
+    output_buffers: dict[str, int] = field(default_factory=dict)
+    n_ctx: int = 0
+    log: str = ""
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.model_buffers.values())
+
+    @property
+    def compute_bytes(self) -> int:
+        return sum(self.compute_buffers.values())
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("log")
+        return d
+
+
+_MIB = r"([0-9.]+) MiB"
+_RE_MODEL = re.compile(rf"load_tensors:\s+(\S+) model buffer size =\s+{_MIB}")
+_RE_KV = re.compile(rf"llama_kv_cache: size =\s+{_MIB} \(\s*(\d+) cells.*?K \(\S+\):\s+{_MIB}, V \(\S+\):\s+{_MIB}")
+_RE_COMPUTE = re.compile(rf"(\S+) compute buffer size =\s+{_MIB}")
+_RE_OUTPUT = re.compile(rf"(\S+)\s+output buffer size =\s+{_MIB}")
+_RE_NCTX = re.compile(r"llama_context: n_ctx\s+=\s+(\d+)")
+
+
+def parse_log(log: str) -> DryRunResult:
+    """Pull the buffer sizes out of llama.cpp's log (sizes are printed in MiB with 2 decimals)."""
+    r = DryRunResult(log=log)
+    for name, mib in _RE_MODEL.findall(log):
+        r.model_buffers[name] = r.model_buffers.get(name, 0) + _b(mib)
+    m = _RE_KV.search(log)
+    if m:
+        r.kv_bytes, r.kv_cells, r.kv_k_bytes, r.kv_v_bytes = _b(m.group(1)), int(m.group(2)), _b(m.group(3)), _b(m.group(4))
+    for name, mib in _RE_COMPUTE.findall(log):
+        r.compute_buffers[name] = _b(mib)  # the last reservation is the one kept
+    for name, mib in _RE_OUTPUT.findall(log):
+        r.output_buffers[name] = _b(mib)
+    m = _RE_NCTX.search(log)
+    if m:
+        r.n_ctx = int(m.group(1))
+    return r
+
+
+def _b(mib: str) -> int:
+    return round(float(mib) * MiB)
+
+
+def dry_run(req: DryRunRequest, timeout_s: float = 300.0) -> DryRunResult:
+    """Simulate the load in a child process and return what llama.cpp would allocate."""
+    if not os.path.isfile(req.model_path):
+        raise ModelNotFoundError(f"{req.model_path}: no such model file")
+    if req.type_k not in KV_TYPES or req.type_v not in KV_TYPES:
+        raise BackendError(f"unknown KV cache type {req.type_k!r}/{req.type_v!r}; use one of {', '.join(KV_TYPES)}")
+    cmd = [sys.executable, "-m", "edge_magistral.dryrun", json.dumps(asdict(req))]
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise BackendError(f"llama.cpp dry run of {req.model_path} did not finish in {timeout_s:.0f} s") from None
+    log = p.stdout.decode("utf-8", "replace")
+    if p.returncode != 0:
+        tail = " | ".join((log + p.stderr.decode("utf-8", "replace")).strip().splitlines()[-4:])
+        raise BackendError(f"llama.cpp dry run failed (exit {p.returncode}): {tail}")
+    result = parse_log(log)
+    if not result.model_buffers or not result.kv_bytes:
+        raise BackendError("llama.cpp dry run logged no buffer sizes; is this llama-cpp-python 0.3.36?")
+    return result
+
+
+def _child(req: DryRunRequest) -> int:
+    """Runs in the child: load with no_alloc, create the context, stream the log to stdout."""
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        os.write(1, text or b"")
+
+    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers = req.n_gpu_layers
+    mp.no_alloc = True
+    mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+    model = llama_cpp.llama_model_load_from_file(req.model_path.encode(), mp)
+    if not model:
+        os.write(2, b"model load failed\n")
+        return 3
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = req.n_ctx
+    cp.n_batch = min(req.n_ctx, req.n_batch)  # as llama_cpp.Llama does
+    cp.n_ubatch = min(cp.n_batch, req.n_ubatch)
+    cp.n_seq_max = 1
+    cp.n_threads = cp.n_threads_batch = req.n_threads
+    cp.type_k = KV_TYPES[req.type_k]
+    cp.type_v = KV_TYPES[req.type_v]
+    cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if req.flash_attn
+                          else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    if not ctx:
+        os.write(2, b"context creation failed\n")
+        return 4
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(DryRunRequest(**json.loads(sys.argv[1]))))

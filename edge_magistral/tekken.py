@@ -1,0 +1,300 @@
+"""Magistral's Tekken tokenizer: special tokens, the split pattern, and its tekken.json.
+
+Tekken is a tiktoken-style byte-level BPE: ids 0..999 are control tokens, ordinary tokens are
+BPE rank + 1000. Magistral Small 1.1 uses tokenizer version v13 with ``[THINK]``=34 and
+``[/THINK]``=35; mistral-common ships the same BPE vocabulary as ``tekken_240911.json`` but with
+an older special-token table, so :func:`magistral_tekken` rewrites it with Magistral's table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import mmap
+import struct
+from pathlib import Path
+from typing import Any
+
+from edge_magistral.errors import BadInputError, CorruptModelError, ModelNotFoundError
+
+NUM_SPECIAL = 1000
+VOCAB_SIZE = 131072
+
+# The split pattern of every Tekken tokenizer so far (mistral-common's tekken_240911.json).
+TEKKEN_PATTERN = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Magistral Small 1.1's named control tokens (mistral-common SpecialTokens, v13 layout).
+SPECIAL_TOKENS: dict[int, str] = {
+    0: "<unk>", 1: "<s>", 2: "</s>", 3: "[INST]", 4: "[/INST]", 5: "[AVAILABLE_TOOLS]",
+    6: "[/AVAILABLE_TOOLS]", 7: "[TOOL_RESULTS]", 8: "[/TOOL_RESULTS]", 9: "[TOOL_CALLS]", 10: "[IMG]",
+    11: "<pad>", 12: "[IMG_BREAK]", 13: "[IMG_END]", 14: "[PREFIX]", 15: "[MIDDLE]", 16: "[SUFFIX]",
+    17: "[SYSTEM_PROMPT]", 18: "[/SYSTEM_PROMPT]", 19: "[TOOL_CONTENT]", 24: "[AUDIO]",
+    25: "[BEGIN_AUDIO]", 32: "[ARGS]", 33: "[CALL_ID]", 34: "[THINK]", 35: "[/THINK]",
+}
+UNK, BOS, EOS, INST, END_INST = 0, 1, 2, 3, 4
+TOOL_CALLS, SYSTEM, END_SYSTEM, THINK, END_THINK = 9, 17, 18, 34, 35
+
+GGUF_PATTERN_KEY = "tokenizer.tekken.pattern"  # where the build records the split pattern
+
+
+def special_token_table() -> list[dict[str, Any]]:
+    """All 1000 control tokens as tekken.json lists them (unnamed ones are ``<SPECIAL_i>``)."""
+    return [
+        {"rank": i, "token_str": SPECIAL_TOKENS.get(i, f"<SPECIAL_{i}>"), "is_control": True}
+        for i in range(NUM_SPECIAL)
+    ]
+
+
+def base_tekken_path() -> Path:
+    """The Tekken vocabulary file mistral-common ships (the one Magistral's BPE ranks come from)."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+
+
+def magistral_tekken() -> dict[str, Any]:
+    """A tekken.json equal to Magistral 1.1's in vocabulary, pattern and special tokens."""
+    data = json.loads(base_tekken_path().read_text(encoding="utf-8"))
+    data["config"] = {
+        **data["config"],
+        "version": "v13",
+        "default_vocab_size": VOCAB_SIZE,
+        "default_num_special_tokens": NUM_SPECIAL,
+    }
+    data["special_tokens"] = special_token_table()
+    data.pop("image", None)  # Magistral Small 1.1 is text-only
+    return data
+
+
+def write_magistral_tekken(path: Path) -> None:
+    path.write_text(json.dumps(magistral_tekken(), ensure_ascii=False), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------- tokenizer from a GGUF
+#
+# llama.cpp's own pre-tokenizer does not split every script as Tekken does (combining marks), so the
+# runtime tokenizes with tiktoken — the library mistral-common itself uses — over the vocabulary
+# stored in the GGUF. Control tokens are never produced from text: callers insert them by id.
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_TOKENIZER_KEYS = frozenset({"tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                             GGUF_PATTERN_KEY})
+
+
+class _HeaderCursor:
+    """Bounded reads over a memory-mapped GGUF: every length is checked against the file size.
+
+    A hand-rolled reader because ``gguf.GGUFReader`` builds a numpy object for every token and
+    merge string (~12 s for a 131k vocabulary); this walks the header in well under a second.
+    """
+
+    def __init__(self, buf: Any, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, what: str) -> Exception:
+        return CorruptModelError(f"{self.path}: not a valid GGUF file ({what}); re-download or rebuild it")
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise self.fail(f"truncated while reading {what}")
+        data = self.buf[self.pos:end]
+        self.pos = end
+        return data
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def value(self, vtype: int, what: str) -> Any:
+        """One metadata value: scalars and strings (as bytes); arrays of strings as lists; other
+        arrays are skipped (returned as None) since the tokenizer needs none of them."""
+        if vtype in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[vtype], what)
+        if vtype == _GGUF_STRING:
+            return self.take(self.unpack("<Q", what), what)
+        if vtype != _GGUF_ARRAY:
+            raise self.fail(f"{what} has unknown value type {vtype}")
+        sub, n = self.unpack("<I", what), self.unpack("<Q", what)
+        if sub in _GGUF_SCALARS:
+            self.take(n * struct.calcsize(_GGUF_SCALARS[sub]), what)
+            return None
+        if sub != _GGUF_STRING:
+            raise self.fail(f"{what} is an array of type {sub}, which no tokenizer key uses")
+        if n * 8 > len(self.buf) - self.pos:  # each string needs at least its 8-byte length
+            raise self.fail(f"{what} claims {n} strings")
+        return [self.take(self.unpack("<Q", what), what) for _ in range(n)]
+
+
+def read_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
+    """The tokenizer keys of a GGUF's metadata (strings as bytes, the token list as list[bytes])."""
+    p = Path(path)
+    if p.is_dir():
+        raise BadInputError(f"{p}: is a directory; expected a .gguf model file")
+    try:
+        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _walk_metadata(_HeaderCursor(buf, str(p)))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{p}: no such model file; check the path or run `edge-magistral build`") from None
+    except ValueError:  # mmap of an empty file
+        raise _HeaderCursor(b"", str(p)).fail("empty file") from None
+    except PermissionError:
+        raise ModelNotFoundError(f"{p}: cannot read the file (permission denied)") from None
+
+
+def _walk_metadata(c: _HeaderCursor) -> dict[str, Any]:
+    if c.take(4, "magic") != b"GGUF":
+        raise c.fail("bad magic: this is not a GGUF file")
+    version = c.unpack("<I", "version")
+    if version not in (2, 3):
+        raise c.fail(f"unsupported GGUF version {version}")
+    c.unpack("<Q", "tensor count")
+    n_kv = c.unpack("<Q", "metadata count")
+    found: dict[str, Any] = {}
+    for i in range(n_kv):
+        raw_key = c.take(c.unpack("<Q", f"metadata key #{i}"), f"metadata key #{i}")
+        key = raw_key.decode("utf-8", "replace")
+        val = c.value(c.unpack("<I", f"type of {key}"), key)
+        if key in _TOKENIZER_KEYS:
+            found[key] = val
+    return found
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, in which GGUF stores byte-level BPE tokens."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _unicode_to_latin1() -> dict[int, int]:
+    """str.translate table turning a GPT-2 token string into latin-1 characters (one per byte).
+
+    Latin-1 characters that are *not* GPT-2 byte characters map to U+FFFF, so a malformed token
+    fails the later ``.encode("latin-1")`` instead of passing through silently.
+    """
+    table = {ord(ch): b for b, ch in _bytes_to_unicode().items()}
+    for b in range(256):
+        table.setdefault(b, 0xFFFF)
+    return table
+
+
+def _mergeable_ranks(tokens: list[bytes], path: str) -> dict[bytes, int]:
+    """tiktoken ranks from the GGUF token list: token ``NUM_SPECIAL + r`` has rank ``r``."""
+    table = _unicode_to_latin1()
+    ranks: dict[bytes, int] = {}
+    for rank, tok in enumerate(tokens[NUM_SPECIAL:]):
+        try:
+            ranks[tok.decode("utf-8").translate(table).encode("latin-1")] = rank
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise CorruptModelError(f"{path}: token {rank + NUM_SPECIAL} is not a byte-level BPE token; "
+                                    "re-download or rebuild the model") from None
+    if len(ranks) != len(tokens) - NUM_SPECIAL:
+        raise CorruptModelError(f"{path}: the token list has duplicate tokens; re-download or rebuild it")
+    if any(ranks.get(bytes([b])) != b for b in range(256)):
+        raise BadInputError(f"{path}: tokens {NUM_SPECIAL}..{NUM_SPECIAL + 255} are not the 256 single bytes; "
+                            "this is not a Tekken vocabulary")
+    return ranks
+
+
+def _text(meta: dict[str, Any], key: str) -> str:
+    v = meta.get(key)
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else ""
+
+
+def _check_tekken(meta: dict[str, Any], path: str) -> str:
+    """Refuse anything but a Tekken GGUF; return its split pattern."""
+    model, pre = _text(meta, "tokenizer.ggml.model"), _text(meta, "tokenizer.ggml.pre")
+    if model != "gpt2" or pre != "tekken":
+        raise BadInputError(f"{path}: tokenizer is {model or '?'}/{pre or '?'}, not gpt2/tekken; "
+                            "edge-magistral runs Magistral (Tekken) GGUFs only")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens or len(tokens) <= NUM_SPECIAL + 256:
+        raise BadInputError(f"{path}: the GGUF has no usable token list ({len(tokens or [])} tokens)")
+    return _text(meta, GGUF_PATTERN_KEY) or TEKKEN_PATTERN
+
+
+def _well_formed(text: str) -> str:
+    """Make ``text`` encodable as UTF-8 the way tiktoken (and so mistral-common) does.
+
+    Surrogate pairs written as two code points are joined; lone surrogates (from a JSON ``\\ud800``
+    escape or an undecodable command-line byte) become U+FFFD, one per surrogate.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+class TekkenTokenizer:
+    """Magistral's tokenizer rebuilt from a GGUF: a tiktoken encoding over the GGUF's own vocabulary.
+
+    ``encode`` never yields control tokens (ids < 1000): text such as ``[INST]`` or ``</s>`` is
+    tokenized as the plain characters it is, so user text cannot inject turns. Build prompts by
+    inserting control-token ids around encoded text.
+    """
+
+    def __init__(self, encoding: Any, n_vocab: int, pattern: str, path: str):
+        self.encoding = encoding
+        self.n_vocab = n_vocab
+        self.pattern = pattern
+        self.path = path
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> TekkenTokenizer:
+        """Load (cached per file path, size and mtime) the tokenizer of a Tekken GGUF."""
+        p = Path(path)
+        try:
+            st = p.resolve().stat()
+        except OSError:
+            return cls._build(str(p))  # raises the right error for a missing/unreadable file
+        return _cached_tokenizer(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def _build(cls, path: str) -> TekkenTokenizer:
+        import tiktoken
+
+        meta = read_tokenizer_metadata(path)
+        pattern = _check_tekken(meta, path)
+        tokens = meta["tokenizer.ggml.tokens"]
+        ranks = _mergeable_ranks(tokens, path)
+        try:
+            enc = tiktoken.Encoding(f"tekken:{Path(path).name}", pat_str=pattern, mergeable_ranks=ranks,
+                                    special_tokens={})
+        except ValueError as e:
+            raise CorruptModelError(f"{path}: unusable tokenizer pattern ({e}); rebuild the model") from None
+        return cls(enc, len(tokens), pattern, path)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for plain text (no BOS/EOS, never a control token)."""
+        return [t + NUM_SPECIAL for t in self.encoding.encode_ordinary(_well_formed(text))]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for; b"" for control tokens (they are not text)."""
+        if not 0 <= token_id < self.n_vocab:
+            raise BadInputError(f"token id {token_id} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if token_id < NUM_SPECIAL:
+            return b""
+        return self.encoding.decode_single_token_bytes(token_id - NUM_SPECIAL)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` with control tokens dropped; invalid UTF-8 becomes U+FFFD."""
+        return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, size: int, mtime_ns: int) -> TekkenTokenizer:
+    """One tokenizer per file version; size and mtime in the key make a rebuilt file reload."""
+    return TekkenTokenizer._build(path)
