@@ -17,6 +17,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from edge_magistral.errors import BackendError, ModelNotFoundError
+from edge_magistral.gguf_info import GGUFInfo
+from edge_magistral.hardware import child_env
 
 MiB = 1024 * 1024
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
@@ -49,6 +51,9 @@ class DryRunResult:
     compute_buffers: dict[str, int] = field(default_factory=dict)
     output_buffers: dict[str, int] = field(default_factory=dict)
     n_ctx: int = 0
+    model_size: int = 0  # llama_model_size(): all tensor bytes
+    layer_devices: list[str] = field(default_factory=list)  # per layer, then the output layer
+    kv_devices: list[str] = field(default_factory=list)  # per layer with a KV cache
     log: str = ""
 
     @property
@@ -71,6 +76,9 @@ _RE_KV = re.compile(rf"llama_kv_cache: size =\s+{_MIB} \(\s*(\d+) cells.*?K \(\S
 _RE_COMPUTE = re.compile(rf"(\S+) compute buffer size =\s+{_MIB}")
 _RE_OUTPUT = re.compile(rf"(\S+)\s+output buffer size =\s+{_MIB}")
 _RE_NCTX = re.compile(r"llama_context: n_ctx\s+=\s+(\d+)")
+_RE_LAYER = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
+_RE_KV_DEV = re.compile(r"llama_kv_cache: layer\s+(\d+): dev = (\S+)")
+_RE_SIZE = re.compile(r"edge_magistral: model_size = (\d+)")
 
 
 def parse_log(log: str) -> DryRunResult:
@@ -88,7 +96,40 @@ def parse_log(log: str) -> DryRunResult:
     m = _RE_NCTX.search(log)
     if m:
         r.n_ctx = int(m.group(1))
+    m = _RE_SIZE.search(log)
+    if m:
+        r.model_size = int(m.group(1))
+    r.layer_devices = [d for _, d in sorted(_RE_LAYER.findall(log), key=lambda x: int(x[0]))]
+    r.kv_devices = [d for _, d in sorted(_RE_KV_DEV.findall(log), key=lambda x: int(x[0]))]
     return r
+
+
+def host_device(buffer_name: str) -> bool:
+    """Buffers in host memory: "CPU", "CPU_REPACK", "CPU_Mapped", "CUDA_Host", ..."""
+    return buffer_name.startswith("CPU") or buffer_name.endswith("_Host")
+
+
+def by_device(r: DryRunResult, info: GGUFInfo) -> dict[str, dict[str, int]]:
+    """llama.cpp's allocations per device: weights by the layers llama.cpp placed there (bytes from
+    the GGUF header; a dry run allocates no weight buffers), KV by its per-layer devices, compute
+    buffers by name. Host buffers count as "CPU"."""
+    out: dict[str, dict[str, int]] = {}
+
+    def add(dev: str, key: str, n: int) -> None:
+        d = out.setdefault("CPU" if host_device(dev) else dev, {"weights": 0, "kv_cache": 0, "compute": 0})
+        d[key] += n
+
+    add("CPU", "weights", info.token_embd_bytes)
+    for il, dev in enumerate(r.layer_devices):
+        add(dev, "weights", info.bytes_per_layer[il] if il < info.n_layers else info.output_bytes)
+    n_kv = len(r.kv_devices) or 1
+    for dev in r.kv_devices:
+        add(dev, "kv_cache", r.kv_bytes // n_kv)
+    for name, n in r.compute_buffers.items():
+        add(name, "compute", n)
+    for name, n in r.output_buffers.items():
+        add(name, "compute", n)
+    return out
 
 
 def _b(mib: str) -> int:
@@ -103,7 +144,7 @@ def dry_run(req: DryRunRequest, timeout_s: float = 300.0) -> DryRunResult:
         raise BackendError(f"unknown KV cache type {req.type_k!r}/{req.type_v!r}; use one of {', '.join(KV_TYPES)}")
     cmd = [sys.executable, "-m", "edge_magistral.dryrun", json.dumps(asdict(req))]
     try:
-        p = subprocess.run(cmd, capture_output=True, timeout=timeout_s)
+        p = subprocess.run(cmd, capture_output=True, timeout=timeout_s, env=child_env())
     except subprocess.TimeoutExpired:
         raise BackendError(f"llama.cpp dry run of {req.model_path} did not finish in {timeout_s:.0f} s") from None
     log = p.stdout.decode("utf-8", "replace")
@@ -136,6 +177,7 @@ def _child(req: DryRunRequest) -> int:
     if not model:
         os.write(2, b"model load failed\n")
         return 3
+    os.write(1, f"edge_magistral: model_size = {llama_cpp.llama_model_size(model)}\n".encode())
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx = req.n_ctx
     cp.n_batch = min(req.n_ctx, req.n_batch)  # as llama_cpp.Llama does

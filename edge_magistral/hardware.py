@@ -184,7 +184,7 @@ class SystemReader:
         """Ask the installed llama.cpp in a child process (a backend may abort or grab a GPU)."""
         try:
             r = subprocess.run([sys.executable, "-m", "edge_magistral.hardware", "--ggml-devices"],
-                               capture_output=True, text=True, timeout=max(30.0, self.timeout_s))
+                               capture_output=True, text=True, timeout=max(30.0, self.timeout_s), env=child_env())
         except (OSError, subprocess.SubprocessError):
             return None
         if r.returncode != 0:
@@ -247,6 +247,13 @@ class RecordedReader:
     def system(self) -> tuple[str, str]:
         s = self._json("system.json") or {}
         return s.get("os", "linux"), s.get("machine", "x86_64")
+
+
+def child_env() -> dict[str, str]:
+    """Environment for a child ``python -m edge_magistral...``: this package importable from anywhere."""
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def command_key(argv: list[str]) -> str:
@@ -512,9 +519,13 @@ def probe_amd(reader: Reader) -> list[GPUInfo]:
         gpus.append(GPUInfo(vendor="amd", name=name, total_bytes=total, free_bytes=max(0, total - (used or 0)),
                             unified=False, driver=(reader.read("/sys/module/amdgpu/version") or "").strip(),
                             pci_bus_id=_norm_bus(m.group(1)) if m else "", source="sysfs"))
-    if gpus:
-        return gpus
-    return parse_rocm_smi(reader.run(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"]) or "")
+    smi = parse_rocm_smi(reader.run(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"]) or "")
+    if not gpus:
+        return smi
+    for g, s in zip(gpus, smi):  # sysfs rarely has a marketing name; rocm-smi does
+        if g.name.startswith("AMD GPU"):
+            g.name = s.name
+    return gpus
 
 
 def _amd_name(reader: Reader, card: str) -> str:
@@ -640,8 +651,8 @@ def ggml_devices_here() -> list[dict[str, Any]]:
     base.ggml_backend_dev_get_props.restype = None
     base.ggml_backend_reg_name.argtypes = [vp]
     base.ggml_backend_reg_name.restype = ctypes.c_char_p
-    if hasattr(ggml, "ggml_backend_load_all") and os.environ.get("GGML_BACKEND_DL", "1") != "0":
-        ggml.ggml_backend_load_all()  # dynamic-backend builds register CUDA/Metal/... only here
+    if ggml.ggml_backend_dev_count() == 0:
+        ggml.ggml_backend_load_all()  # builds with dynamic backends register them only here
     out = []
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)

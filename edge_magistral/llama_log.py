@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import logging
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("llama_cpp.native")
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
-import mmap
-import struct
+import re
 from pathlib import Path
 from typing import Any
 
-from edge_magistral.errors import BadInputError, CorruptModelError, ModelNotFoundError
+from edge_magistral.errors import BadInputError, CorruptModelError
 
 NUM_SPECIAL = 1000
 VOCAB_SIZE = 131072
@@ -80,94 +79,21 @@ def write_magistral_tekken(path: Path) -> None:
 # runtime tokenizes with tiktoken — the library mistral-common itself uses — over the vocabulary
 # stored in the GGUF. Control tokens are never produced from text: callers insert them by id.
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_TOKENIZER_KEYS = frozenset({"tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-                             GGUF_PATTERN_KEY})
-
-
-class _HeaderCursor:
-    """Bounded reads over a memory-mapped GGUF: every length is checked against the file size.
-
-    A hand-rolled reader because ``gguf.GGUFReader`` builds a numpy object for every token and
-    merge string (~12 s for a 131k vocabulary); this walks the header in well under a second.
-    """
-
-    def __init__(self, buf: Any, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
-
-    def fail(self, what: str) -> Exception:
-        return CorruptModelError(f"{self.path}: not a valid GGUF file ({what}); re-download or rebuild it")
-
-    def take(self, n: int, what: str) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.buf):
-            raise self.fail(f"truncated while reading {what}")
-        data = self.buf[self.pos:end]
-        self.pos = end
-        return data
-
-    def unpack(self, fmt: str, what: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
-
-    def value(self, vtype: int, what: str) -> Any:
-        """One metadata value: scalars and strings (as bytes); arrays of strings as lists; other
-        arrays are skipped (returned as None) since the tokenizer needs none of them."""
-        if vtype in _GGUF_SCALARS:
-            return self.unpack(_GGUF_SCALARS[vtype], what)
-        if vtype == _GGUF_STRING:
-            return self.take(self.unpack("<Q", what), what)
-        if vtype != _GGUF_ARRAY:
-            raise self.fail(f"{what} has unknown value type {vtype}")
-        sub, n = self.unpack("<I", what), self.unpack("<Q", what)
-        if sub in _GGUF_SCALARS:
-            self.take(n * struct.calcsize(_GGUF_SCALARS[sub]), what)
-            return None
-        if sub != _GGUF_STRING:
-            raise self.fail(f"{what} is an array of type {sub}, which no tokenizer key uses")
-        if n * 8 > len(self.buf) - self.pos:  # each string needs at least its 8-byte length
-            raise self.fail(f"{what} claims {n} strings")
-        return [self.take(self.unpack("<Q", what), what) for _ in range(n)]
+_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", GGUF_PATTERN_KEY)
 
 
 def read_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
-    """The tokenizer keys of a GGUF's metadata (strings as bytes, the token list as list[bytes])."""
-    p = Path(path)
-    if p.is_dir():
-        raise BadInputError(f"{p}: is a directory; expected a .gguf model file")
-    try:
-        with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _walk_metadata(_HeaderCursor(buf, str(p)))
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{p}: no such model file; check the path or run `edge-magistral build`") from None
-    except ValueError:  # mmap of an empty file
-        raise _HeaderCursor(b"", str(p)).fail("empty file") from None
-    except PermissionError:
-        raise ModelNotFoundError(f"{p}: cannot read the file (permission denied)") from None
+    """The tokenizer keys of a GGUF's metadata (strings as str, the token list as list[bytes]),
+    read through the bounded header parser."""
+    from edge_magistral.gguf_info import read_header
 
-
-def _walk_metadata(c: _HeaderCursor) -> dict[str, Any]:
-    if c.take(4, "magic") != b"GGUF":
-        raise c.fail("bad magic: this is not a GGUF file")
-    version = c.unpack("<I", "version")
-    if version not in (2, 3):
-        raise c.fail(f"unsupported GGUF version {version}")
-    c.unpack("<Q", "tensor count")
-    n_kv = c.unpack("<Q", "metadata count")
-    found: dict[str, Any] = {}
-    for i in range(n_kv):
-        raw_key = c.take(c.unpack("<Q", f"metadata key #{i}"), f"metadata key #{i}")
-        key = raw_key.decode("utf-8", "replace")
-        val = c.value(c.unpack("<I", f"type of {key}"), key)
-        if key in _TOKENIZER_KEYS:
-            found[key] = val
-    return found
+    meta = read_header(path, keep_arrays=frozenset({"tokenizer.ggml.tokens"})).metadata
+    return {k: meta[k] for k in _TOKENIZER_KEYS if k in meta}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map, in which GGUF stores byte-level BPE tokens."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -203,14 +129,14 @@ def _mergeable_ranks(tokens: list[bytes], path: str) -> dict[bytes, int]:
     if len(ranks) != len(tokens) - NUM_SPECIAL:
         raise CorruptModelError(f"{path}: the token list has duplicate tokens; re-download or rebuild it")
     if any(ranks.get(bytes([b])) != b for b in range(256)):
-        raise BadInputError(f"{path}: tokens {NUM_SPECIAL}..{NUM_SPECIAL + 255} are not the 256 single bytes; "
-                            "this is not a Tekken vocabulary")
+        raise BadInputError(f"{path}: tokens {NUM_SPECIAL}..{NUM_SPECIAL + 255} are not the 256 single "
+                            "bytes; this is not a Tekken vocabulary")
     return ranks
 
 
 def _text(meta: dict[str, Any], key: str) -> str:
     v = meta.get(key)
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else ""
+    return v if isinstance(v, str) else ""
 
 
 def _check_tekken(meta: dict[str, Any], path: str) -> str:
@@ -220,6 +146,8 @@ def _check_tekken(meta: dict[str, Any], path: str) -> str:
         raise BadInputError(f"{path}: tokenizer is {model or '?'}/{pre or '?'}, not gpt2/tekken; "
                             "edge-magistral runs Magistral (Tekken) GGUFs only")
     tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        tokens = []
     if not tokens or len(tokens) <= NUM_SPECIAL + 256:
         raise BadInputError(f"{path}: the GGUF has no usable token list ({len(tokens or [])} tokens)")
     return _text(meta, GGUF_PATTERN_KEY) or TEKKEN_PATTERN
@@ -236,6 +164,28 @@ def _well_formed(text: str) -> str:
         return text
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# tiktoken's regex engine (fancy-regex) panics on a run of about a million blanks (spaces, tabs, not
+# newlines) — mistral-common included. Runs this long are cut into chunks encoded one by one.
+_BLANK_RUN_LIMIT = 500_000
+_BLANKS = re.compile(r"[^\S\r\n]+")
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` as one piece, or cut inside runs of at least _BLANK_RUN_LIMIT blanks.
+
+    Below the limit the result is exactly mistral-common's; above it mistral-common has no answer
+    and the chunked encoding still decodes to the same text.
+    """
+    if len(text) < _BLANK_RUN_LIMIT:
+        return [text]
+    cuts = [0]
+    for m in _BLANKS.finditer(text):
+        if m.end() - m.start() >= _BLANK_RUN_LIMIT:
+            cuts += range(m.start(), m.end(), _BLANK_RUN_LIMIT // 2)
+    cuts.append(len(text))
+    return [text[a:b] for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 class TekkenTokenizer:
@@ -279,7 +229,8 @@ class TekkenTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids for plain text (no BOS/EOS, never a control token)."""
-        return [t + NUM_SPECIAL for t in self.encoding.encode_ordinary(_well_formed(text))]
+        enc = self.encoding
+        return [t + NUM_SPECIAL for piece in _pieces(_well_formed(text)) for t in enc.encode_ordinary(piece)]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for; b"" for control tokens (they are not text)."""

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
 # --- the tiny Magistral and its GGUFs (built once per session) ------------------------------------
 
 @pytest.fixture(scope="session")
@@ -42,3 +41,8 @@ def tiny_gguf_quants(tiny_gguf_f16: Path, tmp_path_factory: pytest.TempPathFacto
     d = tmp_path_factory.mktemp("tiny-gguf-quants")
     return {q: quantize(tiny_gguf_f16, d / f"tiny-{q}.gguf", q, nthread=2)
             for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")}
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_bf16(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert_tiny(tiny_checkpoint, tmp_path_factory.mktemp("tiny-gguf-bf16"), "BF16")

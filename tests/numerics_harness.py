@@ -6,10 +6,12 @@ position; compares logit arrays by relative Frobenius error ``||a - b|| / ||b||`
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -85,3 +87,11 @@ def llama_logits(path: Path, seqs: Sequence[Sequence[int]], f32_kv: bool = True,
         return LlamaRun(Path(path), out, generated, dict(llm.metadata))
     finally:
         llm.close()
+
+
+def gguf_header(path: Path) -> tuple[dict[str, Any], Counter[str]]:
+    """(metadata by key, tensor count per ggml type name) of a GGUF file, via the project's parser."""
+    from edge_magistral.gguf_info import read_header
+
+    h = read_header(path)
+    return h.metadata, Counter(t.type_name for t in h.tensors)

@@ -22,8 +22,8 @@ complex number rotated by ``pos * theta ** (-2i / head_dim)``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

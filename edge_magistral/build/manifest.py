@@ -7,9 +7,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edge_magistral.errors import CorruptModelError, ModelNotFoundError, StorageError
 

@@ -12,9 +12,10 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from edge_magistral.build import manifest as mf
 from edge_magistral.build.checkpoint import Checkpoint, open_checkpoint

@@ -11,9 +11,9 @@ import ctypes
 import os
 import re
 import struct
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

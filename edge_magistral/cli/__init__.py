@@ -40,6 +40,11 @@ def cli(verbose: int) -> None:
 
 def main() -> None:
     # Importing a command module registers its commands on `cli`.
-    from edge_magistral.cli import build_cmds, model_cmds  # noqa: F401
+    from edge_magistral.cli import (  # noqa: F401
+        build_cmds,
+        model_cmds,
+        plan_cmds,  # noqa: F401
+        tokenize_cmds,  # noqa: F401
+    )
 
     cli(prog_name="edge-magistral")
