@@ -157,17 +157,53 @@ def dry_run(req: DryRunRequest, timeout_s: float = 300.0) -> DryRunResult:
     return result
 
 
+@dataclass
+class Comparison:
+    """Predicted vs llama.cpp's dry run, on the host (a CPU-only build puts everything there)."""
+
+    request: DryRunRequest
+    predicted: dict[str, int]
+    llama_cpp: dict[str, int]
+
+    def error(self, key: str) -> float:
+        return self.predicted[key] / self.llama_cpp[key] - 1 if self.llama_cpp[key] else 0.0
+
+    def errors(self) -> dict[str, float]:
+        return {k: self.error(k) for k in self.predicted}
+
+
+def compare(req: DryRunRequest, timeout_s: float = 300.0) -> Comparison:
+    """Dry-run ``req`` and predict the same load with the planner's memory model."""
+    from edge_magistral.catalog import from_gguf_info
+    from edge_magistral.gguf_info import read_info
+    from edge_magistral.planner import Settings, predict
+
+    r = dry_run(req, timeout_s)
+    info = read_info(req.model_path)
+    actual = by_device(r, info)
+    if set(actual) != {"CPU"}:
+        raise BackendError(f"compare() covers CPU-only builds; llama.cpp placed buffers on {sorted(actual)}")
+    a = actual["CPU"]
+    s = Settings(req.n_ctx, req.n_gpu_layers, req.type_k, req.type_v, req.flash_attn, req.n_batch, req.n_ubatch)
+    cpu = predict(from_gguf_info(info), s, gpus=[])[0]  # the devices this llama.cpp has: the CPU only
+    predicted = {"weights": cpu.weights, "kv_cache": cpu.kv_cache, "compute": cpu.compute}
+    predicted["total"] = sum(predicted.values())
+    llama = {**a, "total": a["weights"] + a["kv_cache"] + a["compute"]}
+    return Comparison(req, predicted, llama)
+
+
 def _child(req: DryRunRequest) -> int:
     """Runs in the child: load with no_alloc, create the context, stream the log to stdout."""
-    import ctypes
-
     import llama_cpp
 
-    @llama_cpp.llama_log_callback
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        os.write(1, text or b"")
+    from edge_magistral import llama_log
 
-    llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_log.install()
+    with llama_log.listen(lambda line: os.write(1, (line + "\n").encode())):
+        return _simulate(llama_cpp, req)
+
+
+def _simulate(llama_cpp, req: DryRunRequest) -> int:  # noqa: ANN001 (the llama_cpp module)
     llama_cpp.llama_backend_init()
     mp = llama_cpp.llama_model_default_params()
     mp.n_gpu_layers = req.n_gpu_layers

@@ -587,9 +587,7 @@ def _reasons(b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option
              cands: list[ModelCandidate]) -> dict[str, str]:
     s = o.settings
     assert s is not None
-    better = [a for a in alts[:cands.index(m)] if a.quant != m.quant]
-    why_not = "; ".join(f"{a.quant} {'needs ' + _gib(a.need_bytes) if not a.fits else 'fits only worse'}"
-                        for a in better)
+    why_not = "; ".join(_why_not(b, c) for c in cands[:cands.index(m)])
     where = ", ".join(g.name for g in b.gpus) or "the CPU"
     r = {"profile": f"{b.profile.name}: {b.profile.description}"}
     if step == "full":
@@ -624,6 +622,13 @@ def _reasons(b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option
     r["threads"] = f"{b.profile.threads_for(b.hw)} ({b.profile.threads} cores) for decoding"
     r["memory"] = "; ".join(f"{u.pool} {_gib(u.need)} of {_gib(u.budget)}" for u in o.pools)
     return r
+
+
+def _why_not(b: _Box, m: ModelCandidate) -> str:
+    """Why a better-ranked quant lost: what it needs at the target context, fully offloaded."""
+    s = _settings(b, min(b.target_ctx, m.context_length or b.target_ctx), _full_ngl(b, m), b.kv_types[-1])
+    short = [u for u in _evaluate(b, m, s)[2] if not u.fits]
+    return f"{m.quant} needs " + ", ".join(f"{_gib(u.need)} of {u.pool}'s {_gib(u.budget)}" for u in short)
 
 
 def _kv_mib(m: ModelCandidate, t: str) -> str:

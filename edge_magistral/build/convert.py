@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_magistral.build.checkpoint import Checkpoint, ModelParams
-from edge_magistral.build.safetensors_io import TensorRef, bf16_to_f32, f32_to_bf16, read_tensor
+from edge_magistral.build.safetensors_io import TensorRef, bf16_to_f32, f32_to_bf16, read_rows, read_tensor
 from edge_magistral.chat import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
 from edge_magistral.errors import BadInputError, CorruptModelError
 from edge_magistral.tekken import GGUF_PATTERN_KEY, TEKKEN_PATTERN
@@ -102,19 +102,33 @@ def _nbytes(t: PlannedTensor) -> int:
     return n * (4 if t.gguf_type == "F32" else 2)
 
 
-def _convert_data(t: PlannedTensor, raw: np.ndarray) -> np.ndarray:
+_NP_OUT = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # rows converted at a time: bounds the float32 temporaries
+
+
+def _convert_array(t: PlannedTensor, raw: np.ndarray) -> np.ndarray:
     """Source array (raw BF16 bits, F16 or F32) → the output type's array."""
-    if t.ref.dtype == "BF16":
-        if t.gguf_type == "BF16" and not t.permute_heads:
-            return raw  # bit-exact pass-through
-        x = bf16_to_f32(raw)
-    else:
-        x = raw.astype(np.float32)
+    x = bf16_to_f32(raw) if t.ref.dtype == "BF16" else raw.astype(np.float32)
     if t.permute_heads:
         x = _hf_unpermute(x, t.permute_heads)
     if t.gguf_type == "BF16":
         return f32_to_bf16(x)
-    return x.astype(np.float16 if t.gguf_type == "F16" else np.float32)
+    return x.astype(_NP_OUT[t.gguf_type])
+
+
+def _tensor_data(t: PlannedTensor, fh: BinaryIO) -> np.ndarray:
+    """One output tensor. BF16 → BF16 is a bit-exact pass-through; other casts run over row chunks
+    into the output array, so peak memory stays near one output tensor (not several f32 copies)."""
+    if t.ref.dtype == "BF16" and t.gguf_type == "BF16" and not t.permute_heads:
+        return read_tensor(t.ref, fh)
+    if t.permute_heads or len(t.shape) == 1:  # small tensors: whole at once
+        return _convert_array(t, read_tensor(t.ref, fh))
+    out = np.empty(t.shape, dtype=_NP_OUT[t.gguf_type])
+    rows = max(1, CHUNK_ELEMENTS // (t.ref.n_elements // t.shape[0]))
+    for r0 in range(0, t.shape[0], rows):
+        r1 = min(t.shape[0], r0 + rows)
+        out[r0:r1] = _convert_array(t, read_rows(t.ref, fh, r0, r1))
+    return out
 
 
 def file_type_of(out_type: str) -> int:
@@ -198,11 +212,11 @@ def convert(ckpt: Checkpoint, out: Path, out_type: str = "BF16", name: str = "Ma
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        handles: dict[Path, object] = {}
+        handles: dict[Path, BinaryIO] = {}
         try:
             for t in planned:
                 fh = handles.setdefault(t.ref.file, open(t.ref.file, "rb"))
-                data = _convert_data(t, read_tensor(t.ref, fh))
+                data = _tensor_data(t, fh)
                 w.write_tensor_data(data)
                 del data
                 if progress:

@@ -113,6 +113,17 @@ def read_tensor(ref: TensorRef, f: BinaryIO | None = None) -> np.ndarray:
     return arr.reshape(ref.shape)
 
 
+def read_rows(ref: TensorRef, f: BinaryIO, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a tensor (first axis), read without touching the rest."""
+    row = ref.n_elements // ref.shape[0]
+    dt = DTYPES[ref.dtype]
+    f.seek(ref.offset + start * row * dt.itemsize)
+    arr = np.fromfile(f, dtype=dt, count=(stop - start) * row)
+    if arr.size != (stop - start) * row:
+        raise CorruptModelError(f"{ref.file}: tensor {ref.name!r} is truncated; download the checkpoint again")
+    return arr.reshape((stop - start, *ref.shape[1:]))
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """Widen raw BF16 bits to float32 exactly (BF16 is the top half of an IEEE float32)."""
     return (bits.astype(np.uint32) << 16).view(np.float32)

@@ -41,6 +41,7 @@ def cli(verbose: int) -> None:
 def main() -> None:
     # Importing a command module registers its commands on `cli`.
     from edge_magistral.cli import (  # noqa: F401
+        audit_cmds,
         build_cmds,
         model_cmds,
         plan_cmds,  # noqa: F401
