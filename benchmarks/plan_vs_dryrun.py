@@ -28,7 +28,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     args = ap.parse_args()
-    quants = ["Q4_K_M", "Q8_0"] if args.quick else ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]
+    quants = (
+        ["Q4_K_M", "Q8_0"] if args.quick else ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]
+    )
     ctxs = [4096, 32768] if args.quick else [1024, 4096, 8192, 16384, 32768, 40960, 65536, 131072]
     with tempfile.TemporaryDirectory() as d:
         arch = MAGISTRAL_SMALL_1_1
@@ -40,9 +42,19 @@ def main() -> None:
             reqs.append(DryRunRequest(str(files[q]), ctx, 0, "f16", "f16", False))
         with ThreadPoolExecutor(max_workers=2) as ex:
             results = list(ex.map(compare, reqs))
-    rows = [{"quant": Path(c.request.model_path).stem, "n_ctx": c.request.n_ctx, "kv": c.request.type_k,
-             "flash_attn": c.request.flash_attn, "n_ubatch": c.request.n_ubatch, "predicted": c.predicted,
-             "llama_cpp": c.llama_cpp, "error": c.errors()} for c in results]
+    rows = [
+        {
+            "quant": Path(c.request.model_path).stem,
+            "n_ctx": c.request.n_ctx,
+            "kv": c.request.type_k,
+            "flash_attn": c.request.flash_attn,
+            "n_ubatch": c.request.n_ubatch,
+            "predicted": c.predicted,
+            "llama_cpp": c.llama_cpp,
+            "error": c.errors(),
+        }
+        for c in results
+    ]
     summary = {}
     for k in ("weights", "kv_cache", "compute", "total"):
         e = [abs(r["error"][k]) for r in rows]

@@ -49,9 +49,13 @@ DECODE_TOKENS = 8
 
 # --------------------------------------------------------------------------------- measurement
 
+
 def gpu_used_by(pid: int) -> int | None:
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+    ).stdout
     for line in out.splitlines():
         cols = [c.strip() for c in line.split(",")]
         if len(cols) == 2 and cols[0] == str(pid):
@@ -60,8 +64,11 @@ def gpu_used_by(pid: int) -> int | None:
 
 
 def gpu_free() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True,
+        text=True,
+    ).stdout
     return int(out.strip().splitlines()[0]) * MiB
 
 
@@ -70,8 +77,12 @@ def start_ballast(leave_free: float) -> subprocess.Popen[str] | None:
     size = gpu_free() - int(leave_free)
     if size <= 0:
         return None
-    p = subprocess.Popen([sys.executable, __file__, "--ballast", str(size)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, __file__, "--ballast", str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert p.stdout is not None
     line = p.stdout.readline().strip()
     if line != "ready":
@@ -109,9 +120,15 @@ def ballast_main(size: int) -> None:
 
 # ------------------------------------------------------------------------------- the real load
 
+
 def run_child(model: str, settings: dict[str, object], timeout_s: float = 900) -> dict[str, object]:
-    p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps({"model": model, **settings})],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, __file__, "--child", json.dumps({"model": model, **settings})],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert p.stdout is not None and p.stdin is not None
     log, measured, t0 = [], None, time.time()
     for line in p.stdout:
@@ -144,7 +161,11 @@ def child_main(spec: dict[str, object]) -> int:
             return 3
         cp = llama_cpp.llama_context_default_params()
         n_ctx, n_batch = int(spec["n_ctx"]), int(spec["n_batch"])  # type: ignore[arg-type]
-        cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, min(n_ctx, n_batch), min(n_ctx, n_batch, int(spec["n_ubatch"]))  # type: ignore[arg-type]
+        cp.n_ctx, cp.n_batch, cp.n_ubatch = (
+            n_ctx,
+            min(n_ctx, n_batch),
+            min(n_ctx, n_batch, int(spec["n_ubatch"])),
+        )  # type: ignore[arg-type]
         kv = {"f16": 1, "q8_0": 8, "q4_0": 2}
         cp.type_k, cp.type_v = kv[str(spec["type_k"])], kv[str(spec["type_v"])]
         cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if spec["flash_attn"] else 0
@@ -188,7 +209,10 @@ def _fill(batch, pos: int, n: int) -> None:  # noqa: ANN001 (llama_batch)
 
 # ---------------------------------------------------------------------------------- scenarios
 
-def scenario(name: str, profile_name: str | None, leave_free: float | None, files: dict[str, Path]) -> dict[str, object]:
+
+def scenario(
+    name: str, profile_name: str | None, leave_free: float | None, files: dict[str, Path]
+) -> dict[str, object]:
     ballast = start_ballast(leave_free) if leave_free else None
     try:
         hw = detect()
@@ -201,28 +225,52 @@ def scenario(name: str, profile_name: str | None, leave_free: float | None, file
             p = plan(hw, profile, cands)
         except NoFitError as e:
             return {"scenario": name, "profile": profile.name, "fits": False, "refusal": str(e)}
-        settings = {k: getattr(p, k) for k in ("n_gpu_layers", "n_ctx", "type_k", "type_v", "flash_attn",
-                                               "n_batch", "n_ubatch")}
+        settings = {
+            k: getattr(p, k)
+            for k in ("n_gpu_layers", "n_ctx", "type_k", "type_v", "flash_attn", "n_batch", "n_ubatch")
+        }
         run = run_child(p.model_path, settings)
         logged = parse_log(str(run["log"]))
         gpu = next((d for d in p.memory if d.device != "CPU"), None)
-        pred = {"weights": gpu.weights, "kv_cache": gpu.kv_cache, "compute": gpu.compute, "overhead": gpu.overhead,
-                "total": gpu.total} if gpu else {}
+        pred = (
+            {
+                "weights": gpu.weights,
+                "kv_cache": gpu.kv_cache,
+                "compute": gpu.compute,
+                "overhead": gpu.overhead,
+                "total": gpu.total,
+            }
+            if gpu
+            else {}
+        )
         dev = gpu.device if gpu else "CUDA0"
-        actual = {"weights": logged.model_buffers.get(dev, 0), "compute": logged.compute_buffers.get(dev, 0),
-                  "kv_cache": _kv_on(logged, dev), "process_gpu_used": run["gpu_used"]}
+        actual = {
+            "weights": logged.model_buffers.get(dev, 0),
+            "compute": logged.compute_buffers.get(dev, 0),
+            "kv_cache": _kv_on(logged, dev),
+            "process_gpu_used": run["gpu_used"],
+        }
         err = None
         if run["gpu_used"] and pred:
             err = pred["total"] / int(run["gpu_used"]) - 1  # type: ignore[arg-type]
         host = next(d for d in p.memory if d.device == "CPU")
         return {
-            "scenario": name, "profile": profile.name, "fits": True, "quant": p.quant, **settings,
+            "scenario": name,
+            "profile": profile.name,
+            "fits": True,
+            "quant": p.quant,
+            **settings,
             "gpu_free_seen": [g.free_bytes for g in hw.runnable_gpus()],
-            "predicted_gpu": pred, "predicted_host": {"weights": host.weights, "kv_cache": host.kv_cache,
-                                                      "compute": host.compute},
-            "llama_cpp_gpu": actual, "llama_cpp_buffers": {"model": logged.model_buffers, "compute": logged.compute_buffers,
-                                                           "kv_total": logged.kv_bytes},
-            "ran_full_context": bool(run["filled"]) and run["rc"] == 0, "rc": run["rc"],
+            "predicted_gpu": pred,
+            "predicted_host": {"weights": host.weights, "kv_cache": host.kv_cache, "compute": host.compute},
+            "llama_cpp_gpu": actual,
+            "llama_cpp_buffers": {
+                "model": logged.model_buffers,
+                "compute": logged.compute_buffers,
+                "kv_total": logged.kv_bytes,
+            },
+            "ran_full_context": bool(run["filled"]) and run["rc"] == 0,
+            "rc": run["rc"],
             "error_total_vs_process": err,
             "log_tail": "".join(str(run["log"]).splitlines(True)[-15:]) if run["rc"] else "",
         }
@@ -267,8 +315,21 @@ def main() -> None:
         r = scenario(name, prof, leave, files)
         r["seconds"] = round(time.time() - t0, 1)
         results.append(r)
-        brief = {k: r.get(k) for k in ("scenario", "profile", "fits", "quant", "n_gpu_layers", "n_ctx", "type_k",
-                                       "ran_full_context", "error_total_vs_process", "seconds")}
+        brief = {
+            k: r.get(k)
+            for k in (
+                "scenario",
+                "profile",
+                "fits",
+                "quant",
+                "n_gpu_layers",
+                "n_ctx",
+                "type_k",
+                "ran_full_context",
+                "error_total_vs_process",
+                "seconds",
+            )
+        }
         print(json.dumps(brief), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,41 @@ if TYPE_CHECKING:
 
 # ggml type name -> (block size in elements, bytes per block); as gguf.GGML_QUANT_SIZES
 TYPE_SIZES: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q6_K": (256, 210), "Q5_K": (256, 176),
-    "Q4_K": (256, 144), "Q3_K": (256, 110), "IQ4_XS": (256, 136), "IQ4_NL": (32, 18), "Q4_0": (32, 18),
-    "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q2_K": (256, 84),
+    "F32": (1, 4),
+    "F16": (1, 2),
+    "BF16": (1, 2),
+    "Q8_0": (32, 34),
+    "Q6_K": (256, 210),
+    "Q5_K": (256, 176),
+    "Q4_K": (256, 144),
+    "Q3_K": (256, 110),
+    "IQ4_XS": (256, 136),
+    "IQ4_NL": (32, 18),
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q2_K": (256, 84),
 }
 
 # best first: how the planner ranks quality when a profile does not list a quant
-QUALITY_ORDER = ["BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "IQ4_NL",
-                 "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+QUALITY_ORDER = [
+    "BF16",
+    "F16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q4_K_M",
+    "Q4_K_S",
+    "IQ4_XS",
+    "IQ4_NL",
+    "Q4_0",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+]
 
 HF_REPO = "mistralai/Magistral-Small-2507-GGUF"
 
@@ -94,8 +121,11 @@ class ModelCandidate:
 
     @property
     def bits_per_weight(self) -> float:
-        n = self.n_layers * (2 * self.n_embd * self.n_head * self.head_dim
-                             + 2 * self.n_embd * self.n_head_kv * self.head_dim + 3 * self.n_embd * self.n_ff)
+        n = self.n_layers * (
+            2 * self.n_embd * self.n_head * self.head_dim
+            + 2 * self.n_embd * self.n_head_kv * self.head_dim
+            + 3 * self.n_embd * self.n_ff
+        )
         n += 2 * self.n_vocab * self.n_embd
         return 8 * self.weight_bytes / n if n else 0.0
 
@@ -107,9 +137,20 @@ class ModelCandidate:
 
 # ------------------------------------------------------------------ llama.cpp's quant type rules
 
-_DEFAULT_TYPE = {"BF16": "BF16", "F16": "F16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q5_K_S": "Q5_K",
-                 "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "IQ4_XS": "IQ4_XS", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
-                 "Q4_0": "Q4_0"}
+_DEFAULT_TYPE = {
+    "BF16": "BF16",
+    "F16": "F16",
+    "Q8_0": "Q8_0",
+    "Q6_K": "Q6_K",
+    "Q5_K_M": "Q5_K",
+    "Q5_K_S": "Q5_K",
+    "Q4_K_M": "Q4_K",
+    "Q4_K_S": "Q4_K",
+    "IQ4_XS": "IQ4_XS",
+    "Q3_K_M": "Q3_K",
+    "Q3_K_L": "Q3_K",
+    "Q4_0": "Q4_0",
+}
 CATALOG_QUANTS = ["BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]
 
 
@@ -158,7 +199,14 @@ def _fallback(t: str, row: int) -> str:
     block = TYPE_SIZES[t][0]
     if row % block == 0:
         return t
-    t2 = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q3_K": "Q4_0", "Q2_K": "Q4_0", "IQ4_XS": "IQ4_NL"}.get(t, t)
+    t2 = {
+        "Q4_K": "Q5_0",
+        "Q5_K": "Q5_1",
+        "Q6_K": "Q8_0",
+        "Q3_K": "Q4_0",
+        "Q2_K": "Q4_0",
+        "IQ4_XS": "IQ4_NL",
+    }.get(t, t)
     return t2 if row % TYPE_SIZES[t2][0] == 0 else "F16"
 
 
@@ -173,29 +221,48 @@ def tensor_specs(arch: Architecture, quant: str) -> list[TensorSpec]:
     out_type = default
     if quantized:  # the output matrix gets Q6_K (Q8_0 when the default is Q8_0 or the row does not fit)
         out_type = "Q8_0" if default == "Q8_0" or e % TYPE_SIZES[default][0] else "Q6_K"
-    specs = [TensorSpec("token_embd.weight", (e, arch.n_vocab), _fallback(default, e) if quantized else default)]
-    shapes = {"q": ("attn_q", (e, q)), "k": ("attn_k", (e, kv)), "v": ("attn_v", (e, kv)),
-              "o": ("attn_output", (q, e)), "gate": ("ffn_gate", (e, arch.n_ff)), "up": ("ffn_up", (e, arch.n_ff)),
-              "down": ("ffn_down", (arch.n_ff, e))}
+    specs = [
+        TensorSpec("token_embd.weight", (e, arch.n_vocab), _fallback(default, e) if quantized else default)
+    ]
+    shapes = {
+        "q": ("attn_q", (e, q)),
+        "k": ("attn_k", (e, kv)),
+        "v": ("attn_v", (e, kv)),
+        "o": ("attn_output", (q, e)),
+        "gate": ("ffn_gate", (e, arch.n_ff)),
+        "up": ("ffn_up", (e, arch.n_ff)),
+        "down": ("ffn_down", (arch.n_ff, e)),
+    }
     for i in range(n):
         specs.append(TensorSpec(f"blk.{i}.attn_norm.weight", (e,), "F32"))
         for kind in ("q", "k", "v", "o"):
             name, shape = shapes[kind]
-            specs.append(TensorSpec(f"blk.{i}.{name}.weight", shape, _fallback(_layer_type(quant, kind, i, n, gqa), shape[0])))
+            specs.append(
+                TensorSpec(
+                    f"blk.{i}.{name}.weight", shape, _fallback(_layer_type(quant, kind, i, n, gqa), shape[0])
+                )
+            )
         specs.append(TensorSpec(f"blk.{i}.ffn_norm.weight", (e,), "F32"))
         for kind in ("gate", "up", "down"):
             name, shape = shapes[kind]
-            specs.append(TensorSpec(f"blk.{i}.{name}.weight", shape, _fallback(_layer_type(quant, kind, i, n, gqa), shape[0])))
+            specs.append(
+                TensorSpec(
+                    f"blk.{i}.{name}.weight", shape, _fallback(_layer_type(quant, kind, i, n, gqa), shape[0])
+                )
+            )
     specs.append(TensorSpec("output_norm.weight", (e,), "F32"))
-    specs.append(TensorSpec("output.weight", (e, arch.n_vocab), _fallback(out_type, e) if quantized else out_type))
+    specs.append(
+        TensorSpec("output.weight", (e, arch.n_vocab), _fallback(out_type, e) if quantized else out_type)
+    )
     return specs
 
 
 HEADER_BYTES = 6 * 1024 * 1024  # metadata: the 131k-token vocabulary, merges, token types
 
 
-def candidate_from_specs(arch: Architecture, quant: str, specs: list[TensorSpec], path: str,
-                         source: str = "catalog") -> ModelCandidate:
+def candidate_from_specs(
+    arch: Architecture, quant: str, specs: list[TensorSpec], path: str, source: str = "catalog"
+) -> ModelCandidate:
     per_layer = [0] * arch.n_layers
     tok = out = 0
     for s in specs:
@@ -206,26 +273,55 @@ def candidate_from_specs(arch: Architecture, quant: str, specs: list[TensorSpec]
         else:
             out += s.n_bytes
     return ModelCandidate(
-        quant=quant, source=source, path=path, file_size=sum(s.n_bytes for s in specs) + HEADER_BYTES,
-        n_layers=arch.n_layers, n_embd=arch.n_embd, n_head=arch.n_head, n_head_kv=arch.n_head_kv,
-        head_dim=arch.head_dim, n_ff=arch.n_ff, n_vocab=arch.n_vocab, context_length=arch.context_length,
-        bytes_per_layer=per_layer, token_embd_bytes=tok, output_bytes=out)
+        quant=quant,
+        source=source,
+        path=path,
+        file_size=sum(s.n_bytes for s in specs) + HEADER_BYTES,
+        n_layers=arch.n_layers,
+        n_embd=arch.n_embd,
+        n_head=arch.n_head,
+        n_head_kv=arch.n_head_kv,
+        head_dim=arch.head_dim,
+        n_ff=arch.n_ff,
+        n_vocab=arch.n_vocab,
+        context_length=arch.context_length,
+        bytes_per_layer=per_layer,
+        token_embd_bytes=tok,
+        output_bytes=out,
+    )
 
 
-def catalog(quants: list[str] | None = None, arch: Architecture = MAGISTRAL_SMALL_1_1) -> list[ModelCandidate]:
+def catalog(
+    quants: list[str] | None = None, arch: Architecture = MAGISTRAL_SMALL_1_1
+) -> list[ModelCandidate]:
     """The catalog of Magistral Small 1.1 quants (best quality first)."""
     names = quants or CATALOG_QUANTS
-    return [candidate_from_specs(arch, q, tensor_specs(arch, q), f"Magistral-Small-2507-{q}.gguf") for q in names]
+    return [
+        candidate_from_specs(arch, q, tensor_specs(arch, q), f"Magistral-Small-2507-{q}.gguf") for q in names
+    ]
 
 
 def from_gguf_info(info: GGUFInfo) -> ModelCandidate:
     """A local GGUF as a planner candidate (facts from its header)."""
     if info.architecture != "llama" or not info.n_layers or not info.n_embd:
-        raise BadInputError(f"{info.path}: architecture {info.architecture!r} with {info.n_layers} layers is not a "
-                            "llama-architecture model this planner knows; use a Magistral GGUF")
+        raise BadInputError(
+            f"{info.path}: architecture {info.architecture!r} with {info.n_layers} layers is not a "
+            "llama-architecture model this planner knows; use a Magistral GGUF"
+        )
     return ModelCandidate(
-        quant=info.file_type_name, source="local", path=info.path, file_size=info.file_size,
-        n_layers=info.n_layers, n_embd=info.n_embd, n_head=info.n_head, n_head_kv=info.n_head_kv,
-        head_dim=info.head_dim, n_ff=info.n_ff, n_vocab=info.n_vocab, context_length=info.context_length,
-        bytes_per_layer=list(info.bytes_per_layer), token_embd_bytes=info.token_embd_bytes,
-        output_bytes=info.output_bytes)
+        quant=info.file_type_name,
+        source="local",
+        path=info.path,
+        file_size=info.file_size,
+        n_layers=info.n_layers,
+        n_embd=info.n_embd,
+        n_head=info.n_head,
+        n_head_kv=info.n_head_kv,
+        head_dim=info.head_dim,
+        n_ff=info.n_ff,
+        n_vocab=info.n_vocab,
+        context_length=info.context_length,
+        bytes_per_layer=list(info.bytes_per_layer),
+        token_embd_bytes=info.token_embd_bytes,
+        output_bytes=info.output_bytes,
+    )

@@ -72,7 +72,9 @@ class DryRunResult:
 
 _MIB = r"([0-9.]+) MiB"
 _RE_MODEL = re.compile(rf"load_tensors:\s+(\S+) model buffer size =\s+{_MIB}")
-_RE_KV = re.compile(rf"llama_kv_cache: size =\s+{_MIB} \(\s*(\d+) cells.*?K \(\S+\):\s+{_MIB}, V \(\S+\):\s+{_MIB}")
+_RE_KV = re.compile(
+    rf"llama_kv_cache: size =\s+{_MIB} \(\s*(\d+) cells.*?K \(\S+\):\s+{_MIB}, V \(\S+\):\s+{_MIB}"
+)
 _RE_COMPUTE = re.compile(rf"(\S+) compute buffer size =\s+{_MIB}")
 _RE_OUTPUT = re.compile(rf"(\S+)\s+output buffer size =\s+{_MIB}")
 _RE_NCTX = re.compile(r"llama_context: n_ctx\s+=\s+(\d+)")
@@ -88,7 +90,12 @@ def parse_log(log: str) -> DryRunResult:
         r.model_buffers[name] = r.model_buffers.get(name, 0) + _b(mib)
     m = _RE_KV.search(log)
     if m:
-        r.kv_bytes, r.kv_cells, r.kv_k_bytes, r.kv_v_bytes = _b(m.group(1)), int(m.group(2)), _b(m.group(3)), _b(m.group(4))
+        r.kv_bytes, r.kv_cells, r.kv_k_bytes, r.kv_v_bytes = (
+            _b(m.group(1)),
+            int(m.group(2)),
+            _b(m.group(3)),
+            _b(m.group(4)),
+        )
     for name, mib in _RE_COMPUTE.findall(log):
         r.compute_buffers[name] = _b(mib)  # the last reservation is the one kept
     for name, mib in _RE_OUTPUT.findall(log):
@@ -141,12 +148,16 @@ def dry_run(req: DryRunRequest, timeout_s: float = 300.0) -> DryRunResult:
     if not os.path.isfile(req.model_path):
         raise ModelNotFoundError(f"{req.model_path}: no such model file")
     if req.type_k not in KV_TYPES or req.type_v not in KV_TYPES:
-        raise BackendError(f"unknown KV cache type {req.type_k!r}/{req.type_v!r}; use one of {', '.join(KV_TYPES)}")
+        raise BackendError(
+            f"unknown KV cache type {req.type_k!r}/{req.type_v!r}; use one of {', '.join(KV_TYPES)}"
+        )
     cmd = [sys.executable, "-m", "edge_magistral.dryrun", json.dumps(asdict(req))]
     try:
         p = subprocess.run(cmd, capture_output=True, timeout=timeout_s, env=child_env())
     except subprocess.TimeoutExpired:
-        raise BackendError(f"llama.cpp dry run of {req.model_path} did not finish in {timeout_s:.0f} s") from None
+        raise BackendError(
+            f"llama.cpp dry run of {req.model_path} did not finish in {timeout_s:.0f} s"
+        ) from None
     log = p.stdout.decode("utf-8", "replace")
     if p.returncode != 0:
         tail = " | ".join((log + p.stderr.decode("utf-8", "replace")).strip().splitlines()[-4:])
@@ -184,7 +195,9 @@ def compare(req: DryRunRequest, timeout_s: float = 300.0) -> Comparison:
     if set(actual) != {"CPU"}:
         raise BackendError(f"compare() covers CPU-only builds; llama.cpp placed buffers on {sorted(actual)}")
     a = actual["CPU"]
-    s = Settings(req.n_ctx, req.n_gpu_layers, req.type_k, req.type_v, req.flash_attn, req.n_batch, req.n_ubatch)
+    s = Settings(
+        req.n_ctx, req.n_gpu_layers, req.type_k, req.type_v, req.flash_attn, req.n_batch, req.n_ubatch
+    )
     cpu = predict(from_gguf_info(info), s, gpus=[])[0]  # the devices this llama.cpp has: the CPU only
     predicted = {"weights": cpu.weights, "kv_cache": cpu.kv_cache, "compute": cpu.compute}
     predicted["total"] = sum(predicted.values())
@@ -222,8 +235,11 @@ def _simulate(llama_cpp, req: DryRunRequest) -> int:  # noqa: ANN001 (the llama_
     cp.n_threads = cp.n_threads_batch = req.n_threads
     cp.type_k = KV_TYPES[req.type_k]
     cp.type_v = KV_TYPES[req.type_v]
-    cp.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if req.flash_attn
-                          else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    cp.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if req.flash_attn
+        else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     ctx = llama_cpp.llama_init_from_model(model, cp)
     if not ctx:
         os.write(2, b"context creation failed\n")

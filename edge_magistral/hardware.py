@@ -183,8 +183,13 @@ class SystemReader:
     def ggml_devices(self) -> list[dict[str, Any]] | None:
         """Ask the installed llama.cpp in a child process (a backend may abort or grab a GPU)."""
         try:
-            r = subprocess.run([sys.executable, "-m", "edge_magistral.hardware", "--ggml-devices"],
-                               capture_output=True, text=True, timeout=max(30.0, self.timeout_s), env=child_env())
+            r = subprocess.run(
+                [sys.executable, "-m", "edge_magistral.hardware", "--ggml-devices"],
+                capture_output=True,
+                text=True,
+                timeout=max(30.0, self.timeout_s),
+                env=child_env(),
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         if r.returncode != 0:
@@ -263,14 +268,36 @@ def command_key(argv: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------ CPU / RAM
 
-_X86_FLAGS = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512F",
-              "avx512bw": "AVX512BW", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16",
-              "avx_vnni": "AVX_VNNI", "amx_int8": "AMX_INT8", "amx_bf16": "AMX_BF16"}
-_ARM_FLAGS = {"asimd": "NEON", "asimddp": "DOTPROD", "asimdhp": "FP16", "sve": "SVE", "sve2": "SVE2",
-              "i8mm": "I8MM", "bf16": "BF16"}
-_MAC_FLAGS = {"hw.optional.neon": "NEON", "hw.optional.arm.FEAT_DotProd": "DOTPROD",
-              "hw.optional.arm.FEAT_FP16": "FP16", "hw.optional.arm.FEAT_I8MM": "I8MM",
-              "hw.optional.arm.FEAT_BF16": "BF16", "hw.optional.arm.FEAT_SME": "SME"}
+_X86_FLAGS = {
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "fma": "FMA",
+    "f16c": "F16C",
+    "avx512f": "AVX512F",
+    "avx512bw": "AVX512BW",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+    "avx_vnni": "AVX_VNNI",
+    "amx_int8": "AMX_INT8",
+    "amx_bf16": "AMX_BF16",
+}
+_ARM_FLAGS = {
+    "asimd": "NEON",
+    "asimddp": "DOTPROD",
+    "asimdhp": "FP16",
+    "sve": "SVE",
+    "sve2": "SVE2",
+    "i8mm": "I8MM",
+    "bf16": "BF16",
+}
+_MAC_FLAGS = {
+    "hw.optional.neon": "NEON",
+    "hw.optional.arm.FEAT_DotProd": "DOTPROD",
+    "hw.optional.arm.FEAT_FP16": "FP16",
+    "hw.optional.arm.FEAT_I8MM": "I8MM",
+    "hw.optional.arm.FEAT_BF16": "BF16",
+    "hw.optional.arm.FEAT_SME": "SME",
+}
 
 
 def parse_cpuinfo(text: str) -> tuple[str, int, int, list[str]]:
@@ -338,9 +365,13 @@ def probe_cpu(reader: Reader, os_name: str, machine: str) -> CPUInfo:
     if os_name == "darwin":
         s = parse_sysctl(reader.run(["sysctl", "-a"]) or "")
         flags = sorted({v for k, v in _MAC_FLAGS.items() if s.get(k) == "1"})
-        return CPUInfo(model=s.get("machdep.cpu.brand_string", "Apple"), arch=machine,
-                       cores_physical=int(s.get("hw.physicalcpu", 0) or 0),
-                       cores_logical=int(s.get("hw.logicalcpu", 0) or 0), flags=flags)
+        return CPUInfo(
+            model=s.get("machdep.cpu.brand_string", "Apple"),
+            arch=machine,
+            cores_physical=int(s.get("hw.physicalcpu", 0) or 0),
+            cores_logical=int(s.get("hw.logicalcpu", 0) or 0),
+            flags=flags,
+        )
     model, physical, logical, flags = parse_cpuinfo(reader.read("/proc/cpuinfo") or "")
     if not model:
         model = (reader.read("/proc/device-tree/model") or "").strip("\x00\n ") or machine
@@ -370,7 +401,9 @@ def probe_cgroup(reader: Reader) -> tuple[int | None, int | None]:
             v1_path = parts[2]
     candidates = []
     if v1_path is not None:
-        candidates.append(("/sys/fs/cgroup/memory", v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+        candidates.append(
+            ("/sys/fs/cgroup/memory", v1_path, "memory.limit_in_bytes", "memory.usage_in_bytes")
+        )
     if v2_path is not None:
         candidates.append(("/sys/fs/cgroup", v2_path, "memory.max", "memory.current"))
     for base, rel, limit_file, usage_file in candidates:
@@ -396,15 +429,47 @@ def _ancestors(rel: str) -> list[str]:
 
 # memory bandwidth (GB/s) by name, for predicted tokens/s only; first match wins
 _BANDWIDTH = [
-    (r"H200", 4800), (r"H100.*(SXM|HBM3)", 3350), (r"H100", 2000), (r"A100.*80", 2039), (r"A100", 1555),
-    (r"L40", 864), (r"A6000", 768), (r"RTX 6000 Ada", 960),
-    (r"5090", 1792), (r"4090", 1008), (r"3090", 936), (r"4080", 717), (r"5080", 960),
-    (r"4070 Ti SUPER", 672), (r"4070", 504), (r"4060 Ti", 288), (r"3080", 760), (r"3060", 360),
-    (r"4060.*Laptop", 256), (r"4060", 272), (r"4050", 192), (r"3050", 192), (r"2080", 448),
-    (r"AGX Orin", 204.8), (r"Orin NX", 102.4), (r"Orin Nano", 68), (r"Orin", 204.8),
-    (r"7900 XTX", 960), (r"7900 XT", 800), (r"7800 XT", 624), (r"6900 XT", 512), (r"6800", 512),
-    (r"MI300", 5300), (r"MI250", 3200), (r"MI210", 1600),
-    (r"M\d Ultra", 800), (r"M\d Max", 400), (r"M4 Pro", 273), (r"M\d Pro", 200), (r"M4", 120), (r"M[123]", 100),
+    (r"H200", 4800),
+    (r"H100.*(SXM|HBM3)", 3350),
+    (r"H100", 2000),
+    (r"A100.*80", 2039),
+    (r"A100", 1555),
+    (r"L40", 864),
+    (r"A6000", 768),
+    (r"RTX 6000 Ada", 960),
+    (r"5090", 1792),
+    (r"4090", 1008),
+    (r"3090", 936),
+    (r"4080", 717),
+    (r"5080", 960),
+    (r"4070 Ti SUPER", 672),
+    (r"4070", 504),
+    (r"4060 Ti", 288),
+    (r"3080", 760),
+    (r"3060", 360),
+    (r"4060.*Laptop", 256),
+    (r"4060", 272),
+    (r"4050", 192),
+    (r"3050", 192),
+    (r"2080", 448),
+    (r"AGX Orin", 204.8),
+    (r"Orin NX", 102.4),
+    (r"Orin Nano", 68),
+    (r"Orin", 204.8),
+    (r"7900 XTX", 960),
+    (r"7900 XT", 800),
+    (r"7800 XT", 624),
+    (r"6900 XT", 512),
+    (r"6800", 512),
+    (r"MI300", 5300),
+    (r"MI250", 3200),
+    (r"MI210", 1600),
+    (r"M\d Ultra", 800),
+    (r"M\d Max", 400),
+    (r"M4 Pro", 273),
+    (r"M\d Pro", 200),
+    (r"M4", 120),
+    (r"M[123]", 100),
 ]
 
 
@@ -440,8 +505,16 @@ def _nvml_gpus() -> list[dict[str, Any]] | None:
                 bus = _s(pynvml.nvmlDeviceGetPciInfo(h).busId)
             except Exception:
                 bus = ""
-            out.append({"name": _s(pynvml.nvmlDeviceGetName(h)), "total": int(mem.total), "free": int(mem.free),
-                        "driver": driver, "compute_capability": cc, "pci_bus_id": bus})
+            out.append(
+                {
+                    "name": _s(pynvml.nvmlDeviceGetName(h)),
+                    "total": int(mem.total),
+                    "free": int(mem.free),
+                    "driver": driver,
+                    "compute_capability": cc,
+                    "pci_bus_id": bus,
+                }
+            )
         return out
     except Exception:
         return None
@@ -456,8 +529,11 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=index,name,memory.total,memory.free,driver_version,compute_cap,pci.bus_id",
-                    "--format=csv,noheader,nounits"]
+NVIDIA_SMI_QUERY = [
+    "nvidia-smi",
+    "--query-gpu=index,name,memory.total,memory.free,driver_version,compute_cap,pci.bus_id",
+    "--format=csv,noheader,nounits",
+]
 
 
 def parse_nvidia_smi(text: str) -> list[GPUInfo]:
@@ -469,9 +545,19 @@ def parse_nvidia_smi(text: str) -> list[GPUInfo]:
             continue
         total = _mib(cols[2])
         free = _mib(cols[3])
-        gpus.append(GPUInfo(vendor="nvidia", name=cols[1], total_bytes=total, free_bytes=free, unified=False,
-                            driver=cols[4], compute_capability=cols[5] if len(cols) > 5 else "",
-                            pci_bus_id=_norm_bus(cols[6]) if len(cols) > 6 else "", source="nvidia-smi"))
+        gpus.append(
+            GPUInfo(
+                vendor="nvidia",
+                name=cols[1],
+                total_bytes=total,
+                free_bytes=free,
+                unified=False,
+                driver=cols[4],
+                compute_capability=cols[5] if len(cols) > 5 else "",
+                pci_bus_id=_norm_bus(cols[6]) if len(cols) > 6 else "",
+                source="nvidia-smi",
+            )
+        )
     return gpus
 
 
@@ -494,9 +580,20 @@ def _norm_bus(bus: str) -> str:
 def probe_nvidia(reader: Reader) -> list[GPUInfo]:
     nv = reader.nvml()
     if nv:
-        return [GPUInfo(vendor="nvidia", name=d["name"], total_bytes=int(d["total"]), free_bytes=int(d["free"]),
-                        unified=False, driver=d.get("driver", ""), compute_capability=d.get("compute_capability", ""),
-                        pci_bus_id=_norm_bus(d.get("pci_bus_id", "")), source="nvml") for d in nv]
+        return [
+            GPUInfo(
+                vendor="nvidia",
+                name=d["name"],
+                total_bytes=int(d["total"]),
+                free_bytes=int(d["free"]),
+                unified=False,
+                driver=d.get("driver", ""),
+                compute_capability=d.get("compute_capability", ""),
+                pci_bus_id=_norm_bus(d.get("pci_bus_id", "")),
+                source="nvml",
+            )
+            for d in nv
+        ]
     return parse_nvidia_smi(reader.run(NVIDIA_SMI_QUERY) or "")
 
 
@@ -514,15 +611,26 @@ def probe_amd(reader: Reader) -> list[GPUInfo]:
         if not total:
             continue
         name = (reader.read(f"{dev}/product_name") or "").strip() or _amd_name(reader, card)
-        bus = (reader.read(f"{dev}/uevent") or "")
+        bus = reader.read(f"{dev}/uevent") or ""
         m = re.search(r"PCI_SLOT_NAME=(\S+)", bus)
-        gpus.append(GPUInfo(vendor="amd", name=name, total_bytes=total, free_bytes=max(0, total - (used or 0)),
-                            unified=False, driver=(reader.read("/sys/module/amdgpu/version") or "").strip(),
-                            pci_bus_id=_norm_bus(m.group(1)) if m else "", source="sysfs"))
-    smi = parse_rocm_smi(reader.run(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"]) or "")
+        gpus.append(
+            GPUInfo(
+                vendor="amd",
+                name=name,
+                total_bytes=total,
+                free_bytes=max(0, total - (used or 0)),
+                unified=False,
+                driver=(reader.read("/sys/module/amdgpu/version") or "").strip(),
+                pci_bus_id=_norm_bus(m.group(1)) if m else "",
+                source="sysfs",
+            )
+        )
+    smi = parse_rocm_smi(
+        reader.run(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"]) or ""
+    )
     if not gpus:
         return smi
-    for g, s in zip(gpus, smi):  # sysfs rarely has a marketing name; rocm-smi does
+    for g, s in zip(gpus, smi, strict=False):  # sysfs rarely has a marketing name; rocm-smi does
         if g.name.startswith("AMD GPU"):
             g.name = s.name
     return gpus
@@ -548,8 +656,16 @@ def parse_rocm_smi(text: str) -> list[GPUInfo]:
         if not total:
             continue
         name = d.get("Card Series") or d.get("Card series") or d.get("Card model") or "AMD GPU"
-        gpus.append(GPUInfo(vendor="amd", name=str(name), total_bytes=total, free_bytes=max(0, total - (used or 0)),
-                            unified=False, source="rocm-smi"))
+        gpus.append(
+            GPUInfo(
+                vendor="amd",
+                name=str(name),
+                total_bytes=total,
+                free_bytes=max(0, total - (used or 0)),
+                unified=False,
+                source="rocm-smi",
+            )
+        )
     return gpus
 
 
@@ -575,8 +691,16 @@ def probe_apple(reader: Reader) -> tuple[list[GPUInfo], str, int, int | None]:
     limit = wired_mb * MiB if wired_mb else int(memsize * (0.75 if memsize > 36 * GiB else 2 / 3))
     chip = s.get("machdep.cpu.brand_string", "Apple Silicon")
     free = min(limit, avail) if avail is not None else limit
-    gpu = GPUInfo(vendor="apple", name=chip, total_bytes=limit, free_bytes=free, unified=True,
-                  driver=s.get("kern.osproductversion", ""), bandwidth_gbs=bandwidth_for(chip), source="sysctl")
+    gpu = GPUInfo(
+        vendor="apple",
+        name=chip,
+        total_bytes=limit,
+        free_bytes=free,
+        unified=True,
+        driver=s.get("kern.osproductversion", ""),
+        bandwidth_gbs=bandwidth_for(chip),
+        source="sysctl",
+    )
     return [gpu], s.get("hw.model", ""), memsize, avail
 
 
@@ -587,9 +711,17 @@ def probe_jetson(reader: Reader, ram_total: int, ram_available: int) -> tuple[li
     if not release and "jetson" not in model.lower():
         return [], model, ""
     name = model or "NVIDIA Jetson"
-    gpu = GPUInfo(vendor="nvidia", name=name, total_bytes=ram_total, free_bytes=ram_available, unified=True,
-                  driver=release[0] if release else "", compute_capability="8.7" if "orin" in name.lower() else "",
-                  bandwidth_gbs=bandwidth_for(name), source="tegra")
+    gpu = GPUInfo(
+        vendor="nvidia",
+        name=name,
+        total_bytes=ram_total,
+        free_bytes=ram_available,
+        unified=True,
+        driver=release[0] if release else "",
+        compute_capability="8.7" if "orin" in name.lower() else "",
+        bandwidth_gbs=bandwidth_for(name),
+        source="tegra",
+    )
     return [gpu], model, release[0] if release else ""
 
 
@@ -599,14 +731,25 @@ _DEV_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}
 
 
 class _Caps(ctypes.Structure):
-    _fields_ = [("async_", ctypes.c_bool), ("host_buffer", ctypes.c_bool), ("buffer_from_host_ptr", ctypes.c_bool),
-                ("events", ctypes.c_bool), ("mmap_support", ctypes.c_bool)]
+    _fields_ = [
+        ("async_", ctypes.c_bool),
+        ("host_buffer", ctypes.c_bool),
+        ("buffer_from_host_ptr", ctypes.c_bool),
+        ("events", ctypes.c_bool),
+        ("mmap_support", ctypes.c_bool),
+    ]
 
 
 class _Props(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_char_p), ("description", ctypes.c_char_p), ("memory_free", ctypes.c_size_t),
-                ("memory_total", ctypes.c_size_t), ("type", ctypes.c_int), ("device_id", ctypes.c_char_p),
-                ("caps", _Caps)]
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("description", ctypes.c_char_p),
+        ("memory_free", ctypes.c_size_t),
+        ("memory_total", ctypes.c_size_t),
+        ("type", ctypes.c_int),
+        ("device_id", ctypes.c_char_p),
+        ("caps", _Caps),
+    ]
 
 
 def llama_lib_dir() -> Path | None:
@@ -641,11 +784,19 @@ def ggml_devices_here() -> list[dict[str, Any]]:
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     ggml.ggml_backend_dev_get.restype = vp
     ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    for fn, res in (("ggml_backend_dev_name", ctypes.c_char_p), ("ggml_backend_dev_description", ctypes.c_char_p),
-                    ("ggml_backend_dev_type", ctypes.c_int), ("ggml_backend_dev_backend_reg", vp)):
+    for fn, res in (
+        ("ggml_backend_dev_name", ctypes.c_char_p),
+        ("ggml_backend_dev_description", ctypes.c_char_p),
+        ("ggml_backend_dev_type", ctypes.c_int),
+        ("ggml_backend_dev_backend_reg", vp),
+    ):
         f = getattr(base, fn)
         f.restype, f.argtypes = res, [vp]
-    base.ggml_backend_dev_memory.argtypes = [vp, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
+    base.ggml_backend_dev_memory.argtypes = [
+        vp,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
     base.ggml_backend_dev_memory.restype = None
     base.ggml_backend_dev_get_props.argtypes = [vp, ctypes.POINTER(_Props)]
     base.ggml_backend_dev_get_props.restype = None
@@ -661,47 +812,74 @@ def ggml_devices_here() -> list[dict[str, Any]]:
         props = _Props()
         base.ggml_backend_dev_get_props(dev, ctypes.byref(props))
         reg = base.ggml_backend_dev_backend_reg(dev)
-        out.append({
-            "name": _s(base.ggml_backend_dev_name(dev) or b""),
-            "description": _s(base.ggml_backend_dev_description(dev) or b""),
-            "type": _DEV_TYPES.get(base.ggml_backend_dev_type(dev), "unknown"),
-            "backend": _s(base.ggml_backend_reg_name(reg) or b"") if reg else "",
-            "free_bytes": int(free.value), "total_bytes": int(total.value),
-            "device_id": _s(props.device_id or b""),
-        })
+        out.append(
+            {
+                "name": _s(base.ggml_backend_dev_name(dev) or b""),
+                "description": _s(base.ggml_backend_dev_description(dev) or b""),
+                "type": _DEV_TYPES.get(base.ggml_backend_dev_type(dev), "unknown"),
+                "backend": _s(base.ggml_backend_reg_name(reg) or b"") if reg else "",
+                "free_bytes": int(free.value),
+                "total_bytes": int(total.value),
+                "device_id": _s(props.device_id or b""),
+            }
+        )
     return out
 
 
 def parse_ggml_devices(raw: list[dict[str, Any]] | None) -> list[GGMLDevice] | None:
     if raw is None:
         return None
-    return [GGMLDevice(name=str(d["name"]), description=str(d.get("description", "")), type=str(d["type"]),
-                       backend=str(d.get("backend", "")), free_bytes=int(d["free_bytes"]),
-                       total_bytes=int(d["total_bytes"]), device_id=_norm_bus(str(d.get("device_id", ""))))
-            for d in raw]
+    return [
+        GGMLDevice(
+            name=str(d["name"]),
+            description=str(d.get("description", "")),
+            type=str(d["type"]),
+            backend=str(d.get("backend", "")),
+            free_bytes=int(d["free_bytes"]),
+            total_bytes=int(d["total_bytes"]),
+            device_id=_norm_bus(str(d.get("device_id", ""))),
+        )
+        for d in raw
+    ]
 
 
 # ------------------------------------------------------------------------------------ reconcile
 
+
 def reinstall_command(vendor: str, jetson: bool = False) -> str:
-    flags = {"nvidia": "-DGGML_CUDA=on", "amd": "-DGGML_HIP=on", "apple": "-DGGML_METAL=on",
-             "intel": "-DGGML_SYCL=on"}.get(vendor, "-DGGML_VULKAN=on")
+    flags = {
+        "nvidia": "-DGGML_CUDA=on",
+        "amd": "-DGGML_HIP=on",
+        "apple": "-DGGML_METAL=on",
+        "intel": "-DGGML_SYCL=on",
+    }.get(vendor, "-DGGML_VULKAN=on")
     if jetson:
         flags += " -DCMAKE_CUDA_ARCHITECTURES=87"
-    return (f'CMAKE_ARGS="{flags}" pip install --force-reinstall --no-cache-dir '
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}")
+    return (
+        f'CMAKE_ARGS="{flags}" pip install --force-reinstall --no-cache-dir '
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    )
 
 
-_VENDOR_BACKENDS = {"nvidia": ("CUDA",), "amd": ("ROCm", "HIP", "CUDA"), "apple": ("Metal", "MTL"),
-                    "intel": ("SYCL",)}
+_VENDOR_BACKENDS = {
+    "nvidia": ("CUDA",),
+    "amd": ("ROCm", "HIP", "CUDA"),
+    "apple": ("Metal", "MTL"),
+    "intel": ("SYCL",),
+}
 
 
 def link_gpus(gpus: list[GPUInfo], devices: list[GGMLDevice] | None, jetson: bool) -> list[Finding]:
     """Pair each vendor GPU with the llama.cpp device driving it; findings for unpaired ones."""
     if devices is None:
-        return [Finding("warning", "llama.cpp (llama-cpp-python) could not be loaded, so what it can use is "
-                        "unknown; planning trusts the vendor tools",
-                        f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}")]
+        return [
+            Finding(
+                "warning",
+                "llama.cpp (llama-cpp-python) could not be loaded, so what it can use is "
+                "unknown; planning trusts the vendor tools",
+                f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+            )
+        ]
     findings = []
     accel = [d for d in devices if d.type in ("gpu", "igpu")]
     used: set[str] = set()
@@ -711,10 +889,15 @@ def link_gpus(gpus: list[GPUInfo], devices: list[GGMLDevice] | None, jetson: boo
             # a Vulkan build drives any vendor's GPU
             dev = _match_device(g, [d for d in accel if d.backend.lower() == "vulkan"], used, strict=False)
         if dev is None:
-            findings.append(Finding(
-                "error", f"{g.name} is present but the installed llama.cpp has no backend for it "
-                f"(it sees: {', '.join(d.name for d in devices) or 'nothing'}); the model would run on the CPU only",
-                reinstall_command(g.vendor, jetson)))
+            findings.append(
+                Finding(
+                    "error",
+                    f"{g.name} is present but the installed llama.cpp has no backend for it "
+                    f"(it sees: {', '.join(d.name for d in devices) or 'nothing'}); "
+                    "the model would run on the CPU only",
+                    reinstall_command(g.vendor, jetson),
+                )
+            )
             continue
         used.add(dev.name)
         g.ggml_device = dev.name
@@ -723,7 +906,9 @@ def link_gpus(gpus: list[GPUInfo], devices: list[GGMLDevice] | None, jetson: boo
     return findings
 
 
-def _match_device(g: GPUInfo, devs: list[GGMLDevice], used: set[str], strict: bool = True) -> GGMLDevice | None:
+def _match_device(
+    g: GPUInfo, devs: list[GGMLDevice], used: set[str], strict: bool = True
+) -> GGMLDevice | None:
     free = [d for d in devs if d.name not in used]
     if g.pci_bus_id:
         for d in free:
@@ -738,8 +923,11 @@ def _match_device(g: GPUInfo, devs: list[GGMLDevice], used: set[str], strict: bo
 
 # ---------------------------------------------------------------------------------------- detect
 
+
 def default_store_dir() -> str:
-    return os.environ.get("EDGE_MAGISTRAL_HOME", str(Path("~/.local/share/edge-magistral/models").expanduser()))
+    return os.environ.get(
+        "EDGE_MAGISTRAL_HOME", str(Path("~/.local/share/edge-magistral/models").expanduser())
+    )
 
 
 def detect(reader: Reader | None = None, store_dir: str | None = None) -> Hardware:
@@ -761,9 +949,21 @@ def detect(reader: Reader | None = None, store_dir: str | None = None) -> Hardwa
         g.bandwidth_gbs = g.bandwidth_gbs or bandwidth_for(g.name)
     limit, usage = probe_cgroup(reader) if os_name == "linux" else (None, None)
     devices = parse_ggml_devices(reader.ggml_devices())
-    hw = Hardware(os=os_name, machine=machine, cpu=cpu, ram_total_bytes=ram_total, ram_available_bytes=ram_avail,
-                  cgroup_limit_bytes=limit, cgroup_usage_bytes=usage, disk_free_bytes=reader.disk_free(store_dir),
-                  store_dir=store_dir, gpus=gpus, ggml_devices=devices, board=board, jetson_release=release)
+    hw = Hardware(
+        os=os_name,
+        machine=machine,
+        cpu=cpu,
+        ram_total_bytes=ram_total,
+        ram_available_bytes=ram_avail,
+        cgroup_limit_bytes=limit,
+        cgroup_usage_bytes=usage,
+        disk_free_bytes=reader.disk_free(store_dir),
+        store_dir=store_dir,
+        gpus=gpus,
+        ggml_devices=devices,
+        board=board,
+        jetson_release=release,
+    )
     hw.findings = link_gpus(gpus, devices, hw.is_jetson) + _memory_findings(hw)
     return hw
 
@@ -771,9 +971,14 @@ def detect(reader: Reader | None = None, store_dir: str | None = None) -> Hardwa
 def _memory_findings(hw: Hardware) -> list[Finding]:
     out = []
     if hw.cgroup_limit_bytes is not None and hw.cgroup_limit_bytes < hw.ram_total_bytes:
-        out.append(Finding("warning", f"this process is in a container limited to "
-                           f"{hw.cgroup_limit_bytes / GiB:.1f} GiB of the box's {hw.ram_total_bytes / GiB:.1f} GiB; "
-                           "plans use the limit"))
+        out.append(
+            Finding(
+                "warning",
+                f"this process is in a container limited to "
+                f"{hw.cgroup_limit_bytes / GiB:.1f} GiB of the box's {hw.ram_total_bytes / GiB:.1f} GiB; "
+                "plans use the limit",
+            )
+        )
     if not hw.gpus:
         out.append(Finding("info", "no GPU found: the model runs on the CPU"))
     return out
@@ -781,24 +986,33 @@ def _memory_findings(hw: Hardware) -> list[Finding]:
 
 # ----------------------------------------------------------------------------------------- JSON
 
+
 def from_dict(d: Any, source: str = "hardware JSON") -> Hardware:
     """Rebuild a Hardware from ``detect --json`` output; any wrong field is a BadInputError."""
     if not isinstance(d, dict):
         raise BadInputError(f"{source}: expected a JSON object as written by `edge-magistral detect --json`")
     try:
         if d.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
-            raise BadInputError(f"{source}: schema {d.get('schema')!r} is not {SCHEMA_VERSION}; "
-                                "re-run `edge-magistral detect --json` with this version")
+            raise BadInputError(
+                f"{source}: schema {d.get('schema')!r} is not {SCHEMA_VERSION}; "
+                "re-run `edge-magistral detect --json` with this version"
+            )
         hw = Hardware(
-            os=_req(d, "os", str, source), machine=_req(d, "machine", str, source),
+            os=_req(d, "os", str, source),
+            machine=_req(d, "machine", str, source),
             cpu=CPUInfo(**_req(d, "cpu", dict, source)),
             ram_total_bytes=_req(d, "ram_total_bytes", int, source),
             ram_available_bytes=_req(d, "ram_available_bytes", int, source),
-            cgroup_limit_bytes=d.get("cgroup_limit_bytes"), cgroup_usage_bytes=d.get("cgroup_usage_bytes"),
-            disk_free_bytes=d.get("disk_free_bytes"), store_dir=str(d.get("store_dir", "")),
+            cgroup_limit_bytes=d.get("cgroup_limit_bytes"),
+            cgroup_usage_bytes=d.get("cgroup_usage_bytes"),
+            disk_free_bytes=d.get("disk_free_bytes"),
+            store_dir=str(d.get("store_dir", "")),
             gpus=[GPUInfo(**g) for g in _req(d, "gpus", list, source)],
-            ggml_devices=None if d.get("ggml_devices") is None else [GGMLDevice(**g) for g in d["ggml_devices"]],
-            board=str(d.get("board", "")), jetson_release=str(d.get("jetson_release", "")),
+            ggml_devices=None
+            if d.get("ggml_devices") is None
+            else [GGMLDevice(**g) for g in d["ggml_devices"]],
+            board=str(d.get("board", "")),
+            jetson_release=str(d.get("jetson_release", "")),
             findings=[Finding(**f) for f in d.get("findings", [])],
         )
     except TypeError as e:  # unknown or missing dataclass fields
@@ -834,13 +1048,17 @@ def load_hardware(path: str | os.PathLike[str]) -> Hardware:
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise BadInputError(f"{p}: no such hardware file; write one with `edge-magistral detect --json > FILE`") from None
+        raise BadInputError(
+            f"{p}: no such hardware file; write one with `edge-magistral detect --json > FILE`"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise BadInputError(f"{p}: cannot read hardware file ({e})") from None
     try:
         d = json.loads(text)
     except ValueError as e:
-        raise BadInputError(f"{p}: not valid JSON ({e}); write it with `edge-magistral detect --json > FILE`") from None
+        raise BadInputError(
+            f"{p}: not valid JSON ({e}); write it with `edge-magistral detect --json > FILE`"
+        ) from None
     return from_dict(d, str(p))
 
 

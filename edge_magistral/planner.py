@@ -18,8 +18,16 @@ from edge_magistral.errors import BadInputError, DoesNotFitError
 from edge_magistral.hardware import GiB, Hardware, MiB
 from edge_magistral.profiles import Profile
 
-KV_BYTES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
-            "q5_0": (32, 22), "q5_1": (32, 24)}  # (block, bytes per block), as ggml
+KV_BYTES = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
+}  # (block, bytes per block), as ggml
 KV_ORDER = ("f16", "q8_0", "q4_0")  # what to try, best first, when memory binds
 CTX_STEP = 1024  # contexts the planner picks are multiples of this
 GPU_OVERHEAD = {"cuda": 512 * MiB, "rocm": 512 * MiB, "metal": 256 * MiB, "vulkan": 384 * MiB}
@@ -159,12 +167,19 @@ class Plan:
 
     @property
     def settings(self) -> Settings:
-        return Settings(self.n_ctx, self.n_gpu_layers, self.type_k, self.type_v, self.flash_attn,
-                        self.n_batch, self.n_ubatch)
+        return Settings(
+            self.n_ctx,
+            self.n_gpu_layers,
+            self.type_k,
+            self.type_v,
+            self.flash_attn,
+            self.n_batch,
+            self.n_ubatch,
+        )
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
-        for m, dm in zip(d["memory"], self.memory):
+        for m, dm in zip(d["memory"], self.memory, strict=True):
             m["total"] = dm.total
         return d
 
@@ -252,9 +267,16 @@ def _largest_matrix(m: ModelCandidate) -> int:
 def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMemory]:
     """Bytes llama.cpp will allocate per device (CPU first, then each GPU) for these settings."""
     devs = layer_devices(m.n_layers, s.n_gpu_layers, [g.split_bytes for g in gpus])
-    cpu = DeviceMemory("CPU", weights=m.token_embd_bytes, overhead=HOST_OVERHEAD + min(s.n_ctx, s.n_batch) * m.n_vocab * 4)
-    out = {None: cpu, **{i: DeviceMemory(g.name, overhead=GPU_OVERHEAD.get(g.backend, 512 * MiB))
-                         for i, g in enumerate(gpus)}}
+    cpu = DeviceMemory(
+        "CPU", weights=m.token_embd_bytes, overhead=HOST_OVERHEAD + min(s.n_ctx, s.n_batch) * m.n_vocab * 4
+    )
+    out = {
+        None: cpu,
+        **{
+            i: DeviceMemory(g.name, overhead=GPU_OVERHEAD.get(g.backend, 512 * MiB))
+            for i, g in enumerate(gpus)
+        },
+    }
     kv_layer = kv_cells(s.n_ctx) * kv_bytes_per_cell(m, s.type_k, s.type_v) // max(1, m.n_layers)
     for il in range(m.n_layers):
         d = out[devs[il]]
@@ -266,8 +288,13 @@ def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMe
     return list(out.values())
 
 
-def _add_compute(m: ModelCandidate, s: Settings, gpus: list[Device], devs: list[int | None],
-                 out: dict[int | None, DeviceMemory]) -> None:
+def _add_compute(
+    m: ModelCandidate,
+    s: Settings,
+    gpus: list[Device],
+    devs: list[int | None],
+    out: dict[int | None, DeviceMemory],
+) -> None:
     st = compute_stages(m, s)
     if not gpus:
         out[None].compute = max(st.logits, st.layer) + st.slack
@@ -332,8 +359,9 @@ def pool_use(mem: list[DeviceMemory], gpus: list[Device], pools: dict[str, Pool]
     return [PoolUse(p, need[p], pools[p].budget) for p in pools]
 
 
-def tokens_per_s(m: ModelCandidate, mem: list[DeviceMemory], gpus: list[Device], profile: Profile,
-                 n_ctx: int) -> float:
+def tokens_per_s(
+    m: ModelCandidate, mem: list[DeviceMemory], gpus: list[Device], profile: Profile, n_ctx: int
+) -> float:
     """Decode speed estimate: each token reads every weight once and half the KV cache on average."""
     bw = {g.name: g.bandwidth_gbs * 1e9 * profile.gpu_efficiency for g in gpus}
     seconds = 0.0
@@ -370,17 +398,27 @@ def _box(hw: Hardware, profile: Profile, request: Request) -> _Box:
     reserved = {}
     for name, p in pools.items():
         is_gpu_pool = name != "RAM" and not name.endswith("(unified)")
-        reserved[name] = replace(p, reserve_bytes=(profile.reserve_gpu_mib if is_gpu_pool else
-                                                   profile.reserve_ram_mib if name == "RAM" else 0) * MiB)
+        reserved[name] = replace(
+            p,
+            reserve_bytes=(
+                profile.reserve_gpu_mib if is_gpu_pool else profile.reserve_ram_mib if name == "RAM" else 0
+            )
+            * MiB,
+        )
     fa = profile.flash_attn if request.flash_attn is None else request.flash_attn
     if request.kv_type:
         if request.kv_type not in KV_BYTES:
-            raise BadInputError(f"unknown KV cache type {request.kv_type!r}; use one of {', '.join(KV_ORDER)}")
+            raise BadInputError(
+                f"unknown KV cache type {request.kv_type!r}; use one of {', '.join(KV_ORDER)}"
+            )
         kvs = [request.kv_type]
     else:
         first = profile.kv_type
-        kvs = [first] + ([t for t in KV_ORDER if KV_ORDER.index(t) > KV_ORDER.index(first)]
-                         if profile.allow_kv_quant else [])
+        kvs = [first] + (
+            [t for t in KV_ORDER if KV_ORDER.index(t) > KV_ORDER.index(first)]
+            if profile.allow_kv_quant
+            else []
+        )
     if not fa:
         if request.kv_type and request.kv_type != "f16":
             raise BadInputError("a quantized KV cache needs flash attention; drop --no-flash-attn or use f16")
@@ -461,7 +499,12 @@ def _try_partial(b: _Box, m: ModelCandidate) -> Option | None:
         for ctx in _ctx_ladder(ctx_hi, min(b.min_ctx, ctx_hi)):
             ngl = _max_ngl(b, m, ctx, kv)
             if ngl is not None:
-                o = _option(b, m, _settings(b, ctx, ngl, kv), f"partial offload: {ngl} of {m.n_layers + 1} layers on GPU")
+                o = _option(
+                    b,
+                    m,
+                    _settings(b, ctx, ngl, kv),
+                    f"partial offload: {ngl} of {m.n_layers + 1} layers on GPU",
+                )
                 if best is None or ctx > best.settings.n_ctx:  # type: ignore[union-attr]
                     best = o  # a later (smaller) KV type only if it buys context
                 break
@@ -483,20 +526,34 @@ def _ordered(candidates: list[ModelCandidate], profile: Profile, request: Reques
     if request.quant:
         cands = [c for c in candidates if c.quant.upper() == request.quant.upper()]
         if not cands:
-            raise BadInputError(f"no candidate model is quant {request.quant!r}; have: "
-                                f"{', '.join(sorted({c.quant for c in candidates}))}")
+            raise BadInputError(
+                f"no candidate model is quant {request.quant!r}; have: "
+                f"{', '.join(sorted({c.quant for c in candidates}))}"
+            )
         return cands
     order = {q: i for i, q in enumerate(profile.quants)}
-    return sorted(candidates, key=lambda c: (order.get(c.quant, len(order) + c.quality_rank), c.source != "local"))
+    return sorted(
+        candidates, key=lambda c: (order.get(c.quant, len(order) + c.quality_rank), c.source != "local")
+    )
 
 
-def plan(hw: Hardware, profile: Profile, candidates: list[ModelCandidate], request: Request | None = None) -> Plan:
+def plan(
+    hw: Hardware, profile: Profile, candidates: list[ModelCandidate], request: Request | None = None
+) -> Plan:
     """Choose quant, layers, context, KV type and batch for this box (see the module docstring)."""
     request = request or Request()
     if not candidates:
         raise BadInputError("no model candidates: build or pull a Magistral GGUF, or plan from the catalog")
     b = _box(hw, profile, request)
     cands = _ordered(candidates, profile, request)
+    if request.ctx:
+        cands = [c for c in cands if not c.context_length or request.ctx <= c.context_length]
+        if not cands:
+            longest = max(c.context_length for c in candidates)
+            raise BadInputError(
+                f"--ctx {request.ctx} is beyond the model's trained context of {longest} tokens; "
+                f"use at most {longest}"
+            )
     steps = [("full", lambda m: _try_full(b, m, True)), ("reduced", lambda m: _try_full(b, m, False))]
     if b.gpus and b.fixed_ngl is None:
         steps.append(("partial", lambda m: _try_partial(b, m)))
@@ -516,7 +573,9 @@ def plan(hw: Hardware, profile: Profile, candidates: list[ModelCandidate], reque
     return _make_plan(b, m, o, steps[first][0], alternatives, cands)
 
 
-def _pick(step: str, found: list[tuple[ModelCandidate, Option]], profile: Profile) -> tuple[ModelCandidate, Option]:
+def _pick(
+    step: str, found: list[tuple[ModelCandidate, Option]], profile: Profile
+) -> tuple[ModelCandidate, Option]:
     """First in preference order; for partial offloads, the first fast enough, else the fastest."""
     if step != "partial":
         return found[0]
@@ -536,70 +595,108 @@ def _failed_option(b: _Box, m: ModelCandidate) -> Option:
 def _refusal(b: _Box, cands: list[ModelCandidate], alts: list[Option], request: Request) -> NoFitError:
     total_budget = sum(p.budget for p in b.pools.values() if not p.name.endswith("(unified)"))
     smallest = min(cands, key=lambda m: m.weight_bytes)
-    s = _settings(b, min(b.min_ctx, smallest.context_length or b.min_ctx), _full_ngl(b, smallest), b.kv_types[-1])
+    s = _settings(
+        b, min(b.min_ctx, smallest.context_length or b.min_ctx), _full_ngl(b, smallest), b.kv_types[-1]
+    )
     mem = predict(smallest, s, b.gpus)
     need = sum(d.total for d in mem)
     missing = max(0, need - total_budget)
     what = f"{smallest.quant} at {s.n_ctx} context with a {s.type_k} KV cache"
     if request.ctx or request.n_gpu_layers is not None:
-        asked = ", ".join(x for x in (f"--ctx {request.ctx}" if request.ctx else "",
-                                      f"--n-gpu-layers {request.n_gpu_layers}" if request.n_gpu_layers is not None
-                                      else "") if x)
-        per_pool = "; ".join(f"{u.pool} needs {_gib(u.need)} of {_gib(u.budget)}" for u in
-                             _evaluate(b, smallest, s)[2] if not u.fits)
-        msg = (f"{asked} cannot fit on this box: even {what} does not ({per_pool}); "
-               "drop the override to let the planner choose")
+        asked = ", ".join(
+            x
+            for x in (
+                f"--ctx {request.ctx}" if request.ctx else "",
+                f"--n-gpu-layers {request.n_gpu_layers}" if request.n_gpu_layers is not None else "",
+            )
+            if x
+        )
+        per_pool = "; ".join(
+            f"{u.pool} needs {_gib(u.need)} of {_gib(u.budget)}"
+            for u in _evaluate(b, smallest, s)[2]
+            if not u.fits
+        )
+        msg = (
+            f"{asked} cannot fit on this box: even {what} does not ({per_pool}); "
+            "drop the override to let the planner choose"
+        )
     else:
-        msg = (f"Magistral does not fit this box: the smallest option, {what}, needs {_gib(need)} "
-               f"but only {_gib(total_budget)} is usable ({_budgets(b)}); {_gib(missing)} is missing. "
-               "Free memory, add RAM or a GPU, or use a smaller --ctx")
+        msg = (
+            f"Magistral does not fit this box: the smallest option, {what}, needs {_gib(need)} "
+            f"but only {_gib(total_budget)} is usable ({_budgets(b)}); {_gib(missing)} is missing. "
+            "Free memory, add RAM or a GPU, or use a smaller --ctx"
+        )
     return NoFitError(msg, alts, missing)
 
 
 def _budgets(b: _Box) -> str:
-    return ", ".join(f"{p.name} {_gib(p.budget)} after a {_gib(p.reserve_bytes)} reserve" for p in b.pools.values()
-                     if not p.name.endswith("(unified)"))
+    return ", ".join(
+        f"{p.name} {_gib(p.budget)} after a {_gib(p.reserve_bytes)} reserve"
+        for p in b.pools.values()
+        if not p.name.endswith("(unified)")
+    )
 
 
 def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def _make_plan(b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option],
-               cands: list[ModelCandidate]) -> Plan:
+def _make_plan(
+    b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option], cands: list[ModelCandidate]
+) -> Plan:
     s = o.settings
     assert s is not None
     mem = predict(m, s, b.gpus)
     total = sum(g.split_bytes for g in b.gpus) or 1
     threads = b.profile.threads_for(b.hw)
     return Plan(
-        model_path=m.path, quant=m.quant, source=m.source, profile=b.profile.name,
-        n_gpu_layers=s.n_gpu_layers, n_ctx=s.n_ctx, type_k=s.type_k, type_v=s.type_v, flash_attn=s.flash_attn,
-        n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=threads,
+        model_path=m.path,
+        quant=m.quant,
+        source=m.source,
+        profile=b.profile.name,
+        n_gpu_layers=s.n_gpu_layers,
+        n_ctx=s.n_ctx,
+        type_k=s.type_k,
+        type_v=s.type_v,
+        flash_attn=s.flash_attn,
+        n_batch=s.n_batch,
+        n_ubatch=s.n_ubatch,
+        n_threads=threads,
         n_threads_batch=max(threads, b.hw.cpu.cores_logical or threads),
         tensor_split=[round(g.split_bytes / total, 4) for g in b.gpus] if len(b.gpus) > 1 else [],
         think_budget=min(b.profile.think_budget, max(0, s.n_ctx - 2048)),
-        memory=mem, pools=o.pools, tokens_per_s=round(o.tokens_per_s, 1),
-        reasons=_reasons(b, m, o, step, alts, cands), alternatives=alts)
+        memory=mem,
+        pools=o.pools,
+        tokens_per_s=round(o.tokens_per_s, 1),
+        reasons=_reasons(b, m, o, step, alts, cands),
+        alternatives=alts,
+    )
 
 
-def _reasons(b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option],
-             cands: list[ModelCandidate]) -> dict[str, str]:
+def _reasons(
+    b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option], cands: list[ModelCandidate]
+) -> dict[str, str]:
     s = o.settings
     assert s is not None
-    why_not = "; ".join(_why_not(b, c) for c in cands[:cands.index(m)])
+    why_not = "; ".join(_why_not(b, c) for c in cands[: cands.index(m)])
     where = ", ".join(g.name for g in b.gpus) or "the CPU"
     r = {"profile": f"{b.profile.name}: {b.profile.description}"}
     if step == "full":
-        r["quant"] = f"{m.quant}: the first of the profile's order ({', '.join(b.profile.quants)}) that fits " \
-                     f"entirely on {where} at the target context" + (f" ({why_not})" if why_not else "")
+        r["quant"] = (
+            f"{m.quant}: the first of the profile's order ({', '.join(b.profile.quants)}) that fits "
+            f"entirely on {where} at the target context" + (f" ({why_not})" if why_not else "")
+        )
     elif step == "reduced":
-        r["quant"] = f"{m.quant}: no quant fits at the target context {b.target_ctx}; this is the best that fits " \
-                     f"entirely on {where} at a context of at least {b.min_ctx}"
+        r["quant"] = (
+            f"{m.quant}: no quant fits at the target context {b.target_ctx}; this is the best that fits "
+            f"entirely on {where} at a context of at least {b.min_ctx}"
+        )
     else:
-        r["quant"] = f"{m.quant}: nothing fits entirely on {where}; of the partial offloads, the first in the " \
-                     f"profile's order predicted at ≥ {b.profile.min_tokens_per_s:g} tokens/s " \
-                     f"(or the fastest), at {o.tokens_per_s:.1f} tokens/s"
+        r["quant"] = (
+            f"{m.quant}: nothing fits entirely on {where}; of the partial offloads, the first in the "
+            f"profile's order predicted at ≥ {b.profile.min_tokens_per_s:g} tokens/s "
+            f"(or the fastest), at {o.tokens_per_s:.1f} tokens/s"
+        )
     n_all = m.n_layers + 1
     if not b.gpus:
         r["n_gpu_layers"] = "0: no GPU that the installed llama.cpp can use"
@@ -608,17 +705,28 @@ def _reasons(b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option
     elif s.n_gpu_layers >= n_all:
         r["n_gpu_layers"] = f"{s.n_gpu_layers} of {n_all}: every layer and the output layer on {where}"
     else:
-        r["n_gpu_layers"] = f"{s.n_gpu_layers} of {n_all}: the most that fit on {where}; the rest run on the CPU"
+        r["n_gpu_layers"] = (
+            f"{s.n_gpu_layers} of {n_all}: the most that fit on {where}; the rest run on the CPU"
+        )
     if s.n_ctx >= b.target_ctx:
-        r["n_ctx"] = f"{s.n_ctx}: the {'requested' if b.min_ctx == b.target_ctx else 'profile' + chr(39) + 's target'} context"
+        whose = "requested" if b.min_ctx == b.target_ctx else "profile's target"
+        r["n_ctx"] = f"{s.n_ctx}: the {whose} context"
     else:
         r["n_ctx"] = f"{s.n_ctx}: the largest that fits (target {b.target_ctx}, minimum {b.min_ctx})"
-    r["kv_cache"] = (f"{s.type_k}: " + ("the profile's choice" if s.type_k == b.kv_types[0] else
-                     f"quantized because {b.kv_types[0]} does not fit ({_kv_mib(m, b.kv_types[0])} vs "
-                     f"{_kv_mib(m, s.type_k)} MiB per 1k tokens)"))
-    r["flash_attn"] = ("on: smaller compute buffers and faster decoding" if s.flash_attn
-                       else "off: as requested (compute buffers grow with the context)")
-    r["batch"] = f"n_batch {s.n_batch}, n_ubatch {s.n_ubatch}: the profile's; the compute buffer scales with n_ubatch"
+    r["kv_cache"] = f"{s.type_k}: " + (
+        "the profile's choice"
+        if s.type_k == b.kv_types[0]
+        else f"quantized because {b.kv_types[0]} does not fit ({_kv_mib(m, b.kv_types[0])} vs "
+        f"{_kv_mib(m, s.type_k)} MiB per 1k tokens)"
+    )
+    r["flash_attn"] = (
+        "on: smaller compute buffers and faster decoding"
+        if s.flash_attn
+        else "off: as requested (compute buffers grow with the context)"
+    )
+    r["batch"] = (
+        f"n_batch {s.n_batch}, n_ubatch {s.n_ubatch}: the profile's; the compute buffer scales with n_ubatch"
+    )
     r["threads"] = f"{b.profile.threads_for(b.hw)} ({b.profile.threads} cores) for decoding"
     r["memory"] = "; ".join(f"{u.pool} {_gib(u.need)} of {_gib(u.budget)}" for u in o.pools)
     return r

@@ -23,8 +23,23 @@ from edge_magistral.hardware import GiB, Hardware
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
 KV_TYPES = ("f16", "q8_0", "q4_0")
-QUANTS = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_XS", "IQ4_NL", "Q4_0",
-          "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K")
+QUANTS = (
+    "BF16",
+    "F16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q4_K_M",
+    "Q4_K_S",
+    "IQ4_XS",
+    "IQ4_NL",
+    "Q4_0",
+    "Q3_K_L",
+    "Q3_K_M",
+    "Q3_K_S",
+    "Q2_K",
+)
 GPU_KINDS = ("none", "discrete", "unified", "any")
 
 
@@ -107,6 +122,7 @@ def _within(n_bytes: int, bounds: tuple[float, float]) -> bool:
 
 # ------------------------------------------------------------------------------------ validation
 
+
 class _Fields:
     """Reads typed fields out of one YAML mapping, naming the file and field on any error."""
 
@@ -153,8 +169,13 @@ class _Fields:
         v = self.get(key)
         if v is None:
             return None
-        if (not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                             for x in v) or v[0] > v[1] or v[0] < 0):
+        if (
+            not isinstance(v, list)
+            or len(v) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            or v[0] > v[1]
+            or v[0] < 0
+        ):
             raise self.fail(key, f"must be [min, max] in GiB, got {v!r}")
         return float(v[0]), float(v[1])
 
@@ -185,8 +206,14 @@ def parse_profile(data: Any, source: str) -> Profile:
             re.compile(regex)
         except re.error as e:
             raise m.fail("name_regex", f"is not a valid regular expression ({e})") from None
-    match = Match(gpu=m.str("gpu", "any", GPU_KINDS), vendor=m.str("vendor", None, ("nvidia", "amd", "apple", "intel")),
-                  name_regex=regex, gpu_gib=m.range("gpu_gib"), ram_gib=m.range("ram_gib"), jetson=m.bool("jetson", None))
+    match = Match(
+        gpu=m.str("gpu", "any", GPU_KINDS),
+        vendor=m.str("vendor", None, ("nvidia", "amd", "apple", "intel")),
+        name_regex=regex,
+        gpu_gib=m.range("gpu_gib"),
+        ram_gib=m.range("ram_gib"),
+        jetson=m.bool("jetson", None),
+    )
     m.done()
     r = f.mapping("reserve")
     reserve_gpu, reserve_ram = r.int("gpu_mib", 512, 0, 1 << 20), r.int("ram_mib", 2048, 0, 1 << 22)
@@ -198,21 +225,37 @@ def parse_profile(data: Any, source: str) -> Profile:
         raise f.fail("context.min", f"({minimum}) is larger than context.target ({target})")
     quants = f.get("quants", list(Profile.quants))
     if not isinstance(quants, list) or not quants or any(q not in QUANTS for q in quants):
-        raise f.fail("quants", f"must be a non-empty list of quant names from {', '.join(QUANTS)}, got {quants!r}")
+        raise f.fail(
+            "quants", f"must be a non-empty list of quant names from {', '.join(QUANTS)}, got {quants!r}"
+        )
     threads = f.get("threads", "physical")
-    if not (threads in ("physical", "logical") or (isinstance(threads, int) and not isinstance(threads, bool)
-                                                    and 1 <= threads <= 1024)):
+    if not (
+        threads in ("physical", "logical")
+        or (isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= 1024)
+    ):
         raise f.fail("threads", f"must be physical, logical or a number from 1 to 1024, got {threads!r}")
     p = Profile(
-        name=name, description=f.str("description", "") or "", match=match,
-        priority=f.int("priority", 0, -1000, 1000), reserve_gpu_mib=reserve_gpu, reserve_ram_mib=reserve_ram,
-        quants=tuple(quants), target_ctx=target, min_ctx=minimum, kv_type=f.str("kv_type", "f16", KV_TYPES),
-        allow_kv_quant=f.bool("allow_kv_quant", True), flash_attn=f.bool("flash_attn", True),
-        think_budget=f.int("think_budget", 16384, 0, 1 << 20), threads=threads,
-        n_batch=f.int("n_batch", 512, 32, 8192), n_ubatch=f.int("n_ubatch", 512, 32, 8192),
+        name=name,
+        description=f.str("description", "") or "",
+        match=match,
+        priority=f.int("priority", 0, -1000, 1000),
+        reserve_gpu_mib=reserve_gpu,
+        reserve_ram_mib=reserve_ram,
+        quants=tuple(quants),
+        target_ctx=target,
+        min_ctx=minimum,
+        kv_type=f.str("kv_type", "f16", KV_TYPES),
+        allow_kv_quant=f.bool("allow_kv_quant", True),
+        flash_attn=f.bool("flash_attn", True),
+        think_budget=f.int("think_budget", 16384, 0, 1 << 20),
+        threads=threads,
+        n_batch=f.int("n_batch", 512, 32, 8192),
+        n_ubatch=f.int("n_ubatch", 512, 32, 8192),
         min_tokens_per_s=f.float("min_tokens_per_s", 3.0, 0, 10000),
         gpu_efficiency=f.float("gpu_efficiency", 0.6, 0.01, 1.0),
-        cpu_bandwidth_gbs=f.float("cpu_bandwidth_gbs", 40.0, 0.1, 10000), source=source)
+        cpu_bandwidth_gbs=f.float("cpu_bandwidth_gbs", 40.0, 0.1, 10000),
+        source=source,
+    )
     f.done()
     if p.n_ubatch > p.n_batch:
         raise f.fail("n_ubatch", f"({p.n_ubatch}) is larger than n_batch ({p.n_batch})")
@@ -250,8 +293,13 @@ def load_profiles(dirs: list[Path] | None = None) -> dict[str, Profile]:
             seen[p.name] = path
             out[p.name] = p
     if "generic" not in out:
-        out["generic"] = Profile(name="generic", description="fallback for any box", match=Match(),
-                                 priority=-1000, source="(built in)")
+        out["generic"] = Profile(
+            name="generic",
+            description="fallback for any box",
+            match=Match(),
+            priority=-1000,
+            source="(built in)",
+        )
     return out
 
 
@@ -265,4 +313,3 @@ def choose_profile(hw: Hardware, profiles: dict[str, Profile], name: str | None 
     if not matching:
         return profiles["generic"]
     return max(matching, key=lambda p: (p.priority, p.name))
-

@@ -16,16 +16,51 @@ import numpy as np
 
 from edge_magistral.catalog import Architecture, TensorSpec
 
-CONTROL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                  "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
-FTYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
-             "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ4_XS": 30, "BF16": 32}
+CONTROL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+]
+FTYPE_IDS = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q8_0": 7,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_S": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "IQ4_XS": 30,
+    "BF16": 32,
+}
 
 
 def _byte_tokens() -> list[str]:
     """GPT-2's byte-to-unicode table: llama.cpp's BPE vocab needs a token for every byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -33,7 +68,7 @@ def _byte_tokens() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
 def vocab(n_vocab: int) -> tuple[list[str], list[int]]:
@@ -53,8 +88,14 @@ def vocab(n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_shaped_gguf(path: str | os.PathLike[str], arch: Architecture, specs: list[TensorSpec], quant: str,
-                      fill: str = "sparse", seed: int = 0) -> Path:
+def write_shaped_gguf(
+    path: str | os.PathLike[str],
+    arch: Architecture,
+    specs: list[TensorSpec],
+    quant: str,
+    fill: str = "sparse",
+    seed: int = 0,
+) -> Path:
     """Write a llama-architecture GGUF with these tensors; see the module docstring for ``fill``."""
     import gguf
 
@@ -73,8 +114,13 @@ def write_shaped_gguf(path: str | os.PathLike[str], arch: Architecture, specs: l
                 data[:] = 1
             w.add_tensor(s.name, data)
         else:
-            w.add_tensor_info(s.name, np_shape, np.dtype(np.float32), s.n_bytes,
-                              raw_dtype=gguf.GGMLQuantizationType[s.type_name])
+            w.add_tensor_info(
+                s.name,
+                np_shape,
+                np.dtype(np.float32),
+                s.n_bytes,
+                raw_dtype=gguf.GGMLQuantizationType[s.type_name],
+            )
     if fill == "random":
         w.write_header_to_file()
         w.write_kv_data_to_file()

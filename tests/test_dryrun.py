@@ -44,8 +44,13 @@ def test_shaped_files_are_header_true_and_sparse(shaped: dict[str, Path]) -> Non
 
 
 def _grid() -> list[tuple[str, int, int, str, bool]]:
-    rows = [(q, ctx, 0, kv, True) for q, ctx, kv in itertools.product(QUANTS, [4096, 32768, 131072], ["f16", "q8_0", "q4_0"])]
-    rows += [(q, 16384, 41, "f16", True) for q in QUANTS]  # n_gpu_layers asks for the GPU; this build has none
+    rows = [
+        (q, ctx, 0, kv, True)
+        for q, ctx, kv in itertools.product(QUANTS, [4096, 32768, 131072], ["f16", "q8_0", "q4_0"])
+    ]
+    rows += [
+        (q, 16384, 41, "f16", True) for q in QUANTS
+    ]  # n_gpu_layers asks for the GPU; this build has none
     rows += [("Q4_K_M", ctx, 0, "f16", False) for ctx in (4096, 32768, 131072)]  # flash attention off
     return rows
 
@@ -59,7 +64,7 @@ def test_prediction_within_5_percent_of_llama_cpp_dry_run(shaped: dict[str, Path
     worst = {k: max(abs(e[k]) for e in errs) for k in errs[0]}
     mean_compute = sum(abs(e["compute"]) for e in errs) / len(errs)
     print(f"\n{len(rows)} dry runs; worst error {worst}; mean compute error {mean_compute:.2%}")
-    for row, e in zip(rows, errs):
+    for row, e in zip(rows, errs, strict=True):
         for k, v in e.items():
             assert abs(v) <= TOLERANCE, f"{row}: {k} predicted {v:+.1%} off llama.cpp's dry run"
     assert worst["weights"] == 0 and worst["kv_cache"] < 1e-4  # these follow exactly from the header
@@ -84,17 +89,19 @@ def test_failed_load_is_an_error_not_a_crash(tmp_path: Path) -> None:
 
 def test_parse_log_reads_gpu_buffer_lines() -> None:
     # the lines a real CUDA load logs (format of llama.cpp 0c1e57098; sizes from REFERENCE.md's H200 run)
-    log = ("load_tensors: layer  39 assigned to device CUDA0, is_swa = 0\n"
-           "load_tensors: layer  40 assigned to device CUDA0, is_swa = 0\n"
-           "load_tensors:        CUDA0 model buffer size = 13302.00 MiB\n"
-           "load_tensors:   CPU_Mapped model buffer size =   360.00 MiB\n"
-           "llama_context:  CUDA_Host  output buffer size =     0.50 MiB\n"
-           "llama_kv_cache: layer  39: dev = CUDA0\n"
-           "llama_kv_cache:      CUDA0 KV buffer size =  5120.00 MiB\n"
-           "llama_kv_cache: size = 5120.00 MiB ( 32768 cells,  40 layers,  1/1 seqs), K (f16): 2560.00 MiB, "
-           "V (f16): 2560.00 MiB\n"
-           "sched_reserve:      CUDA0 compute buffer size =   266.00 MiB\n"
-           "sched_reserve:  CUDA_Host compute buffer size =    74.01 MiB\n")
+    log = (
+        "load_tensors: layer  39 assigned to device CUDA0, is_swa = 0\n"
+        "load_tensors: layer  40 assigned to device CUDA0, is_swa = 0\n"
+        "load_tensors:        CUDA0 model buffer size = 13302.00 MiB\n"
+        "load_tensors:   CPU_Mapped model buffer size =   360.00 MiB\n"
+        "llama_context:  CUDA_Host  output buffer size =     0.50 MiB\n"
+        "llama_kv_cache: layer  39: dev = CUDA0\n"
+        "llama_kv_cache:      CUDA0 KV buffer size =  5120.00 MiB\n"
+        "llama_kv_cache: size = 5120.00 MiB ( 32768 cells,  40 layers,  1/1 seqs), K (f16): 2560.00 MiB, "
+        "V (f16): 2560.00 MiB\n"
+        "sched_reserve:      CUDA0 compute buffer size =   266.00 MiB\n"
+        "sched_reserve:  CUDA_Host compute buffer size =    74.01 MiB\n"
+    )
     r = parse_log(log)
     mib = 1024 * 1024
     assert r.model_buffers == {"CUDA0": 13302 * mib, "CPU_Mapped": 360 * mib}

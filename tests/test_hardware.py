@@ -49,7 +49,13 @@ def test_gpus_of_recorded_boxes(name: str) -> None:
     hw = box(name)
     assert len(hw.gpus) == 1
     g = hw.gpus[0]
-    assert (g.vendor, g.name, g.unified, g.ggml_device, g.source) == (vendor, gpu_name, unified, device, source)
+    assert (g.vendor, g.name, g.unified, g.ggml_device, g.source) == (
+        vendor,
+        gpu_name,
+        unified,
+        device,
+        source,
+    )
     assert g.total_bytes / GiB == pytest.approx(total_gib, abs=0.01)
     assert 0 < g.free_bytes <= g.total_bytes
     assert g.bandwidth_gbs and g.bandwidth_gbs > 50
@@ -88,10 +94,14 @@ def test_discrete_gpu_free_memory_is_what_llama_cpp_reports() -> None:
 def test_apple_unified_memory_and_wired_limit(tmp_path: Path) -> None:
     hw = box("macbook-m2-max-32gb")
     g = hw.gpus[0]
-    assert hw.os == "darwin" and hw.cpu.cores_physical == 12 and {"NEON", "DOTPROD", "BF16"} <= set(hw.cpu.flags)
+    assert (
+        hw.os == "darwin" and hw.cpu.cores_physical == 12 and {"NEON", "DOTPROD", "BF16"} <= set(hw.cpu.flags)
+    )
     assert hw.ram_total_bytes == 32 * GiB
     assert g.total_bytes == int(32 * GiB * 2 / 3)  # macOS's default GPU working set at 32 GB
-    assert g.free_bytes == hw.ram_available_bytes < g.total_bytes  # vm_stat: free+inactive+speculative+purgeable
+    assert (
+        g.free_bytes == hw.ram_available_bytes < g.total_bytes
+    )  # vm_stat: free+inactive+speculative+purgeable
     # a raised wired limit (sudo sysctl iogpu.wired_limit_mb=28672) is honoured
     d = tmp_path / "mac"
     shutil.copytree(DATA / "macbook-m2-max-32gb", d)
@@ -104,8 +114,9 @@ def test_gpu_without_a_llama_cpp_backend_is_an_error_with_the_fix() -> None:
     hw = box("rtx3090-cpu-build")
     errors = [f for f in hw.findings if f.level == "error"]
     assert len(errors) == 1 and "RTX 3090" in errors[0].message and "CPU only" in errors[0].message
-    assert errors[0].fix == ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-                             "llama-cpp-python==0.3.36")
+    assert errors[0].fix == (
+        'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36'
+    )
     assert hw.gpus[0].ggml_device is None and hw.runnable_gpus() == []
     jetson = box("jetson-agx-orin-64gb-cpu-build")
     assert "-DCMAKE_CUDA_ARCHITECTURES=87" in next(f.fix for f in jetson.findings if f.level == "error")
@@ -145,9 +156,11 @@ def test_this_sandbox_recorded_cgroup_v1_is_unlimited() -> None:
 
 
 def test_nvidia_smi_several_cards_and_missing_values() -> None:
-    text = ("0, NVIDIA GeForce RTX 3090, 24576, 24245, 535.183.01, 8.6, 00000000:2B:00.0\n"
-            "1, NVIDIA GeForce RTX 3090, 24576, 23911, 535.183.01, 8.6, 00000000:2C:00.0\n"
-            "0, Orin (nvgpu), [N/A], [N/A], 540.4.0, 8.7, 00000000:00:00.0\n")
+    text = (
+        "0, NVIDIA GeForce RTX 3090, 24576, 24245, 535.183.01, 8.6, 00000000:2B:00.0\n"
+        "1, NVIDIA GeForce RTX 3090, 24576, 23911, 535.183.01, 8.6, 00000000:2C:00.0\n"
+        "0, Orin (nvgpu), [N/A], [N/A], 540.4.0, 8.7, 00000000:00:00.0\n"
+    )
     g = parse_nvidia_smi(text)
     assert [x.pci_bus_id for x in g] == ["0000:2b:00.0", "0000:2c:00.0", "0000:00:00.0"]
     assert g[1].free_bytes == 23911 * 1024**2 and g[2].total_bytes == 0
@@ -161,16 +174,19 @@ def test_json_round_trip(name: str) -> None:
     assert again.usable_ram_bytes == hw.usable_ram_bytes and again.runnable_gpus() == hw.runnable_gpus()
 
 
-@pytest.mark.parametrize("text, words", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"os": "linux"}', "missing field 'machine'"),
-    ("TRUNCATE", "not valid JSON"),
-    ("BADTYPE", "field 'ram_total_bytes' must be int"),
-    ("NEGATIVE", "gpus[0].free_bytes"),
-    ("EXTRA", "malformed"),
-    ("SCHEMA", "schema 99"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"os": "linux"}', "missing field 'machine'"),
+        ("TRUNCATE", "not valid JSON"),
+        ("BADTYPE", "field 'ram_total_bytes' must be int"),
+        ("NEGATIVE", "gpus[0].free_bytes"),
+        ("EXTRA", "malformed"),
+        ("SCHEMA", "schema 99"),
+    ],
+)
 def test_corrupt_hardware_json_is_a_clear_error(tmp_path: Path, text: str, words: str) -> None:
     good = box("rtx4090-desktop").to_dict()
     if text == "TRUNCATE":
@@ -208,8 +224,10 @@ def test_real_llama_cpp_devices_on_this_machine() -> None:
 
 def test_cli_detect_json_feeds_plan_hardware(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from edge_magistral.cli import cli
-    from edge_magistral.cli import plan_cmds  # noqa: F401
+    from edge_magistral.cli import (
+        cli,
+        plan_cmds,  # noqa: F401
+    )
 
     r = CliRunner().invoke(cli, ["detect", "--json"])
     assert r.exit_code == 0, r.output

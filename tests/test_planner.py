@@ -19,7 +19,7 @@ from edge_magistral.catalog import (
 )
 from edge_magistral.errors import BadInputError, DoesNotFitError
 from edge_magistral.gguf_info import read_info
-from edge_magistral.hardware import GiB, MiB, Hardware, RecordedReader, detect
+from edge_magistral.hardware import GiB, Hardware, MiB, RecordedReader, detect
 from edge_magistral.planner import (
     NoFitError,
     Plan,
@@ -44,55 +44,70 @@ def box(name: str) -> Hardware:
     return detect(RecordedReader(DATA / name))
 
 
-def plan_for(name: str, request: Request | None = None, candidates: list[ModelCandidate] | None = None) -> Plan:
+def plan_for(
+    name: str, request: Request | None = None, candidates: list[ModelCandidate] | None = None
+) -> Plan:
     hw = box(name)
-    return plan(hw, choose_profile(hw, PROFILES), candidates or catalog(), request)
+    return plan(hw, choose_profile(hw, PROFILES), catalog() if candidates is None else candidates, request)
 
 
 def rank(quant: str) -> int:
     return QUALITY_ORDER.index(quant)
 
 
-def assert_accepted(p: Plan) -> None:
-    """Every pool's predicted need is within its budget, and re-predicting gives the same numbers."""
-    assert all(u.need <= u.budget for u in p.pools), p.pools
-    hw_free = {u.pool: u.budget for u in p.pools}
-    assert hw_free and p.tokens_per_s > 0
+def assert_accepted(p: Plan, name: str) -> None:
+    """The memory model, run again on the plan's settings, puts every pool within its budget."""
+    gpus, pools = devices_of(box(name))
+    m = next(c for c in catalog() if c.quant == p.quant)
+    mem = predict(m, p.settings, gpus)
+    assert [d.total for d in mem] == [d.total for d in p.memory]
+    use = pool_use(mem, gpus, pools)
+    budgets = {u.pool: u.budget for u in p.pools}  # the profile's reserves already taken off
+    assert all(u.need <= budgets[u.pool] for u in use), p.pools
+    assert p.tokens_per_s > 0
 
 
 # ----------------------------------------------------------------------------- profile classes
+
 
 def test_24gb_card_full_offload_of_at_least_q5_at_32k() -> None:
     p = plan_for("rtx4090-desktop")
     assert p.profile == "rtx-24gb"
     assert p.n_gpu_layers == N_ALL and rank(p.quant) <= rank("Q5_K_M") and p.n_ctx >= 32768
-    assert_accepted(p)
+    assert_accepted(p, "rtx4090-desktop")
     cuda = next(d for d in p.memory if d.device == "CUDA0")
     assert cuda.layers == 40 and cuda.kv_cache > 0
     host = next(d for d in p.memory if d.device == "CPU")
-    assert host.layers == 0 and host.weights == catalog([p.quant])[0].token_embd_bytes  # embeddings stay on the host
+    assert (
+        host.layers == 0 and host.weights == catalog([p.quant])[0].token_embd_bytes
+    )  # embeddings stay on the host
 
 
 def test_8gb_card_partial_offload_the_memory_model_accepts() -> None:
     p = plan_for("rtx4060-laptop-8gb")
     assert p.profile == "nvidia-8gb"
     assert 0 < p.n_gpu_layers < N_ALL
-    assert_accepted(p)
+    assert_accepted(p, "rtx4060-laptop-8gb")
     cuda, host = (next(d for d in p.memory if d.device == n) for n in ("CUDA0", "CPU"))
-    assert cuda.layers == p.n_gpu_layers - 1 and host.layers == 40 - cuda.layers  # the output layer counts in ngl
+    assert (
+        cuda.layers == p.n_gpu_layers - 1 and host.layers == 40 - cuda.layers
+    )  # the output layer counts in ngl
     assert "partial offload" in p.reasons["quant"]
     # one more layer would not fit: the planner took the most it could
     hw = box("rtx4060-laptop-8gb")
     gpus, pools = devices_of(hw)
     m = next(c for c in catalog() if c.quant == p.quant)
     more = predict(m, Settings(p.n_ctx, p.n_gpu_layers + 1, p.type_k, p.type_v), gpus)
-    assert next(d for d in more if d.device == "CUDA0").total > next(u for u in p.pools if u.pool == "CUDA0").budget
+    assert (
+        next(d for d in more if d.device == "CUDA0").total
+        > next(u for u in p.pools if u.pool == "CUDA0").budget
+    )
 
 
 def test_64gb_jetson_counts_unified_memory_once() -> None:
     p = plan_for("jetson-agx-orin-64gb")
     assert p.profile == "jetson-agx-orin-64gb" and p.n_gpu_layers == N_ALL
-    assert_accepted(p)
+    assert_accepted(p, "jetson-agx-orin-64gb")
     use = {u.pool: u for u in p.pools}
     assert set(use) == {"RAM", "CUDA0 (unified)"}
     assert use["RAM"].need == sum(d.total for d in p.memory)  # GPU and host draw from one pool
@@ -109,14 +124,14 @@ def test_32gb_cpu_only_box_gets_at_least_q4_k_m() -> None:
     p = plan_for("cpu-only-32gb")
     assert p.profile == "cpu-only" and p.n_gpu_layers == 0
     assert rank(p.quant) <= rank("Q4_K_M") and p.n_ctx >= PROFILES["cpu-only"].min_ctx
-    assert_accepted(p)
+    assert_accepted(p, "cpu-only-32gb")
     assert [d.device for d in p.memory] == ["CPU"]
 
 
 def test_16gb_boxes_get_an_honest_answer() -> None:
     gpu16 = plan_for("rtx4060ti-16gb")  # a 16 GB card: a smaller catalog quant, all on the card
     assert gpu16.quant in ("IQ4_XS", "Q3_K_M") and gpu16.n_gpu_layers == N_ALL
-    assert_accepted(gpu16)
+    assert_accepted(gpu16, "rtx4060ti-16gb")
     # Q4_K_M did not fit entirely and the reason says so
     assert "Q4_K_M needs" in gpu16.reasons["quant"]
     try:  # a 16 GB Orin NX: the smallest quant if it fits in the shared pool, else a refusal with the numbers
@@ -126,7 +141,7 @@ def test_16gb_boxes_get_an_honest_answer() -> None:
         assert all(not a.fits for a in e.alternatives)
     else:
         assert nx.quant in ("IQ4_XS", "Q3_K_M")
-        assert_accepted(nx)
+        assert_accepted(nx, "jetson-orin-nx-16gb")
 
 
 def test_4gb_box_is_refused_with_the_missing_amount() -> None:
@@ -146,7 +161,7 @@ def test_datacenter_gpu_plans_near_lossless_at_40k() -> None:
 def test_mac_plan_respects_both_the_wired_limit_and_ram() -> None:
     p = plan_for("macbook-m2-max-32gb")
     assert p.profile == "apple-silicon" and p.n_gpu_layers == N_ALL
-    assert_accepted(p)
+    assert_accepted(p, "macbook-m2-max-32gb")
     assert {u.pool for u in p.pools} == {"RAM", "MTL0 (unified)"}
 
 
@@ -169,8 +184,13 @@ def test_container_limit_binds_the_plan() -> None:
 
 # ---------------------------------------------------------------------- overrides, bad input
 
+
 def test_context_override_that_cannot_fit_is_refused_with_the_reason() -> None:
-    with pytest.raises(DoesNotFitError, match="--ctx 1048576 cannot fit on this box.*RAM needs"):
+    with pytest.raises(
+        DoesNotFitError, match=r"--ctx 65536 cannot fit on this box: even Q3_K_M at 65536 .*RAM needs"
+    ):
+        plan_for("cpu-only-32gb-container-12g", Request(ctx=65536))
+    with pytest.raises(BadInputError, match="beyond the model's trained context of 131072"):
         plan_for("cpu-only-32gb", Request(ctx=1048576))
 
 
@@ -213,6 +233,7 @@ def test_local_gguf_candidates(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------- the memory model's rules
 
+
 def test_kv_cache_per_token_matches_the_measured_sizes() -> None:
     m = catalog(["Q4_K_M"])[0]
     assert kv_bytes_per_cell(m, "f16", "f16") == 160 * 1024
@@ -227,7 +248,8 @@ def test_layer_devices_follow_llama_cpp() -> None:
     assert layer_devices(40, 99, []) == [None] * 41  # no GPU
     split = layer_devices(40, 41, [1, 1])  # two equal GPUs
     assert split[:20] == [0] * 20 and split[21:] == [1] * 20
-    assert layer_devices(4, 3, [3, 1]) == [None, None, 0, 0, 1]
+    assert layer_devices(4, 5, [1, 1]) == [0, 0, 0, 1, 1]
+    assert layer_devices(4, 5, [3, 1]) == [0, 0, 0, 0, 1]  # split by free memory, as upper_bound does
 
 
 def test_partial_offload_moves_weights_and_kv_with_layers() -> None:
@@ -263,8 +285,9 @@ def test_catalog_sizes_match_the_reference_measurements() -> None:
 
 # --------------------------------------------------- the catalog's type mix vs llama.cpp's quantizer
 
-SMALL = Architecture(n_layers=16, n_embd=256, n_head=4, n_head_kv=1, head_dim=64, n_ff=512, n_vocab=512,
-                     context_length=4096)
+SMALL = Architecture(
+    n_layers=16, n_embd=256, n_head=4, n_head_kv=1, head_dim=64, n_ff=512, n_vocab=512, context_length=4096
+)
 
 
 @pytest.fixture(scope="module")
@@ -283,15 +306,20 @@ def test_catalog_type_mix_is_llama_cpps(small_f16: Path, tmp_path: Path, quant: 
     real = {t.name: t.type_name for t in info.tensors}
     ours = {s.name: s.type_name for s in tensor_specs(SMALL, quant)}
     assert real == ours
-    assert from_gguf_info(info).bytes_per_layer == [sum(s.n_bytes for s in tensor_specs(SMALL, quant)
-                                                        if s.name.startswith(f"blk.{i}.")) for i in range(16)]
+    assert from_gguf_info(info).bytes_per_layer == [
+        sum(s.n_bytes for s in tensor_specs(SMALL, quant) if s.name.startswith(f"blk.{i}."))
+        for i in range(16)
+    ]
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
+
 def test_cli_plan_for_another_box(tmp_path: Path) -> None:
-    from edge_magistral.cli import cli
-    from edge_magistral.cli import plan_cmds  # noqa: F401
+    from edge_magistral.cli import (
+        cli,
+        plan_cmds,  # noqa: F401
+    )
 
     hw_file = tmp_path / "orin.json"
     hw_file.write_text(box("jetson-agx-orin-64gb").to_json())
@@ -304,8 +332,10 @@ def test_cli_plan_for_another_box(tmp_path: Path) -> None:
 
 
 def test_cli_plan_refusal_shows_alternatives_and_exits_5(tmp_path: Path) -> None:
-    from edge_magistral.cli import cli
-    from edge_magistral.cli import plan_cmds  # noqa: F401
+    from edge_magistral.cli import (
+        cli,
+        plan_cmds,  # noqa: F401
+    )
 
     hw_file = tmp_path / "small.json"
     hw_file.write_text(box("rtx3050-laptop-4gb").to_json())
@@ -315,8 +345,10 @@ def test_cli_plan_refusal_shows_alternatives_and_exits_5(tmp_path: Path) -> None
 
 
 def test_cli_plan_with_a_broken_hardware_file(tmp_path: Path) -> None:
-    from edge_magistral.cli import cli
-    from edge_magistral.cli import plan_cmds  # noqa: F401
+    from edge_magistral.cli import (
+        cli,
+        plan_cmds,  # noqa: F401
+    )
 
     bad = tmp_path / "hw.json"
     bad.write_text('{"os": "linux", "machine": "x86_64", "cpu": {"model": "x"}}')

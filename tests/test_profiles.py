@@ -13,8 +13,20 @@ from edge_magistral.profiles import BUILTIN_DIR, choose_profile, load_profile_fi
 
 DATA = Path(__file__).parent / "data" / "hardware"
 
-CLASSES = {"rtx-24gb", "nvidia-16gb", "nvidia-12gb", "nvidia-8gb", "datacenter-80gb", "jetson-agx-orin-64gb",
-           "jetson-agx-orin-32gb", "jetson-orin-nx-16gb", "apple-silicon", "amd-rocm-16-24gb", "cpu-only", "generic"}
+CLASSES = {
+    "rtx-24gb",
+    "nvidia-16gb",
+    "nvidia-12gb",
+    "nvidia-8gb",
+    "datacenter-80gb",
+    "jetson-agx-orin-64gb",
+    "jetson-agx-orin-32gb",
+    "jetson-orin-nx-16gb",
+    "apple-silicon",
+    "amd-rocm-16-24gb",
+    "cpu-only",
+    "generic",
+}
 
 
 def test_builtin_profiles_load_and_cover_the_classes() -> None:
@@ -24,23 +36,26 @@ def test_builtin_profiles_load_and_cover_the_classes() -> None:
         assert p.min_ctx <= p.target_ctx and p.quants and p.source.endswith(".yaml")
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("rtx4090-desktop", "rtx-24gb"),
-    ("rtx4060ti-16gb", "nvidia-16gb"),
-    ("rtx4060-laptop-8gb", "nvidia-8gb"),
-    ("h200-nvml", "datacenter-80gb"),
-    ("jetson-agx-orin-64gb", "jetson-agx-orin-64gb"),
-    ("jetson-orin-nx-16gb", "jetson-orin-nx-16gb"),
-    ("macbook-m2-max-32gb", "apple-silicon"),
-    ("amd-7900xtx-sysfs", "amd-rocm-16-24gb"),
-    ("amd-rocm-smi-only", "amd-rocm-16-24gb"),
-    ("cpu-only-32gb", "cpu-only"),
-    ("sandbox-epyc-cgroup-v1", "cpu-only"),
-    # a GPU llama.cpp cannot drive does not count: plan for what will run
-    ("rtx3090-cpu-build", "cpu-only"),
-    ("jetson-agx-orin-64gb-cpu-build", "cpu-only"),
-    ("rtx3050-laptop-4gb", "generic"),  # no profile names a 4 GB card
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("rtx4090-desktop", "rtx-24gb"),
+        ("rtx4060ti-16gb", "nvidia-16gb"),
+        ("rtx4060-laptop-8gb", "nvidia-8gb"),
+        ("h200-nvml", "datacenter-80gb"),
+        ("jetson-agx-orin-64gb", "jetson-agx-orin-64gb"),
+        ("jetson-orin-nx-16gb", "jetson-orin-nx-16gb"),
+        ("macbook-m2-max-32gb", "apple-silicon"),
+        ("amd-7900xtx-sysfs", "amd-rocm-16-24gb"),
+        ("amd-rocm-smi-only", "amd-rocm-16-24gb"),
+        ("cpu-only-32gb", "cpu-only"),
+        ("sandbox-epyc-cgroup-v1", "cpu-only"),
+        # a GPU llama.cpp cannot drive does not count: plan for what will run
+        ("rtx3090-cpu-build", "cpu-only"),
+        ("jetson-agx-orin-64gb-cpu-build", "cpu-only"),
+        ("rtx3050-laptop-4gb", "generic"),  # no profile names a 4 GB card
+    ],
+)
 def test_recorded_boxes_match_their_profile(name: str, expected: str) -> None:
     hw = detect(RecordedReader(DATA / name))
     assert choose_profile(hw, load_profiles([BUILTIN_DIR])).name == expected
@@ -53,26 +68,43 @@ def _write(d: Path, name: str, text: str) -> Path:
     return p
 
 
-GOOD = "name: test-box\nmatch:\n  gpu: discrete\n  gpu_gib: [20, 26]\nquants: [Q4_K_M]\ncontext:\n  target: 8192\n  min: 4096\n"
+GOOD = """name: test-box
+match:
+  gpu: discrete
+  gpu_gib: [20, 26]
+quants: [Q4_K_M]
+context:
+  target: 8192
+  min: 4096
+"""
 
 
-@pytest.mark.parametrize("text, field", [
-    ("name: x\nmatch: [1, 2\n", "not valid YAML"),
-    ("- just\n- a list\n", "must be a YAML mapping"),
-    (GOOD.replace("min: 4096", "min: lots"), "'context.min' must be an integer"),
-    (GOOD.replace("min: 4096", "min: 16384"), "'context.min' (16384) is larger than context.target"),
-    (GOOD.replace("[Q4_K_M]", "[Q4_K_M, Q4_K_XL]"), "'quants' must be a non-empty list"),
-    (GOOD.replace("gpu: discrete", "gpu: big"), "'match.gpu' must be one of none, discrete, unified, any"),
-    (GOOD.replace("[20, 26]", "[26, 20]"), "'match.gpu_gib' must be [min, max]"),
-    (GOOD + "kv_type: q2_k\n", "'kv_type' must be one of f16, q8_0, q4_0"),
-    (GOOD + "treads: 4\n", "'treads' is not a known field"),
-    (GOOD.replace("match:\n", "match:\n  name_regex: 'RTX (40'\n"), "'match.name_regex' is not a valid regular"),
-    (GOOD.replace("name: test-box", "name: Test Box"), "'name' must be lower-case"),
-    (GOOD + "reserve:\n  gpu_mib: -5\n", "'reserve.gpu_mib' must be an integer from 0"),
-    (GOOD + "threads: all\n", "'threads' must be physical, logical or a number"),
-    (GOOD + "flash_attn: maybe\n", "'flash_attn' must be true or false"),
-    (GOOD + "n_batch: 256\nn_ubatch: 512\n", "'n_ubatch' (512) is larger than n_batch"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("name: x\nmatch: [1, 2\n", "not valid YAML"),
+        ("- just\n- a list\n", "must be a YAML mapping"),
+        (GOOD.replace("min: 4096", "min: lots"), "'context.min' must be an integer"),
+        (GOOD.replace("min: 4096", "min: 16384"), "'context.min' (16384) is larger than context.target"),
+        (GOOD.replace("[Q4_K_M]", "[Q4_K_M, Q4_K_XL]"), "'quants' must be a non-empty list"),
+        (
+            GOOD.replace("gpu: discrete", "gpu: big"),
+            "'match.gpu' must be one of none, discrete, unified, any",
+        ),
+        (GOOD.replace("[20, 26]", "[26, 20]"), "'match.gpu_gib' must be [min, max]"),
+        (GOOD + "kv_type: q2_k\n", "'kv_type' must be one of f16, q8_0, q4_0"),
+        (GOOD + "treads: 4\n", "'treads' is not a known field"),
+        (
+            GOOD.replace("match:\n", "match:\n  name_regex: 'RTX (40'\n"),
+            "'match.name_regex' is not a valid regular",
+        ),
+        (GOOD.replace("name: test-box", "name: Test Box"), "'name' must be lower-case"),
+        (GOOD + "reserve:\n  gpu_mib: -5\n", "'reserve.gpu_mib' must be an integer from 0"),
+        (GOOD + "threads: all\n", "'threads' must be physical, logical or a number"),
+        (GOOD + "flash_attn: maybe\n", "'flash_attn' must be true or false"),
+        (GOOD + "n_batch: 256\nn_ubatch: 512\n", "'n_ubatch' (512) is larger than n_batch"),
+    ],
+)
 def test_broken_profile_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:
     p = _write(tmp_path, "broken.yaml", text)
     with pytest.raises(BadInputError) as e:
@@ -115,4 +147,7 @@ def test_threads_policy() -> None:
     hw = detect(RecordedReader(DATA / "rtx4090-desktop"))
     p = load_profile_file(BUILTIN_DIR / "rtx-24gb.yaml")
     assert p.threads_for(hw) == 16
-    assert load_profiles([BUILTIN_DIR])["cpu-only"].threads_for(detect(RecordedReader(DATA / "cpu-only-32gb"))) == 8
+    assert (
+        load_profiles([BUILTIN_DIR])["cpu-only"].threads_for(detect(RecordedReader(DATA / "cpu-only-32gb")))
+        == 8
+    )

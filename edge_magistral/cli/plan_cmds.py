@@ -16,7 +16,9 @@ from edge_magistral.profiles import choose_profile, load_profiles
 
 
 @cli.command("detect")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (feed it to `plan --hardware`).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (feed it to `plan --hardware`)."
+)
 @click.option("--store", "store_dir", default=None, help="Model store folder whose disk space to report.")
 def detect_cmd(as_json: bool, store_dir: str | None) -> None:
     """Report CPU, RAM, container limit, disk and GPUs as llama.cpp and the vendor tools see them."""
@@ -33,15 +35,37 @@ def detect_cmd(as_json: bool, store_dir: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--ctx", type=click.IntRange(min=256), default=None, help="Require this context (tokens).")
 @click.option("--profile", "profile_name", default=None, help="Use this profile instead of the matching one.")
-@click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None,
-              help="Plan for the box described by this `detect --json` file.")
-@click.option("--model", "models", multiple=True, type=click.Path(dir_okay=False),
-              help="A local GGUF to consider (repeatable); without it, the catalog of quants.")
+@click.option(
+    "--hardware",
+    "hardware_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Plan for the box described by this `detect --json` file.",
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="A local GGUF to consider (repeatable); without it, the catalog of quants.",
+)
 @click.option("--quant", default=None, help="Consider only this quant (e.g. Q4_K_M).")
-@click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Require this many GPU layers.")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None, help="Require this KV type.")
-def plan_cmd(as_json: bool, ctx: int | None, profile_name: str | None, hardware_file: str | None,
-             models: tuple[str, ...], quant: str | None, n_gpu_layers: int | None, kv_type: str | None) -> None:
+@click.option(
+    "--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Require this many GPU layers."
+)
+@click.option(
+    "--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None, help="Require this KV type."
+)
+def plan_cmd(
+    as_json: bool,
+    ctx: int | None,
+    profile_name: str | None,
+    hardware_file: str | None,
+    models: tuple[str, ...],
+    quant: str | None,
+    n_gpu_layers: int | None,
+    kv_type: str | None,
+) -> None:
     """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons."""
     hw = load_hardware(hardware_file) if hardware_file else detect()
     profile = choose_profile(hw, load_profiles(), profile_name)
@@ -51,8 +75,17 @@ def plan_cmd(as_json: bool, ctx: int | None, profile_name: str | None, hardware_
         p = plan(hw, profile, candidates, request)
     except NoFitError as e:
         if as_json:
-            click.echo(json.dumps({"fits": False, "error": str(e), "missing_bytes": e.missing_bytes,
-                                   "alternatives": [asdict(a) for a in e.alternatives]}, indent=2))
+            click.echo(
+                json.dumps(
+                    {
+                        "fits": False,
+                        "error": str(e),
+                        "missing_bytes": e.missing_bytes,
+                        "alternatives": [asdict(a) for a in e.alternatives],
+                    },
+                    indent=2,
+                )
+            )
         else:
             click.echo(_render_alternatives(e.alternatives))
         raise
@@ -72,50 +105,72 @@ def _candidates(models: tuple[str, ...]) -> list[ModelCandidate]:
 
 # ------------------------------------------------------------------------------------- render
 
+
 def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.1f} GiB"
 
 
 def _render_hardware(hw: Hardware) -> str:
     c = hw.cpu
-    lines = [f"CPU      {c.model} ({c.arch}), {c.cores_physical} cores / {c.cores_logical} threads, "
-             f"{' '.join(c.flags) or 'no SIMD flags found'}",
-             f"RAM      {_gib(hw.ram_total_bytes)} total, {_gib(hw.ram_available_bytes)} available"]
+    lines = [
+        f"CPU      {c.model} ({c.arch}), {c.cores_physical} cores / {c.cores_logical} threads, "
+        f"{' '.join(c.flags) or 'no SIMD flags found'}",
+        f"RAM      {_gib(hw.ram_total_bytes)} total, {_gib(hw.ram_available_bytes)} available",
+    ]
     if hw.cgroup_limit_bytes is not None:
-        lines.append(f"limit    container memory limit {_gib(hw.cgroup_limit_bytes)} "
-                     f"(using {_gib(hw.cgroup_usage_bytes)}); usable {_gib(hw.usable_ram_bytes)}")
+        lines.append(
+            f"limit    container memory limit {_gib(hw.cgroup_limit_bytes)} "
+            f"(using {_gib(hw.cgroup_usage_bytes)}); usable {_gib(hw.usable_ram_bytes)}"
+        )
     lines.append(f"disk     {_gib(hw.disk_free_bytes)} free at {hw.store_dir}")
     if hw.board:
         lines.append(f"board    {hw.board}" + (f" ({hw.jetson_release})" if hw.jetson_release else ""))
     for g in hw.gpus:
-        extra = ", ".join(x for x in (g.driver and f"driver {g.driver}", g.compute_capability and
-                                      f"compute {g.compute_capability}", "unified memory" if g.unified else "") if x)
-        lines.append(f"GPU      {g.name} [{g.vendor}] {_gib(g.total_bytes)} total, {_gib(g.free_bytes)} free"
-                     f"{' (' + extra + ')' if extra else ''}; llama.cpp device: {g.ggml_device or 'none'}")
+        extra = ", ".join(
+            x
+            for x in (
+                g.driver and f"driver {g.driver}",
+                g.compute_capability and f"compute {g.compute_capability}",
+                "unified memory" if g.unified else "",
+            )
+            if x
+        )
+        lines.append(
+            f"GPU      {g.name} [{g.vendor}] {_gib(g.total_bytes)} total, {_gib(g.free_bytes)} free"
+            f"{' (' + extra + ')' if extra else ''}; llama.cpp device: {g.ggml_device or 'none'}"
+        )
     if not hw.gpus:
         lines.append("GPU      none")
     if hw.ggml_devices is not None:
-        lines.append("llama.cpp sees: " + ", ".join(f"{d.name} ({d.description}, {_gib(d.free_bytes)} free)"
-                                                    for d in hw.ggml_devices))
+        lines.append(
+            "llama.cpp sees: "
+            + ", ".join(f"{d.name} ({d.description}, {_gib(d.free_bytes)} free)" for d in hw.ggml_devices)
+        )
     for f in hw.findings:
         lines.append(f"{f.level.upper():8} {f.message}" + (f"\n         fix: {f.fix}" if f.fix else ""))
     return "\n".join(lines)
 
 
 def _render_plan(p: Plan, hw: Hardware) -> str:
-    lines = [f"plan for {hw.cpu.model} + {', '.join(g.name for g in hw.runnable_gpus()) or 'no GPU'}",
-             f"  model        {p.quant} ({p.source}: {p.model_path})",
-             f"  gpu layers   {p.n_gpu_layers}",
-             f"  context      {p.n_ctx}",
-             f"  kv cache     {p.type_k}/{p.type_v}, flash attention {'on' if p.flash_attn else 'off'}",
-             f"  batch        {p.n_batch}/{p.n_ubatch}, threads {p.n_threads}/{p.n_threads_batch}",
-             f"  think budget {p.think_budget} tokens",
-             f"  predicted    {p.tokens_per_s:.1f} tokens/s", "", "why:"]
+    lines = [
+        f"plan for {hw.cpu.model} + {', '.join(g.name for g in hw.runnable_gpus()) or 'no GPU'}",
+        f"  model        {p.quant} ({p.source}: {p.model_path})",
+        f"  gpu layers   {p.n_gpu_layers}",
+        f"  context      {p.n_ctx}",
+        f"  kv cache     {p.type_k}/{p.type_v}, flash attention {'on' if p.flash_attn else 'off'}",
+        f"  batch        {p.n_batch}/{p.n_ubatch}, threads {p.n_threads}/{p.n_threads_batch}",
+        f"  think budget {p.think_budget} tokens",
+        f"  predicted    {p.tokens_per_s:.1f} tokens/s",
+        "",
+        "why:",
+    ]
     lines += [f"  {k:12} {v}" for k, v in p.reasons.items()]
     lines += ["", "predicted memory (weights + KV + compute + overhead):"]
     for d in p.memory:
-        lines.append(f"  {d.device:10} {_gib(d.total):>10} = {_gib(d.weights)} + {_gib(d.kv_cache)} + "
-                     f"{_gib(d.compute)} + {_gib(d.overhead)}  ({d.layers} layers)")
+        lines.append(
+            f"  {d.device:10} {_gib(d.total):>10} = {_gib(d.weights)} + {_gib(d.kv_cache)} + "
+            f"{_gib(d.compute)} + {_gib(d.overhead)}  ({d.layers} layers)"
+        )
     lines += ["", _render_alternatives(p.alternatives)]
     return "\n".join(lines)
 
@@ -125,10 +180,20 @@ def _render_alternatives(alts: list[Option]) -> str:
     for a in alts:
         s = a.settings
         mem = ", ".join(f"{u.pool} {u.need / GiB:.1f}/{u.budget / GiB:.1f}" for u in a.pools)
-        rows.append((a.quant, "yes" if a.fits else "no", str(s.n_gpu_layers) if s else "-", str(s.n_ctx) if s else "-",
-                     s.type_k if s else "-", mem + " GiB", f"{a.tokens_per_s:.1f}" if a.fits else "-", a.note))
+        rows.append(
+            (
+                a.quant,
+                "yes" if a.fits else "no",
+                str(s.n_gpu_layers) if s else "-",
+                str(s.n_ctx) if s else "-",
+                s.type_k if s else "-",
+                mem + " GiB",
+                f"{a.tokens_per_s:.1f}" if a.fits else "-",
+                a.note,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["alternatives:"]
     for r in rows:
-        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(out)
