@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,7 +32,7 @@ from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, from_gguf_info, tensor_s
 from edge_magistral.dryrun import parse_log  # noqa: E402
 from edge_magistral.gguf_info import read_info  # noqa: E402
 from edge_magistral.hardware import GiB, MiB, detect, llama_lib_dir  # noqa: E402
-from edge_magistral.planner import NoFitError, plan  # noqa: E402
+from edge_magistral.planner import NoFitError, Request, plan  # noqa: E402
 from edge_magistral.profiles import load_profiles  # noqa: E402
 from edge_magistral.shaped_gguf import write_shaped_gguf  # noqa: E402
 
@@ -51,11 +52,15 @@ DECODE_TOKENS = 8
 
 
 def gpu_used_by(pid: int) -> int | None:
-    out = subprocess.run(
-        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-    ).stdout
+    """GPU memory the process holds, per nvidia-smi (None without a GPU)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    except FileNotFoundError:
+        return None
     for line in out.splitlines():
         cols = [c.strip() for c in line.split(",")]
         if len(cols) == 2 and cols[0] == str(pid):
@@ -211,7 +216,7 @@ def _fill(batch, pos: int, n: int) -> None:  # noqa: ANN001 (llama_batch)
 
 
 def scenario(
-    name: str, profile_name: str | None, leave_free: float | None, files: dict[str, Path]
+    name: str, profile_name: str | None, leave_free: float | None, files: dict[str, Path], ctx: int | None
 ) -> dict[str, object]:
     ballast = start_ballast(leave_free) if leave_free else None
     try:
@@ -222,7 +227,7 @@ def scenario(
         profile = choose_profile(hw, profiles, profile_name)
         cands = [from_gguf_info(read_info(p)) for p in files.values()]
         try:
-            p = plan(hw, profile, cands)
+            p = plan(hw, profile, cands, Request(ctx=ctx))
         except NoFitError as e:
             return {"scenario": name, "profile": profile.name, "fits": False, "refusal": str(e)}
         settings = {
@@ -298,21 +303,24 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     ap.add_argument("--workdir", default="/tmp/plan_vs_gpu")
     ap.add_argument("--only", default="", help="comma-separated scenario names")
+    ap.add_argument("--ctx", type=int, default=None, help="require this context (smoke tests)")
+    ap.add_argument("--vocab-from", default=None, help="copy the tokenizer of this GGUF (a real Tekken vocab)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model of Magistral's width (smoke tests)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    arch = MAGISTRAL_SMALL_1_1
+    arch = replace(MAGISTRAL_SMALL_1_1, n_layers=2) if args.tiny else MAGISTRAL_SMALL_1_1
     files = {}
     for q in QUANTS:
-        path = work / f"Magistral-shaped-{q}.gguf"
+        path = work / f"Magistral-shaped-{arch.n_layers}L-{q}.gguf"
         if not path.exists():
-            write_shaped_gguf(path, arch, tensor_specs(arch, q), q)
+            write_shaped_gguf(path, arch, tensor_specs(arch, q), q, vocab_from=args.vocab_from)
         files[q] = path
     wanted = [s for s in SCENARIOS if not args.only or s[0] in args.only.split(",")]
     results = []
     for name, prof, leave in wanted:
         t0 = time.time()
-        r = scenario(name, prof, leave, files)
+        r = scenario(name, prof, leave, files, args.ctx)
         r["seconds"] = round(time.time() - t0, 1)
         results.append(r)
         brief = {

@@ -114,6 +114,7 @@ class ModelCandidate:
     bytes_per_layer: list[int] = field(default_factory=list)
     token_embd_bytes: int = 0
     output_bytes: int = 0  # output.weight + output_norm: the "output layer" of n_gpu_layers
+    largest_matrix_bytes: int = 0  # the biggest weight in a layer: what a GPU copies in to run it
 
     @property
     def weight_bytes(self) -> int:
@@ -288,6 +289,7 @@ def candidate_from_specs(
         bytes_per_layer=per_layer,
         token_embd_bytes=tok,
         output_bytes=out,
+        largest_matrix_bytes=max((s.n_bytes for s in specs if s.name.startswith("blk.")), default=0),
     )
 
 
@@ -324,4 +326,5 @@ def from_gguf_info(info: GGUFInfo) -> ModelCandidate:
         bytes_per_layer=list(info.bytes_per_layer),
         token_embd_bytes=info.token_embd_bytes,
         output_bytes=info.output_bytes,
+        largest_matrix_bytes=max((t.n_bytes for t in info.tensors if t.name.startswith("blk.")), default=0),
     )

@@ -342,3 +342,36 @@ def _ftype_name(ftype: Any) -> str:
         return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").replace("ALL_", "")
     except ValueError:
         return f"ftype {ftype}"
+
+
+def expected_shapes(info: GGUFInfo) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes (ggml order: row length first) a llama-architecture model must have."""
+    e, v, ff = info.n_embd, info.n_vocab, info.n_ff
+    q, kv = info.n_head * info.head_dim, info.n_head_kv * info.head_dim
+    shapes = {"token_embd.weight": (e, v), "output_norm.weight": (e,)}
+    for i in range(info.n_layers):
+        b = f"blk.{i}."
+        shapes.update({b + "attn_norm.weight": (e,), b + "attn_q.weight": (e, q), b + "attn_k.weight": (e, kv),
+                       b + "attn_v.weight": (e, kv), b + "attn_output.weight": (q, e), b + "ffn_norm.weight": (e,),
+                       b + "ffn_gate.weight": (e, ff), b + "ffn_up.weight": (e, ff), b + "ffn_down.weight": (ff, e)})
+    return shapes
+
+
+def check_model(info: GGUFInfo) -> None:
+    """Architecture and shapes as llama.cpp will expect them, checked before it loads the file
+    (it asserts — and aborts the process — on some inconsistencies)."""
+    where = f"{info.path}: "
+    if info.architecture != "llama":
+        return  # other architectures: llama.cpp's own loader checks them
+    if min(info.n_layers, info.n_embd, info.n_head, info.n_head_kv, info.head_dim, info.n_ff, info.n_vocab) <= 0:
+        raise CorruptModelError(where + "missing or zero model dimensions in the metadata; rebuild the model")
+    if info.n_head % info.n_head_kv:
+        raise CorruptModelError(where + f"{info.n_head} heads are not a multiple of {info.n_head_kv} KV heads")
+    have = {t.name: t.shape for t in info.tensors}
+    for name, shape in expected_shapes(info).items():
+        if name not in have:
+            raise CorruptModelError(where + f"tensor {name} is missing; rebuild or re-download the model")
+        if tuple(have[name]) != shape:
+            raise CorruptModelError(where + f"tensor {name} is {list(have[name])}, expected {list(shape)}")
+    if "output.weight" in have and tuple(have["output.weight"]) != (info.n_embd, info.n_vocab):
+        raise CorruptModelError(where + f"tensor output.weight is {list(have['output.weight'])}")

@@ -255,15 +255,6 @@ def compute_stages(m: ModelCandidate, s: Settings) -> _Stages:
     return _Stages(logits=logits, layer=max(ffn, attn), attn=attn, slack=m.n_embd * per_tok)
 
 
-def _largest_matrix(m: ModelCandidate) -> int:
-    """Bytes of the largest per-layer weight matrix (the FFN ones), from the layer size."""
-    if not m.bytes_per_layer:
-        return 0
-    per_layer = max(m.bytes_per_layer)
-    ffn_share = 3 * m.n_ff / (3 * m.n_ff + 2 * m.n_head * m.head_dim + 2 * m.n_head_kv * m.head_dim)
-    return int(per_layer * ffn_share / 3 * 1.25)  # ffn_down may carry more bits than gate/up
-
-
 def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMemory]:
     """Bytes llama.cpp will allocate per device (CPU first, then each GPU) for these settings."""
     devs = layer_devices(m.n_layers, s.n_gpu_layers, [g.split_bytes for g in gpus])
@@ -311,7 +302,7 @@ def _add_compute(
             stages.append(st.logits)
         if i == 0 and op_offload:  # big batches run CPU-resident matmuls here, weights copied in
             if cpu_layers:
-                stages.append(st.layer + _largest_matrix(m))
+                stages.append(st.layer + m.largest_matrix_bytes)
             if output_on_cpu:
                 stages.append(st.logits + m.output_bytes)
         out[i].compute = max(stages) + st.slack if stages else 0
@@ -359,9 +350,7 @@ def pool_use(mem: list[DeviceMemory], gpus: list[Device], pools: dict[str, Pool]
     return [PoolUse(p, need[p], pools[p].budget) for p in pools]
 
 
-def tokens_per_s(
-    m: ModelCandidate, mem: list[DeviceMemory], gpus: list[Device], profile: Profile, n_ctx: int
-) -> float:
+def tokens_per_s(m: ModelCandidate, mem: list[DeviceMemory], gpus: list[Device], profile: Profile) -> float:
     """Decode speed estimate: each token reads every weight once and half the KV cache on average."""
     bw = {g.name: g.bandwidth_gbs * 1e9 * profile.gpu_efficiency for g in gpus}
     seconds = 0.0
@@ -395,16 +384,7 @@ class _Box:
 
 def _box(hw: Hardware, profile: Profile, request: Request) -> _Box:
     gpus, pools = devices_of(hw)
-    reserved = {}
-    for name, p in pools.items():
-        is_gpu_pool = name != "RAM" and not name.endswith("(unified)")
-        reserved[name] = replace(
-            p,
-            reserve_bytes=(
-                profile.reserve_gpu_mib if is_gpu_pool else profile.reserve_ram_mib if name == "RAM" else 0
-            )
-            * MiB,
-        )
+    reserved = {name: replace(p, reserve_bytes=_reserve(name, profile)) for name, p in pools.items()}
     fa = profile.flash_attn if request.flash_attn is None else request.flash_attn
     if request.kv_type:
         if request.kv_type not in KV_BYTES:
@@ -428,6 +408,13 @@ def _box(hw: Hardware, profile: Profile, request: Request) -> _Box:
     if request.ctx is not None and request.ctx < 256:
         raise BadInputError(f"--ctx {request.ctx} is too small; use at least 256")
     return _Box(hw, profile, gpus, reserved, kvs, fa, target, minimum, request.n_gpu_layers)
+
+
+def _reserve(pool: str, profile: Profile) -> int:
+    """What the profile leaves free in a pool; a unified GPU's cap shares the RAM pool's reserve."""
+    if pool == "RAM":
+        return profile.reserve_ram_mib * MiB
+    return 0 if pool.endswith("(unified)") else profile.reserve_gpu_mib * MiB
 
 
 def _settings(b: _Box, ctx: int, ngl: int, kv: str) -> Settings:
@@ -474,7 +461,7 @@ def _max_ngl(b: _Box, m: ModelCandidate, ctx: int, kv: str) -> int | None:
 
 def _option(b: _Box, m: ModelCandidate, s: Settings, note: str) -> Option:
     ok, mem, use = _evaluate(b, m, s)
-    return Option(m.quant, m.path, ok, s, use, tokens_per_s(m, mem, b.gpus, b.profile, s.n_ctx), note)
+    return Option(m.quant, m.path, ok, s, use, tokens_per_s(m, mem, b.gpus, b.profile), note)
 
 
 def _try_full(b: _Box, m: ModelCandidate, at_target: bool) -> Option | None:
@@ -741,3 +728,27 @@ def _why_not(b: _Box, m: ModelCandidate) -> str:
 
 def _kv_mib(m: ModelCandidate, t: str) -> str:
     return f"{kv_bytes_per_cell(m, t, t) * 1024 / MiB:.0f}"
+
+
+# ------------------------------------------------------------------------ planning for a local model
+
+
+def plan_for_model(
+    model_path: str,
+    request: Request | None = None,
+    hardware: Hardware | None = None,
+    profile_name: str | None = None,
+) -> tuple[Plan, Hardware]:
+    """Detect this box (unless ``hardware`` is given), pick its profile and plan ``model_path``.
+
+    The one way the engine gets its settings: overrides travel in ``request`` and are refused
+    with the reason when they cannot fit.
+    """
+    from edge_magistral.catalog import from_gguf_info
+    from edge_magistral.gguf_info import read_info
+    from edge_magistral.hardware import detect
+    from edge_magistral.profiles import choose_profile, load_profiles
+
+    hw = hardware or detect()
+    profile = choose_profile(hw, load_profiles(), profile_name)
+    return plan(hw, profile, [from_gguf_info(read_info(model_path))], request), hw

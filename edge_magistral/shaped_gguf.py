@@ -95,13 +95,14 @@ def write_shaped_gguf(
     quant: str,
     fill: str = "sparse",
     seed: int = 0,
+    vocab_from: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a llama-architecture GGUF with these tensors; see the module docstring for ``fill``."""
     import gguf
 
     p = Path(path)
     w = gguf.GGUFWriter(str(p), "llama")
-    _add_metadata(w, arch, quant)
+    _add_metadata(w, arch, quant, vocab_from)
     rng = np.random.default_rng(seed)
     for s in specs:
         np_shape = tuple(reversed(s.shape))
@@ -140,7 +141,21 @@ def write_shaped_gguf(
     return p
 
 
-def _add_metadata(w, arch: Architecture, quant: str) -> None:  # noqa: ANN001 (gguf.GGUFWriter)
+def _donor_vocab(path: str | os.PathLike[str]) -> tuple[list[bytes], list[int], list[bytes]]:
+    """Tokens, types and merges of a real GGUF (e.g. one the build made with the Tekken vocabulary)."""
+    from edge_magistral.gguf_info import read_header
+
+    keys = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.merges"})
+    meta = read_header(path, keep_arrays=keys).metadata
+    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not isinstance(merges, list):
+        raise ValueError(f"{path}: no token list and merges to copy")
+    types = [3 if i < 1000 else 1 for i in range(len(tokens))]  # CONTROL, NORMAL (Tekken's layout)
+    return tokens, types, merges
+
+
+def _add_metadata(w, arch: Architecture, quant: str,  # noqa: ANN001 (gguf.GGUFWriter)
+                  vocab_from: str | os.PathLike[str] | None = None) -> None:
     w.add_name(f"shaped-llama-{arch.n_layers}L-{quant}")
     w.add_file_type(FTYPE_IDS.get(quant, 1))
     w.add_context_length(arch.context_length)
@@ -155,12 +170,17 @@ def _add_metadata(w, arch: Architecture, quant: str) -> None:  # noqa: ANN001 (g
     w.add_rope_freq_base(1e9)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(arch.n_vocab)
-    tokens, types = vocab(arch.n_vocab)
+    if vocab_from is not None:
+        tokens, types, merges = _donor_vocab(vocab_from)
+        if len(tokens) != arch.n_vocab:
+            raise ValueError(f"{vocab_from}: {len(tokens)} tokens, the architecture has {arch.n_vocab}")
+    else:
+        (tokens, types), merges = vocab(arch.n_vocab), ["w 0", "w 1", "w 2"]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("tekken")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(["w 0", "w 1", "w 2"])
+    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)

@@ -14,7 +14,7 @@ How the engine drives it::
     # during prefill, between batches: wd.poll() -> STOP("ttft_deadline"/"deadline") or CONTINUE
     loop:
         token = sample(logits with every id in d.banned set to -inf)
-        phase = wd.phase                  # the phase the token belongs to (thinking or answer)
+        phase = wd.phase                  # read *before* feed: THINKING -> reasoning text, else answer
         text, complete = detokenizer.push(token)   # text only of whole code points; complete=False
                                                    # while a multi-byte character is still pending
         d = wd.feed(token, text, complete)
@@ -51,14 +51,16 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import Enum
 
 from edge_magistral.errors import BadInputError
 from edge_magistral.tekken import END_THINK, EOS, THINK
 
-WRAP_UP_TEXT = "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+WRAP_UP_TEXT = (
+    "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+)
 MIN_THINKING_TEMPERATURE = 0.5  # below this, reasoning models fall into loops (greedy is the worst)
 
 
@@ -163,8 +165,8 @@ class WatchdogConfig:
     loop_min_span: int = 48  # ... and covering at least this many tokens ("the the" is no loop)
     novelty_n: int = 4  # n-gram size of the novelty measure
     novelty_window: int = 512  # tokens in its sliding window
-    novelty_min_thinking: float = 0.30  # distinct n-grams / n-grams below this is a loop (thought)
-    novelty_min_answer: float = 0.20  # ... in the answer, where a false stop costs more
+    novelty_min_thinking: float = 0.35  # distinct n-grams / n-grams below this is a loop (thought)
+    novelty_min_answer: float = 0.25  # ... in the answer, where a false stop costs more
     think_id: int = THINK
     end_think_id: int = END_THINK
     eos_id: int = EOS
@@ -185,12 +187,14 @@ def _config_problems(c: WatchdogConfig) -> list[str]:
         (c.deadline_s is None or c.deadline_s > 0, "deadline_s must be > 0"),
         (0.0 < c.think_deadline_fraction <= 1.0, "think_deadline_fraction must be within (0, 1]"),
         (c.ttft_deadline_s is None or c.ttft_deadline_s > 0, "ttft_deadline_s must be > 0"),
-        (c.wrap_up_reserve >= 1 and c.answer_reserve >= 0, "wrap_up_reserve must be >= 1, answer_reserve >= 0"),
-        (c.min_think_budget >= 1 and c.min_answer_tokens >= 0, "min_think_budget >= 1, min_answer_tokens >= 0"),
+        (c.wrap_up_reserve >= 1, "wrap_up_reserve must be >= 1"),
+        (c.answer_reserve >= 0, "answer_reserve must be >= 0"),
+        (c.min_think_budget >= 1, "min_think_budget must be >= 1"),
+        (c.min_answer_tokens >= 0, "min_answer_tokens must be >= 0"),
         (c.max_violations >= 1, "max_violations must be >= 1"),
         (c.loop_max_period >= 1 and c.loop_min_repeats >= 2 and c.loop_min_span >= 2,
          "loop_max_period >= 1, loop_min_repeats >= 2, loop_min_span >= 2"),
-        (c.novelty_n >= 1 and c.novelty_window > c.novelty_n, "novelty_n >= 1 and novelty_window > novelty_n"),
+        (1 <= c.novelty_n < c.novelty_window, "novelty_n must be >= 1 and < novelty_window"),
         (0.0 <= c.novelty_min_thinking <= 1.0 and 0.0 <= c.novelty_min_answer <= 1.0,
          "novelty thresholds must be within [0, 1]"),
         (len({c.think_id, c.end_think_id, c.eos_id}) == 3, "think_id, end_think_id and eos_id must differ"),
@@ -236,11 +240,13 @@ def resolve_think_budget(config: WatchdogConfig) -> tuple[int, bool]:
         return wanted, False
     fits = _largest_fitting_budget(room, config)
     if fits < config.min_think_budget:
-        need = config.min_think_budget + grace_tokens(config.min_think_budget, config)
+        smallest = config.min_think_budget
+        need = smallest + grace_tokens(smallest, config) + config.max_tokens - room
         raise BadInputError(
-            f"max_tokens={config.max_tokens} leaves no room to think: a {config.min_think_budget}-token think "
-            f"budget needs max_tokens >= {need + config.max_tokens - room} (thought + grace, [THINK], wrap-up "
-            f"{config.wrap_up_reserve}, answer {answer_reserve}); raise max_tokens or set think_budget=0")
+            f"max_tokens={config.max_tokens} leaves no room to think: the smallest think budget "
+            f"({smallest} tokens, plus grace, [THINK], a {config.wrap_up_reserve}-token wrap-up and a "
+            f"{answer_reserve}-token answer) needs max_tokens >= {need}; "
+            "raise max_tokens or set think_budget=0")
     return fits, wanted is not None
 
 
@@ -445,7 +451,7 @@ class Watchdog:
         self.reasoning_truncated = False
         self.stop_reason: Reason | None = None
         self._closing: _Closing | None = None
-        self._loops: LoopDetector | None = None
+        self._loops = LoopDetector(c, c.novelty_min_thinking)
         self._timed = c.deadline_s is not None or c.ttft_deadline_s is not None
         self._soft_deadline = None if c.deadline_s is None else c.deadline_s * c.think_deadline_fraction
         # the latest think-token count at which the thought must close so that max_tokens still
@@ -455,8 +461,8 @@ class Watchdog:
         self._feed_phase: Callable[[int, str, bool], Decision] = self._feed_before
         self._set_banned(frozenset())
         if clipped:
-            self._event("clip", Reason.BUDGET_CLIPPED, f"think budget {c.think_budget} -> {self.think_budget} "
-                        f"to fit max_tokens={c.max_tokens}")
+            detail = f"think budget {c.think_budget} -> {self.think_budget} to fit max_tokens={c.max_tokens}"
+            self._event("clip", Reason.BUDGET_CLIPPED, detail)
 
     # ------------------------------------------------------------------ engine entry points
 
@@ -498,7 +504,9 @@ class Watchdog:
 
     def usage(self) -> WatchdogUsage:
         c = self.counts
-        finish = None if self.stop_reason is None else ("stop" if self.stop_reason is Reason.EOS else "length")
+        finish = None
+        if self.stop_reason is not None:
+            finish = "stop" if self.stop_reason is Reason.EOS else "length"
         return WatchdogUsage(c.reasoning, c.answer, c.total, self.reasoning_truncated, self.close_reason,
                              self.stop_reason, finish, self.think_budget, self.config.think_budget,
                              tuple(self.events))
@@ -516,7 +524,6 @@ class Watchdog:
             self.counts.total += 1
             self.counts.reasoning += 1
             self.phase = Phase.THINKING
-            self._loops = LoopDetector(c, c.novelty_min_thinking)
             self._feed_phase = self._feed_thinking
             return self._continue
         if token == c.end_think_id:  # an empty thought closed without opening: harmless
@@ -542,7 +549,7 @@ class Watchdog:
         counts.total += 1
         counts.reasoning += 1
         n = counts.think = counts.think + 1
-        loop = self._loops.push(token)  # type: ignore[union-attr]
+        loop = self._loops.push(token)
         if loop is not None and (self._closing is None or self._closing.reason is not Reason.LOOP):
             self._closing = _Closing(Reason.LOOP, n, False, loop)
         elif self._closing is None and (n >= self.think_budget or n >= self._think_cap):
@@ -557,7 +564,7 @@ class Watchdog:
     def _feed_answer(self, token: int, text: str, complete: bool) -> Decision:
         c, counts = self.config, self.counts
         if token == c.eos_id:
-            if self._eos_banned:
+            if self._eos_ban:
                 return self._violation(Reason.EOS_BEFORE_ANSWER)
             return self._stop(Reason.EOS, record=False)
         if token == c.think_id or token == c.end_think_id:
@@ -565,11 +572,11 @@ class Watchdog:
             return self._violation(reason)
         counts.total += 1
         n = counts.answer = counts.answer + 1
-        if self._eos_banned and text.strip():
+        if self._eos_ban and text.strip():
             counts.visible_answer += 1
             if counts.visible_answer >= c.min_answer_tokens:
                 self._set_banned(frozenset((c.think_id, c.end_think_id)))
-        loop = self._loops.push(token)  # type: ignore[union-attr]
+        loop = self._loops.push(token)
         if loop is not None:
             return self._stop(Reason.LOOP, loop)
         if c.answer_budget is not None and n >= c.answer_budget:
@@ -620,8 +627,9 @@ class Watchdog:
         if record:
             self._event("stop", reason, detail)
         self.stop_reason = reason
+        if self.phase is Phase.THINKING:  # the turn ends inside the thought (deadline, violations)
+            self.reasoning_truncated = True
         self.phase = Phase.DONE
-        self._feed_phase = self._feed_done
         self._stop_decision = Decision(Action.STOP, reason, self.banned)
         return self._stop_decision
 
@@ -643,14 +651,29 @@ class Watchdog:
 
     # -------------------------------------------------------------------------- bookkeeping
 
-    @property
-    def _eos_banned(self) -> bool:
-        return self.config.eos_id in self.banned
-
     def _set_banned(self, banned: frozenset[int]) -> None:
         self.banned = banned
+        self._eos_ban = self.config.eos_id in banned
         self._continue = Decision(Action.CONTINUE, None, banned)
 
     def _event(self, action: str, reason: Reason, detail: str = "") -> None:
         self.events.append(WatchdogEvent(action, reason, self.counts.reasoning, self.counts.answer,
                                          round(self._clock() - self._t0, 6), detail))
+
+
+def per_token_cost_us(token_ids: Sequence[int], config: WatchdogConfig | None = None) -> float:
+    """Microseconds the watchdog adds per token for this stream (for benchmarks).
+
+    The ids are fed as one thought after [THINK]; by default the budget and max_tokens exceed
+    the stream, so every token takes the full path (counting, both loop detectors).
+    """
+    n = len(token_ids)
+    config = config or WatchdogConfig(think_budget=n + 1, max_tokens=2 * n + 1024)
+    wd = Watchdog(config)
+    wd.start()
+    wd.feed(config.think_id, "")
+    feed = wd.feed
+    t0 = time.perf_counter()
+    for token in token_ids:
+        feed(token, "x")
+    return (time.perf_counter() - t0) * 1e6 / max(1, n)

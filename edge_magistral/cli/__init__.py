@@ -44,8 +44,9 @@ def main() -> None:
         audit_cmds,
         build_cmds,
         model_cmds,
-        plan_cmds,  # noqa: F401
-        tokenize_cmds,  # noqa: F401
+        plan_cmds,
+        run_cmds,
+        tokenize_cmds,
     )
 
     cli(prog_name="edge-magistral")

@@ -1,0 +1,238 @@
+"""``run`` (one-shot) and ``chat`` (interactive): load through the planner, stream, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from edge_magistral.cli import cli
+from edge_magistral.cli.render import err_console
+from edge_magistral.errors import BadInputError, ModelNotFoundError, WatchdogStopError
+
+MODEL_ENV = "EDGE_MAGISTRAL_MODEL"
+
+
+def _model_path(model: str | None) -> str:
+    path = model or os.environ.get(MODEL_ENV)
+    if not path:
+        raise ModelNotFoundError(f"no model given: pass --model FILE.gguf or set {MODEL_ENV} "
+                                 "(make one with `edge-magistral build`)")
+    if not Path(path).is_file():
+        raise ModelNotFoundError(f"{path}: no such model file; check --model or {MODEL_ENV}")
+    return path
+
+
+def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile: str | None, quiet: bool):
+    """Plan, then load with a spinner; the first line says what the planner decided."""
+    from edge_magistral.engine import Engine, LoadSettings
+    from edge_magistral.planner import Request, plan_for_model
+
+    path = _model_path(model)
+    p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), profile_name=profile)
+    if not quiet:
+        err_console().print(f"[bold]{Path(path).name}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
+                            f"context {p.n_ctx}, KV {p.type_k}, profile {p.profile}")
+    if quiet:
+        engine = Engine(LoadSettings.from_plan(p))
+    else:
+        with err_console().status("loading model…"):
+            engine = Engine(LoadSettings.from_plan(p))
+    return engine, p
+
+
+def _limits(think_budget, max_tokens, temperature, seed, json_schema, system_mode):
+    from edge_magistral.engine import Limits
+
+    schema = None
+    if json_schema is not None:
+        try:
+            schema = json.loads(Path(json_schema).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BadInputError(f"{json_schema}: cannot read a JSON schema ({e})") from None
+    return Limits(think_budget=think_budget, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                  json_schema=schema, system_mode=system_mode)
+
+
+def _stream(engine, messages, limits, show_thinking: bool, echo: bool):
+    """Run one turn; stream the answer to stdout (and thinking, dimmed, to stderr)."""
+    from edge_magistral.engine import AnswerText, Done, ThinkingText, WatchdogAction
+
+    answer, reasoning, done = [], [], None
+    for ev in engine.generate(messages, limits):
+        if isinstance(ev, ThinkingText):
+            reasoning.append(ev.text)
+            if show_thinking:
+                err_console().print(ev.text, style="dim", end="")
+        elif isinstance(ev, AnswerText):
+            answer.append(ev.text)
+            if echo:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        elif isinstance(ev, WatchdogAction) and show_thinking:
+            err_console().print(f"\n[watchdog: {ev.action} ({ev.reason})]", style="yellow")
+        elif isinstance(ev, Done):
+            done = ev
+    if echo:
+        sys.stdout.write("\n")
+    return "".join(answer), "".join(reasoning), done
+
+
+def _audit(path: str | None, redact: str, engine, plan, messages, reasoning, answer, done, sha: str) -> None:
+    if not path:
+        return
+    from edge_magistral.audit import AuditLog, AuditRecord
+
+    AuditLog(Path(path), redact=redact).append(AuditRecord(
+        request_id=uuid.uuid4().hex, model_sha256=sha, quant=plan.quant, plan=plan.to_dict(),
+        sampling=done.sampling, prompt=[asdict(m) for m in messages], thinking=reasoning, answer=answer,
+        watchdog_events=done.watchdog_events, usage=asdict(done.usage), finish_reason=done.finish_reason,
+        timings=asdict(done.timings)))
+
+
+def model_sha256(path: str) -> str:
+    """The model's sha256: from a build manifest beside it when its size matches, else computed."""
+    from edge_magistral.build import manifest as mf
+
+    p = Path(path)
+    try:
+        entry = mf.load(p.parent).entry(p.name)
+    except BadInputError:
+        entry = None
+    if entry is not None and entry.size == p.stat().st_size:
+        return entry.sha256
+    return mf.sha256_file(p)
+
+
+_common = [
+    click.option("--model", default=None, help=f"GGUF file (default: ${MODEL_ENV})."),
+    click.option("--think-budget", type=click.IntRange(min=0), default=None,
+                 help="Max thinking tokens per turn (0: answer without thinking; default: the profile's)."),
+    click.option("--max-tokens", type=click.IntRange(min=1), default=40960, show_default=True,
+                 help="Max generated tokens per turn (thinking + answer)."),
+    click.option("--system", default=None, help="System prompt (see --system-mode)."),
+    click.option("--system-mode", type=click.Choice(["replace", "extend"]), default="replace", show_default=True,
+                 help="replace: your system prompt replaces Magistral's default (and its reasoning template); "
+                      "extend: it is appended to the default."),
+    click.option("--temperature", type=float, default=0.7, show_default=True,
+                 help="Sampling temperature (raised to 0.5 while thinking: greedy reasoning loops)."),
+    click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs)."),
+    click.option("--ctx", type=click.IntRange(min=256), default=None, help="Override the planned context."),
+    click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Override planned GPU layers."),
+    click.option("--profile", default=None, help="Hardware profile to plan with."),
+    click.option("--show-thinking", is_flag=True, help="Show the reasoning, dimmed, on stderr."),
+    click.option("--audit-log", default=None, type=click.Path(dir_okay=False),
+                 help="Append a hash-chained record of each turn to this JSONL file."),
+    click.option("--redact", type=click.Choice(["none", "thinking", "prompt", "all"]), default="none",
+                 show_default=True, help="What the audit record stores only as a sha256."),
+]
+
+
+def common_options(f):
+    for opt in reversed(_common):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--file", "files", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Append this document to the prompt (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@click.option("--json-schema", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Constrain the answer (not the thinking) to this JSON schema.")
+@common_options
+def run(prompt, files, as_json, json_schema, model, think_budget, max_tokens, system, system_mode, temperature,
+        seed, ctx, n_gpu_layers, profile, show_thinking, audit_log, redact) -> None:
+    """Answer one PROMPT (or stdin) and exit. The answer streams to stdout.
+
+    Exit codes: 2 bad input, 3 no model, 5 does not fit, 6 stopped by the watchdog (answer cut),
+    130 interrupted."""
+    from edge_magistral.chat import Message
+
+    text = prompt if prompt not in (None, "-") else (sys.stdin.read() if not sys.stdin.isatty() else "")
+    for f in files:
+        text += f"\n\n{Path(f).read_text(encoding='utf-8', errors='replace')}"
+    if not text.strip():
+        raise BadInputError("no prompt: give it as an argument, on stdin, or with --file")
+    limits = _limits(think_budget, max_tokens, temperature, seed, json_schema, system_mode)
+    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=as_json)
+    messages = ([Message("system", system)] if system else []) + [Message("user", text)]
+    try:
+        answer, reasoning, done = _stream(engine, messages, limits, show_thinking and not as_json, not as_json)
+    finally:
+        engine.close()
+    sha = model_sha256(engine.settings.model_path) if (as_json or audit_log) else ""
+    _audit(audit_log, redact, engine, plan, messages, reasoning, answer, done, sha)
+    if as_json:
+        click.echo(json.dumps({
+            "answer": answer, "reasoning": reasoning, "finish_reason": done.finish_reason,
+            "stop_reason": done.stop_reason, "reasoning_truncated": done.reasoning_truncated,
+            "watchdog_events": done.watchdog_events, "usage": {**asdict(done.usage),
+                                                                "completion_tokens": done.usage.completion_tokens},
+            "timings": asdict(done.timings), "sampling": done.sampling, "plan": plan.to_dict(),
+            "model": {"path": engine.settings.model_path, "sha256": sha, "quant": plan.quant},
+        }, indent=2, ensure_ascii=False))
+    if done.finish_reason == "length":
+        raise WatchdogStopError(f"the answer was cut: {done.stop_reason} "
+                                f"(raise --max-tokens or --think-budget, or check the watchdog events)")
+
+
+@cli.command()
+@common_options
+def chat(model, think_budget, max_tokens, system, system_mode, temperature, seed, ctx, n_gpu_layers, profile,
+         show_thinking, audit_log, redact) -> None:
+    """Interactive multi-turn chat. Commands: /reset (forget the conversation), /think N (think
+    budget for the next turns; 0 = no thinking), /exit. Earlier turns' thinking is not kept."""
+    from edge_magistral.chat import Message
+
+    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=False)
+    history: list[Message] = [Message("system", system)] if system else []
+    budget = think_budget
+    sha = model_sha256(engine.settings.model_path) if audit_log else ""
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                history = history[:1] if system else []
+                err_console().print("conversation reset")
+                continue
+            if cmd.startswith("/think"):
+                parts = cmd.split()
+                if len(parts) != 2 or not parts[1].isdigit():
+                    err_console().print("usage: /think N")
+                    continue
+                budget = int(parts[1])
+                err_console().print(f"think budget: {budget} tokens")
+                continue
+            history.append(Message("user", line))
+            limits = _limits(budget, max_tokens, temperature, seed, None, system_mode)
+            try:
+                answer, reasoning, done = _stream(engine, history, limits, show_thinking, True)
+            except KeyboardInterrupt:
+                history.pop()
+                err_console().print("\n(interrupted)")
+                continue
+            except BadInputError as e:
+                history.pop()
+                err_console().print(f"error: {e}", style="red")
+                continue
+            history.append(Message("assistant", answer))
+            _audit(audit_log, redact, engine, plan, history[:-1], reasoning, answer, done, sha)
+            if done.finish_reason == "length":
+                err_console().print(f"[answer cut: {done.stop_reason}]", style="yellow")
+    finally:
+        engine.close()

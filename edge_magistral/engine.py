@@ -1,0 +1,585 @@
+"""The engine: owns one ``llama_cpp.Llama`` and turns messages into a stream of typed events.
+
+It drives llama.cpp through the low-level API (one ``llama_decode`` and one native sampler call
+per token) rather than ``create_completion``, whose cost per token grows with the output, and
+detokenizes incrementally at constant cost. The watchdog decides on every token; thinking and
+answer are split by token id (``[THINK]``/``[/THINK]``), never by matching text, and text is
+emitted only at UTF-8 code point boundaries. Magistral prompts are built from token ids with the
+reference-exact Tekken tokenizer; other GGUF models use their own chat template, rendered in a
+sandbox, with user text tokenized without special-token parsing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edge_magistral import llama_log
+from edge_magistral import tekken as tk
+from edge_magistral.chat import Message, magistral_prompt, render_template
+from edge_magistral.errors import BackendError, BadInputError
+from edge_magistral.gguf_info import GGUFInfo, check_model, read_info
+from edge_magistral.watchdog import Action, Decision, Phase, Watchdog, WatchdogConfig, WatchdogUsage
+
+log = logging.getLogger(__name__)
+
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
+
+
+# ------------------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How to load the model: what a Plan decides (``from_plan``) or what a caller overrides."""
+
+    model_path: str
+    n_ctx: int = 4096
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    tensor_split: tuple[float, ...] = ()
+    think_budget: int = 8192  # the default per-turn think budget (from the profile)
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> LoadSettings:
+        return cls(model_path=plan.model_path, n_ctx=plan.n_ctx, n_gpu_layers=plan.n_gpu_layers,
+                   n_threads=plan.n_threads, n_threads_batch=plan.n_threads_batch, n_batch=plan.n_batch,
+                   n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k, type_v=plan.type_v,
+                   tensor_split=tuple(plan.tensor_split or ()), think_budget=plan.think_budget)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits and sampling. ``think_budget=None`` takes the engine's default."""
+
+    think_budget: int | None = None
+    max_tokens: int = 40960
+    answer_budget: int | None = None
+    deadline_s: float | None = None
+    ttft_deadline_s: float | None = None
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    stop: tuple[str, ...] = ()
+    system_mode: str = "replace"
+    force_thinking: bool = False  # open [THINK] in the prompt instead of letting the model choose
+
+
+@dataclass(frozen=True)
+class ThinkingText:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerText:
+    text: str
+
+
+@dataclass(frozen=True)
+class WatchdogAction:
+    action: str  # force_close | stop | drop | clip | sampling
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    reasoning_tokens: int
+    answer_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.reasoning_tokens + self.answer_tokens
+
+
+@dataclass
+class Timings:
+    load_s: float
+    prompt_s: float  # prompt evaluation (prefill)
+    ttft_s: float | None  # request start to first generated token
+    generation_s: float
+    tokens_per_s: float  # generation speed, first token excluded
+    prompt_tokens_per_s: float
+    cached_prompt_tokens: int  # prompt tokens reused from the previous request's KV cache
+
+
+@dataclass
+class Done:
+    """The last event: why the turn ended, what it cost, what the watchdog did."""
+
+    finish_reason: str  # OpenAI's: "stop" | "length" (+ "cancelled" when the caller cancelled)
+    stop_reason: str  # ours, more precise: eos, stop_string, max_tokens, loop, deadline, context_full, ...
+    usage: Usage
+    timings: Timings
+    reasoning_truncated: bool
+    watchdog_events: list[dict[str, Any]] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+Event = ThinkingText | AnswerText | WatchdogAction | Done
+
+
+# ------------------------------------------------------------------------------ detokenizer
+
+class Detokenizer:
+    """Token → text at constant cost: one piece lookup and an incremental UTF-8 decoder."""
+
+    def __init__(self, piece: Callable[[int], bytes]):
+        self._piece = piece
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Text completed by this token, and whether no multi-byte character is pending."""
+        text = self._dec.decode(self._piece(token))
+        return text, not self._dec.getstate()[0]
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+class _StopMatcher:
+    """Holds back just enough answer text to find stop strings that span tokens."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buf = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was found)."""
+        if not self.stops:
+            return text, False
+        self.buf += text
+        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
+        if hits:
+            out, self.buf = self.buf[:min(hits)], ""
+            return out, True
+        cut = len(self.buf) - self.hold
+        if cut <= 0:
+            return "", False
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+# ---------------------------------------------------------------------------------- the engine
+
+def _schema_depth(x: Any, depth: int = 0) -> int:
+    if isinstance(x, dict):
+        return max([depth] + [_schema_depth(v, depth + 1) for v in x.values()])
+    if isinstance(x, list):
+        return max([depth] + [_schema_depth(v, depth + 1) for v in x])
+    return depth
+
+
+def schema_grammar(schema: dict[str, Any]) -> str:
+    """A llama.cpp grammar for a JSON schema, after size and depth checks (a malformed or deeply
+    nested grammar can crash llama.cpp, so nothing unchecked reaches it)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    if not isinstance(schema, dict):
+        raise BadInputError("json schema must be a JSON object")
+    raw = json.dumps(schema)
+    if len(raw) > MAX_SCHEMA_BYTES:
+        raise BadInputError(f"json schema is {len(raw)} bytes; the limit is {MAX_SCHEMA_BYTES}")
+    if _schema_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise BadInputError(f"json schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    try:
+        return json_schema_to_gbnf(raw)
+    except Exception as e:  # the converter raises plain exceptions on unsupported schemas
+        raise BadInputError(f"unsupported json schema: {e}") from None
+
+
+class Engine:
+    """One loaded model and its context; :meth:`generate` runs one turn at a time."""
+
+    def __init__(self, settings: LoadSettings):
+        self.settings = settings
+        self.info: GGUFInfo = read_info(settings.model_path)  # bounded pre-check first
+        check_model(self.info)
+        self.is_magistral = self.info.tokenizer_pre == "tekken" and "end_think" in self.info.special_tokens
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        t0 = time.monotonic()
+        self.llm = self._load(settings)
+        self.load_s = time.monotonic() - t0
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self.ctx = self.llm.ctx
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        self.tokenizer = tk.TekkenTokenizer.from_gguf(settings.model_path) if self.is_magistral else None
+        self._pieces: dict[int, bytes] = {}
+        self._kv: list[int] = []  # the tokens now in the KV cache (sequence 0)
+        self._one = (llama_cpp.llama_token * 1)()
+
+    # ----------------------------------------------------------------------- loading
+    @staticmethod
+    def _load(s: LoadSettings):
+        import llama_cpp
+
+        llama_log.install()
+        for name, t in (("type_k", s.type_k), ("type_v", s.type_v)):
+            if t not in KV_TYPES:
+                raise BadInputError(f"{name} {t!r} is not one of {', '.join(KV_TYPES)}")
+        try:
+            return llama_cpp.Llama(
+                model_path=s.model_path, n_ctx=s.n_ctx, n_gpu_layers=s.n_gpu_layers, n_batch=s.n_batch,
+                n_ubatch=s.n_ubatch, n_threads=s.n_threads or _default_threads(),
+                n_threads_batch=s.n_threads_batch or s.n_threads or os.cpu_count(), flash_attn=s.flash_attn,
+                type_k=KV_TYPES[s.type_k], type_v=KV_TYPES[s.type_v],
+                tensor_split=list(s.tensor_split) or None, logits_all=False, verbose=False,
+                chat_format="chatml",  # llama-cpp-python's own template handling is never used
+            )
+        except ValueError as e:
+            raise BackendError(f"llama.cpp could not load {s.model_path}: {e}") from None
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    # ------------------------------------------------------------------ tokenization
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (control tokens: none), cached."""
+        b = self._pieces.get(token)
+        if b is None:
+            b = self.tokenizer.token_bytes(token) if self.tokenizer else self._llama_piece(token)
+            self._pieces[token] = b
+        return b
+
+    def _llama_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text → ids, never control tokens (prompt-injection guard)."""
+        if self.tokenizer:
+            return self.tokenizer.encode(text)
+        return self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False)
+
+    def prompt_ids(self, messages: Sequence[Message], system_mode: str = "replace") -> list[int]:
+        if self.is_magistral:
+            return magistral_prompt(messages, self.encode_text, system_mode)
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise BadInputError(f"{self.info.path} has no chat template; use a Magistral GGUF or raw completion")
+        bos = self.piece_text(self._lc.llama_vocab_bos(self.vocab), special=True)
+        eos = self.piece_text(self.eos_id, special=True)
+        rendered = render_template(template, messages, bos_token=bos, eos_token=eos)
+        ids: list[int] = []
+        for text, trusted in rendered.parts:
+            ids += self.llm.tokenize(text.encode(), add_bos=False, special=True) if trusted else \
+                self.encode_text(text)
+        return ids
+
+    def piece_text(self, token: int, special: bool = False) -> str:
+        if token < 0:
+            return ""
+        buf = ctypes.create_string_buffer(256)
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+
+    # ---------------------------------------------------------------- llama.cpp calls
+    def _decode(self, tokens: Sequence[int], poll: Callable[[], bool] | None = None) -> bool:
+        """Evaluate tokens in n_batch chunks; False if ``poll`` asked to stop between chunks."""
+        lc, n_batch = self._lc, max(1, self.settings.n_batch)
+        for i in range(0, len(tokens), n_batch):
+            chunk = tokens[i:i + n_batch]
+            arr = self._one if len(chunk) == 1 else (lc.llama_token * len(chunk))()
+            arr[:] = chunk
+            rc = lc.llama_decode(self.ctx, lc.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                self._reset_kv()
+                raise BackendError(f"llama_decode failed ({rc}): out of KV cache or backend error")
+            self._kv.extend(chunk)
+            if poll is not None and i + n_batch < len(tokens) and poll():
+                return False
+        return True
+
+    def _reset_kv(self) -> None:
+        self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ctx), True)
+        self._kv = []
+
+    def _reuse_prefix(self, prompt: list[int]) -> int:
+        """Keep the longest common prefix of the KV cache and ``prompt`` (at least one token is
+        always re-evaluated, to get fresh logits); return how many tokens were reused."""
+        n = 0
+        for a, b in zip(self._kv, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)
+        if n <= 0:
+            self._reset_kv()
+            return 0
+        if not self._lc.llama_memory_seq_rm(self._lc.llama_get_memory(self.ctx), 0, n, -1):
+            self._reset_kv()
+            return 0
+        del self._kv[n:]
+        return n
+
+    def _sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if banned:
+            arr = (lc.llama_logit_bias * len(banned))()
+            for i, t in enumerate(sorted(banned)):
+                arr[i].token, arr[i].bias = t, float("-inf")
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(banned), arr))
+        if grammar is not None:
+            g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not g:
+                lc.llama_sampler_free(chain)
+                raise BadInputError("the JSON schema's grammar did not parse")
+            lc.llama_sampler_chain_add(chain, g)
+        if temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if limits.top_k > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(limits.top_k))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(limits.top_p, 1))
+            if limits.min_p > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(limits.min_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
+            seed = limits.seed if limits.seed is not None else lc.LLAMA_DEFAULT_SEED
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    # ---------------------------------------------------------------------- a turn
+    def cancel(self) -> None:
+        """Ask the running generation to stop at the next token (thread-safe)."""
+        self._cancel.set()
+
+    def watchdog_config(self, limits: Limits, max_tokens: int) -> WatchdogConfig:
+        budget = self.settings.think_budget if limits.think_budget is None else limits.think_budget
+        if not self.is_magistral:  # no [THINK] tokens: everything is answer
+            budget = 0
+        ids = {} if self.is_magistral else {"think_id": -1, "end_think_id": -2, "eos_id": self.eos_id}
+        return WatchdogConfig(think_budget=budget, answer_budget=limits.answer_budget, max_tokens=max_tokens,
+                              deadline_s=limits.deadline_s, ttft_deadline_s=limits.ttft_deadline_s, **ids)
+
+    def generate(self, messages: Sequence[Message], limits: Limits = Limits()) -> Iterator[Event]:
+        """Run one turn; yields ThinkingText/AnswerText/WatchdogAction events, then Done."""
+        prompt = self.prompt_ids(messages, limits.system_mode)
+        yield from self.generate_ids(prompt, limits)
+
+    def generate_ids(self, prompt: list[int], limits: Limits = Limits()) -> Iterator[Event]:
+        if self.llm is None:
+            raise BackendError("the engine is closed")
+        if not self._lock.acquire(blocking=False):
+            raise BackendError("the engine is already generating; one turn at a time")
+        try:
+            self._cancel.clear()
+            yield from _Turn(self, prompt, limits).run()
+        finally:
+            self._lock.release()
+
+
+def _default_threads() -> int:
+    """Physical cores are the fastest thread count for generation on CPUs."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+class _Turn:
+    """The state of one generation: kept apart from the Engine so a turn's state dies with it."""
+
+    def __init__(self, engine: Engine, prompt: list[int], limits: Limits):
+        self.e, self.prompt, self.limits = engine, prompt, limits
+        self.t0 = time.monotonic()
+        if len(prompt) >= engine.n_ctx:
+            raise BadInputError(f"the prompt is {len(prompt)} tokens but the context holds {engine.n_ctx}: "
+                                f"{len(prompt) - engine.n_ctx + 1} too many; shorten it or plan a larger --ctx")
+        if limits.max_tokens <= 0:
+            raise BadInputError("max_tokens must be at least 1")
+        room = engine.n_ctx - len(prompt)
+        self.max_tokens = min(limits.max_tokens, room)
+        self.wd = Watchdog(engine.watchdog_config(limits, self.max_tokens))
+        from edge_magistral.watchdog import check_sampling
+
+        self.temperature, self.temp_note = check_sampling(limits.temperature, engine.is_magistral)
+        self.grammar = schema_grammar(limits.json_schema) if limits.json_schema is not None else None
+        self.detok = Detokenizer(engine.piece)
+        self.stops = _StopMatcher(limits.stop)
+        self.events_seen = 0
+        self.sampler = None
+        self.banned: frozenset[int] = frozenset()
+        self.grammar_on = False
+        self.cached = 0
+        self.t_prompt = self.t_first = self.t_last = None
+        self.n_gen = 0
+        self.ended_by: str | None = None  # the engine's own reasons: cancelled, stop_string, context_full
+
+    # -- helpers
+    def _new_events(self) -> Iterator[WatchdogAction]:
+        events = self.wd.usage().events
+        for ev in events[self.events_seen:]:
+            yield WatchdogAction(ev.action, ev.reason.value, ev.detail)
+        self.events_seen = len(events)
+
+    def _sampler_for(self, d: Decision) -> None:
+        """(Re)build the native sampler when the banned set changes or the grammar switches on."""
+        want_grammar = self.grammar is not None and self.wd.phase == Phase.ANSWER
+        if self.sampler is not None and d.banned is self.banned and want_grammar == self.grammar_on:
+            return
+        if self.sampler is not None:
+            self.e._lc.llama_sampler_free(self.sampler)
+        self.banned, self.grammar_on = d.banned, want_grammar
+        self.sampler = self.e._sampler(self.limits, self.temperature, d.banned,
+                                       self.grammar if want_grammar else None)
+
+    def _inject(self, d: Decision) -> Iterator[Event]:
+        ids: list[int] = []
+        for piece in d.inject:
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids += self.e.encode_text(piece)
+                yield ThinkingText(piece)
+        if not self.e._decode(ids):
+            return
+        self.wd.injected(len(ids))
+
+    # -- the loop
+    def run(self) -> Iterator[Event]:
+        e = self.e
+        if self.temp_note:
+            yield WatchdogAction("sampling", "temperature_clamped", self.temp_note)
+        d = self.wd.start()
+        prompt = list(self.prompt)
+        if d.action is Action.FORCE_CLOSE and e.is_magistral:  # think budget 0: closed in the prompt
+            prompt += [p for p in d.inject if isinstance(p, int)]
+        elif self.limits.force_thinking and e.is_magistral:
+            prompt.append(tk.THINK)
+            d = self.wd.feed(tk.THINK, "", True)
+        yield from self._new_events()
+        try:
+            self.cached = e._reuse_prefix(prompt)
+            stopped = not e._decode(prompt[self.cached:], poll=self._poll_stop)
+            self.t_prompt = time.monotonic()
+            if stopped or self._poll_stop():
+                yield from self._new_events()
+                yield self._done()
+                return
+            yield from self._loop(d)
+        finally:
+            if self.sampler is not None:
+                e._lc.llama_sampler_free(self.sampler)
+                self.sampler = None
+
+    def _poll_stop(self) -> bool:
+        return self.e._cancel.is_set() or self.wd.poll().action is Action.STOP
+
+    def _loop(self, d: Decision) -> Iterator[Event]:
+        e, lc, wd = self.e, self.e._lc, self.wd
+        while True:
+            if e._cancel.is_set():
+                self.ended_by = "cancelled"
+                break
+            if len(e._kv) >= e.n_ctx:
+                self.ended_by = "context_full"
+                break
+            self._sampler_for(d)
+            token = lc.llama_sampler_sample(self.sampler, e.ctx, -1)
+            now = time.monotonic()
+            if self.t_first is None:
+                self.t_first = now
+            self.t_last = now
+            self.n_gen += 1
+            phase = wd.phase
+            text, complete = self.detok.push(token)
+            d = wd.feed(token, text, complete)
+            if phase is Phase.BEFORE:  # a first token that is not [THINK] starts the answer
+                phase = wd.phase
+            if not d.drop:
+                if text and phase is Phase.THINKING:
+                    yield ThinkingText(text)
+                elif text and phase is Phase.ANSWER:
+                    out, hit = self.stops.push(text)
+                    if out:
+                        yield AnswerText(out)
+                    if hit:
+                        self.ended_by = "stop_string"
+                        yield from self._new_events()
+                        break
+                if d.action is not Action.STOP and not e._decode([token]):
+                    break
+            if d.action is Action.FORCE_CLOSE:
+                tail = self.detok.flush()
+                if tail:
+                    yield ThinkingText(tail)
+                yield from self._inject(d)
+            yield from self._new_events()
+            if d.action is Action.STOP:
+                break
+        rest = self.stops.flush() if self.ended_by != "stop_string" else ""
+        if rest:
+            yield AnswerText(rest)
+        yield from self._new_events()
+        yield self._done()
+
+    def _done(self) -> Done:
+        u: WatchdogUsage = self.wd.usage()
+        now = time.monotonic()
+        t_prompt = self.t_prompt or now
+        gen_s = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
+        n_eval = len(self.prompt) - self.cached
+        if self.ended_by is not None:
+            finish = {"cancelled": "cancelled", "stop_string": "stop", "context_full": "length"}[self.ended_by]
+            reason = self.ended_by
+        else:
+            finish = u.finish_reason or "length"
+            reason = u.stop_reason.value if u.stop_reason else "max_tokens"
+        return Done(
+            finish_reason=finish,
+            stop_reason=reason,
+            usage=Usage(len(self.prompt), u.reasoning_tokens, u.answer_tokens),
+            timings=Timings(
+                load_s=self.e.load_s,
+                prompt_s=t_prompt - self.t0,
+                ttft_s=(self.t_first - self.t0) if self.t_first else None,
+                generation_s=gen_s,
+                tokens_per_s=(self.n_gen - 1) / gen_s if gen_s > 0 and self.n_gen > 1 else 0.0,
+                prompt_tokens_per_s=n_eval / (t_prompt - self.t0) if t_prompt > self.t0 else 0.0,
+                cached_prompt_tokens=self.cached,
+            ),
+            reasoning_truncated=u.reasoning_truncated,
+            watchdog_events=[{**asdict(ev), "reason": ev.reason.value} for ev in u.events],
+            sampling={"temperature": self.temperature, "top_p": self.limits.top_p, "top_k": self.limits.top_k,
+                      "min_p": self.limits.min_p, "seed": self.limits.seed,
+                      "think_budget": u.think_budget, "max_tokens": self.max_tokens},
+        )
