@@ -16,12 +16,17 @@ Writes plan_vs_gpu.json to --out (default benchmarks/out/).
 
 from __future__ import annotations
 
+import sys
+
+if len(sys.argv) == 3 and sys.argv[1] == "--child":
+    # llama_cpp before numpy: the other order segfaults model loads on CUDA (see edge_magistral/engine.py)
+    import llama_cpp  # noqa: F401
+
 import argparse
 import ctypes
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path

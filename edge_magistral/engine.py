@@ -11,6 +11,10 @@ sandbox, with user text tokenized without special-token parsing.
 
 from __future__ import annotations
 
+# llama_cpp first: its libraries (ggml's CUDA and OpenMP runtimes) must load before numpy's do.
+# Loading numpy (imported by gguf) first made model loading segfault on a CUDA build (H200).
+import llama_cpp  # noqa: I001
+
 import codecs
 import ctypes
 import json
@@ -253,7 +257,8 @@ class Engine:
                 n_ubatch=s.n_ubatch, n_threads=s.n_threads or _default_threads(),
                 n_threads_batch=s.n_threads_batch or s.n_threads or os.cpu_count(), flash_attn=s.flash_attn,
                 type_k=KV_TYPES[s.type_k], type_v=KV_TYPES[s.type_v],
-                tensor_split=list(s.tensor_split) or None, logits_all=False, verbose=False,
+                tensor_split=list(s.tensor_split) or None, logits_all=False,
+                verbose=os.environ.get("EDGE_MAGISTRAL_LLAMA_VERBOSE") == "1",  # llama.cpp's own log on stderr
                 chat_format="chatml",  # llama-cpp-python's own template handling is never used
             )
         except ValueError as e:
@@ -439,6 +444,7 @@ class _Turn:
         self.sampler = None
         self.banned: frozenset[int] = frozenset()
         self.grammar_on = False
+        self.grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
         self.cached = 0
         self.t_prompt = self.t_first = self.t_last = None
         self.n_gen = 0
@@ -461,6 +467,8 @@ class _Turn:
         self.banned, self.grammar_on = d.banned, want_grammar
         self.sampler = self.e._sampler(self.limits, self.temperature, d.banned,
                                        self.grammar if want_grammar else None)
+        for t in self.grammar_tokens if want_grammar else ():  # a new grammar sampler starts from its root
+            self.e._lc.llama_sampler_accept(self.sampler, t)
 
     def _inject(self, d: Decision) -> Iterator[Event]:
         ids: list[int] = []
@@ -515,6 +523,8 @@ class _Turn:
                 break
             self._sampler_for(d)
             token = lc.llama_sampler_sample(self.sampler, e.ctx, -1)
+            if self.grammar_on:
+                self.grammar_tokens.append(token)
             now = time.monotonic()
             if self.t_first is None:
                 self.t_first = now

@@ -46,3 +46,29 @@ def tiny_gguf_quants(tiny_gguf_f16: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def tiny_gguf_bf16(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _convert_tiny(tiny_checkpoint, tmp_path_factory.mktemp("tiny-gguf-bf16"), "BF16")
+
+
+# --- a real small model (not Magistral), fetched by scripts/fetch_test_models.py -------------------
+
+SMOLLM2_GGUF = Path(__file__).resolve().parent.parent / ".cache" / "test-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1, real weights, its own chat template); skips when not fetched."""
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is missing: run `python scripts/fetch_test_models.py`")
+    return SMOLLM2_GGUF
+
+
+# --- a running `edge-magistral serve` on the tiny model (tests/serve_harness.py) -------------------
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One server for the service tests: API key, queue of 8, 10 s hang timeout."""
+    import serve_harness
+
+    server = serve_harness.start(tiny_gguf_f32, tmp_path_factory.mktemp("serve"), "--queue-size", "8",
+                                 "--hang-timeout", "10", "--max-tokens", "512")
+    yield server
+    assert server.stop() == 0, server.log_text()

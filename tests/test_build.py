@@ -30,6 +30,19 @@ def run_cli(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def tensor_bytes(path: Path) -> dict[str, bytes]:
+    """Every tensor's raw bytes, located through the project's header parser (GGUFReader is slow
+    on a 131k-token vocabulary)."""
+    from edge_magistral.gguf_info import read_header
+
+    with open(path, "rb") as f:
+        out = {}
+        for t in read_header(path).tensors:
+            f.seek(t.offset)
+            out[t.name] = f.read(t.n_bytes)
+        return out
+
+
 def finished_files(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
@@ -67,7 +80,7 @@ def test_tiny_checkpoint_is_seeded(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- conversion
 
 def test_converted_gguf_metadata_is_complete(tiny_gguf_bf16: Path, tiny_checkpoint: Path) -> None:
-    import gguf
+    from edge_magistral.gguf_info import read_header
 
     info = read_info(tiny_gguf_bf16)
     params = json.loads((tiny_checkpoint / "params.json").read_text())
@@ -80,30 +93,29 @@ def test_converted_gguf_metadata_is_complete(tiny_gguf_bf16: Path, tiny_checkpoi
     assert info.special_tokens["bos"] == 1 and info.special_tokens["eos"] == 2
     assert info.special_tokens["think"] == 34 and info.special_tokens["end_think"] == 35
     assert info.has_chat_template
-    r = gguf.GGUFReader(str(tiny_gguf_bf16))
-    assert r.fields[GGUF_PATTERN_KEY].contents() == TEKKEN_PATTERN
+    h = read_header(tiny_gguf_bf16)
+    assert h.metadata[GGUF_PATTERN_KEY] == TEKKEN_PATTERN
     # matrices in BF16, norms kept in F32 (as llama.cpp's own converter does)
-    types = {t.name: t.tensor_type.name for t in r.tensors}
+    types = {t.name: t.type_name for t in h.tensors}
     assert types["blk.0.attn_q.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32"
 
 
 def test_bf16_conversion_is_bit_exact(tiny_gguf_bf16: Path, tiny_checkpoint: Path) -> None:
-    import gguf
-
     src = {r.name: r for r in read_header(tiny_checkpoint / "consolidated.safetensors")}
-    out = {t.name: t for t in gguf.GGUFReader(str(tiny_gguf_bf16)).tensors}
+    out = tensor_bytes(tiny_gguf_bf16)
     for s, g in [("layers.1.attention.wk.weight", "blk.1.attn_k.weight"),
                  ("tok_embeddings.weight", "token_embd.weight"), ("output.weight", "output.weight")]:
         want = read_tensor(src[s])
-        got = np.asarray(out[g].data).view(np.uint16).reshape(want.shape)
+        got = np.frombuffer(out[g], dtype=np.uint16).reshape(want.shape)
         assert np.array_equal(got, want), g
 
 
 def test_chat_template_renders_magistral_format(tiny_gguf_bf16: Path) -> None:
-    import gguf
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    tmpl = gguf.GGUFReader(str(tiny_gguf_bf16)).fields["tokenizer.chat_template"].contents()
+    from edge_magistral.gguf_info import read_header
+
+    tmpl = read_header(tiny_gguf_bf16).metadata["tokenizer.chat_template"]
     env = ImmutableSandboxedEnvironment()
     env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(ValueError(m))
     msgs = [{"role": "user", "content": "2+2?"},
@@ -161,17 +173,14 @@ def _make_hf_checkpoint(native: Path, out: Path) -> Path:
 
 def test_hf_format_converts_to_the_same_gguf_tensors(tiny_checkpoint: Path, tiny_gguf_bf16: Path,
                                                      tmp_path: Path) -> None:
-    import gguf
-
     hf = _make_hf_checkpoint(tiny_checkpoint, tmp_path / "hf")
     ckpt = open_checkpoint(hf)
     assert ckpt.kind == "hf" and len(ckpt.tensors) == len(open_checkpoint(tiny_checkpoint).tensors)
     out = convert(ckpt, tmp_path / "hf.gguf", "BF16")
-    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}
-    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tiny_gguf_bf16)).tensors}
+    a, b = tensor_bytes(out), tensor_bytes(tiny_gguf_bf16)
     assert a.keys() == b.keys()
     for name in a:
-        assert np.array_equal(a[name], b[name]), name
+        assert a[name] == b[name], name
 
 
 # ------------------------------------------------------------------- the pipeline and manifest

@@ -1,5 +1,8 @@
 """``manifest.json``: what a build produced (file, quant, size, sha256), from what source, with which
-versions and when — written atomically, and re-checked by ``edge-magistral verify``."""
+versions and when — written atomically, and re-checked by ``edge-magistral verify``.
+
+The model store and air-gap bundles use the same format; their entries also name the hub
+repository and the commit a file came from (empty for local builds)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ class FileEntry:
     size: int
     sha256: str
     created: str
+    repo: str = ""  # hub repository the file was pulled from
+    revision: str = ""  # the commit hash it was pulled at
+
+
+ENTRY_FIELDS = frozenset(FileEntry.__dataclass_fields__)
 
 
 @dataclass
@@ -101,10 +109,11 @@ def load(directory: Path) -> Manifest:
         return Manifest()
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
-        files = [FileEntry(**e) for e in d.get("files", [])]
+        # unknown keys are dropped: a newer edge-magistral's manifest still reads
+        files = [FileEntry(**{k: v for k, v in e.items() if k in ENTRY_FIELDS}) for e in d.get("files", [])]
         return Manifest(source=d.get("source", {}), versions=d.get("versions", {}), files=files,
                         format=int(d.get("format", FORMAT)))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, AttributeError) as e:
         raise CorruptModelError(f"{p}: unreadable manifest ({e}); delete it and rebuild") from None
 
 

@@ -46,6 +46,9 @@ def main() -> None:
         model_cmds,
         plan_cmds,
         run_cmds,
+        serve_cmds,
+        service_cmds,
+        store_cmds,
         tokenize_cmds,
     )
 

@@ -39,12 +39,22 @@ def build(src: Path, out: Path, quants: str, base_type: str, name: str | None, i
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(path_type=Path))
-def verify(directory: Path) -> None:
-    """Re-hash every file a build's manifest.json lists and report mismatches (exit 4 if any)."""
+@click.argument("directory", type=click.Path(path_type=Path), required=False)
+@click.option("--store", "store_dir", default=None, type=click.Path(file_okay=False),
+              help="Model store to verify when no DIRECTORY is given (default: the usual one).")
+def verify(directory: Path | None, store_dir: str | None) -> None:
+    """Re-hash every file a manifest.json lists and report mismatches (exit 4 if any): DIRECTORY
+    (a build's output), or the model store when none is given."""
     from edge_magistral.build import manifest as mf
-    from edge_magistral.errors import CorruptModelError
+    from edge_magistral.errors import CorruptModelError, ModelNotFoundError
 
+    if directory is None:
+        from edge_magistral.store import Store
+
+        directory = Store.default(store_dir).root
+        if not (directory / mf.MANIFEST).is_file():
+            raise ModelNotFoundError(f"the model store at {directory} holds no models yet: "
+                                     "`edge-magistral pull` or `edge-magistral import DIR`")
     m = mf.load(directory)
     with RichProgress() as progress:
         problems = mf.verify(directory, progress.task("verifying", sum(e.size for e in m.files)))
@@ -52,5 +62,5 @@ def verify(directory: Path) -> None:
         console().print(f"[red]{p.problem:8}[/red] {p.file} {p.detail}")
     if problems:
         raise CorruptModelError(f"{directory}: {len(problems)} file(s) do not match the manifest; "
-                                "rebuild or re-import them")
+                                "rebuild, pull or import them again")
     console().print(f"ok: {len(m.files)} file(s) match {directory / 'manifest.json'}")

@@ -13,27 +13,25 @@ import click
 
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import err_console
-from edge_magistral.errors import BadInputError, ModelNotFoundError, WatchdogStopError
+from edge_magistral.errors import BadInputError, WatchdogStopError
 
 MODEL_ENV = "EDGE_MAGISTRAL_MODEL"
 
 
-def _model_path(model: str | None) -> str:
-    path = model or os.environ.get(MODEL_ENV)
-    if not path:
-        raise ModelNotFoundError(f"no model given: pass --model FILE.gguf or set {MODEL_ENV} "
-                                 "(make one with `edge-magistral build`)")
-    if not Path(path).is_file():
-        raise ModelNotFoundError(f"{path}: no such model file; check --model or {MODEL_ENV}")
-    return path
+def _model_path(model: str | None, yes: bool = False, profile: str | None = None) -> str:
+    """A GGUF path, or a quant in the model store; else the store's best; else a first-run pull."""
+    from edge_magistral.cli.store_cmds import model_for_run
+
+    return model_for_run(model or os.environ.get(MODEL_ENV), yes=yes, profile=profile)
 
 
-def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile: str | None, quiet: bool):
+def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile: str | None, quiet: bool,
+          yes: bool = False):
     """Plan, then load with a spinner; the first line says what the planner decided."""
     from edge_magistral.engine import Engine, LoadSettings
     from edge_magistral.planner import Request, plan_for_model
 
-    path = _model_path(model)
+    path = _model_path(model, yes, profile)
     p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), profile_name=profile)
     if not quiet:
         err_console().print(f"[bold]{Path(path).name}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
@@ -110,7 +108,9 @@ def model_sha256(path: str) -> str:
 
 
 _common = [
-    click.option("--model", default=None, help=f"GGUF file (default: ${MODEL_ENV})."),
+    click.option("--model", default=None,
+                 help=f"GGUF file, or a quant in the model store (default: ${MODEL_ENV}, else the store; "
+                      "with no model at all, a first run offers to pull one)."),
     click.option("--think-budget", type=click.IntRange(min=0), default=None,
                  help="Max thinking tokens per turn (0: answer without thinking; default: the profile's)."),
     click.option("--max-tokens", type=click.IntRange(min=1), default=40960, show_default=True,
@@ -146,9 +146,10 @@ def common_options(f):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @click.option("--json-schema", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Constrain the answer (not the thinking) to this JSON schema.")
+@click.option("--yes", "-y", is_flag=True, help="First run with no model: pull the planned one without asking.")
 @common_options
-def run(prompt, files, as_json, json_schema, model, think_budget, max_tokens, system, system_mode, temperature,
-        seed, ctx, n_gpu_layers, profile, show_thinking, audit_log, redact) -> None:
+def run(prompt, files, as_json, json_schema, yes, model, think_budget, max_tokens, system, system_mode,
+        temperature, seed, ctx, n_gpu_layers, profile, show_thinking, audit_log, redact) -> None:
     """Answer one PROMPT (or stdin) and exit. The answer streams to stdout.
 
     Exit codes: 2 bad input, 3 no model, 5 does not fit, 6 stopped by the watchdog (answer cut),
@@ -161,7 +162,7 @@ def run(prompt, files, as_json, json_schema, model, think_budget, max_tokens, sy
     if not text.strip():
         raise BadInputError("no prompt: give it as an argument, on stdin, or with --file")
     limits = _limits(think_budget, max_tokens, temperature, seed, json_schema, system_mode)
-    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=as_json)
+    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=as_json, yes=yes)
     messages = ([Message("system", system)] if system else []) + [Message("user", text)]
     try:
         answer, reasoning, done = _stream(engine, messages, limits, show_thinking and not as_json, not as_json)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Engine speed against a bare llama-cpp-python ``Llama.generate`` loop, side by side in one run.
+
+Both drive the *same* loaded model and context with the same sampler (top-k 40, top-p 0.95,
+temperature 0.7, fixed seed) from the same prompt; the KV cache is cleared before every run. The
+engine adds its per-token work (native sampler call, incremental detokenizer, watchdog, events).
+Generation speed excludes the first token (prefill). Runs alternate baseline/engine to share the
+machine's noise. Also reports the watchdog's own cost per token in microseconds.
+
+    python benchmarks/engine_overhead.py --model M.gguf [--lengths 128,8192] [--n-gpu-layers 99]
+    # writes benchmarks/out/engine_overhead.json (or --out)
+
+Target: engine >= 97% of the bare loop at every length, and no fall with output length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edge_magistral.engine import Done, Engine, Limits, LoadSettings  # noqa: E402  (first: loads llama_cpp)
+from edge_magistral.chat import Message  # noqa: E402
+from edge_magistral.watchdog import per_token_cost_us  # noqa: E402
+
+OUT = Path(__file__).parent / "out" / "engine_overhead.json"
+SEED = 1234
+
+
+def clear(engine: Engine) -> None:
+    """Empty the KV cache for both the engine's bookkeeping and llama-cpp-python's."""
+    engine._reset_kv()
+    engine.llm.reset()
+
+
+def run_baseline(engine: Engine, prompt: list[int], n: int) -> float:
+    """tokens/s of a bare Llama.generate loop (first token excluded)."""
+    clear(engine)
+    gen = engine.llm.generate(prompt, top_k=40, top_p=0.95, min_p=0.0, temp=0.7, repeat_penalty=1.0)
+    t_first = None
+    count = 0
+    for _ in gen:
+        count += 1
+        if count == 1:
+            t_first = time.perf_counter()
+        if count >= n:
+            break
+    gen.close()
+    return (count - 1) / (time.perf_counter() - t_first)
+
+
+def run_engine(engine: Engine, prompt: list[int], n: int) -> tuple[float, int]:
+    """tokens/s of the engine (its own timing: first token excluded) and tokens generated."""
+    clear(engine)
+    limits = Limits(think_budget=0, max_tokens=n, temperature=0.7, top_p=0.95, top_k=40, seed=SEED)
+    done = None
+    for ev in engine.generate_ids(prompt, limits):
+        if isinstance(ev, Done):
+            done = ev
+    return done.timings.tokens_per_s, done.usage.completion_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--lengths", default="128,8192")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    engine = Engine(LoadSettings(args.model, n_ctx=max(lengths) + 512, n_gpu_layers=args.n_gpu_layers,
+                                 n_threads=args.threads, flash_attn=True))
+    prompt = engine.prompt_ids([Message("user", "Write a very long story about a lighthouse keeper.")])
+    run_baseline(engine, prompt, 16)  # warm-up
+    rows = []
+    for n in lengths:
+        base, eng, counts = [], [], []
+        for _ in range(args.repeats):
+            base.append(run_baseline(engine, prompt, n))
+            tps, count = run_engine(engine, prompt, n)
+            eng.append(tps)
+            counts.append(count)
+        b, e = statistics.median(base), statistics.median(eng)
+        rows.append({"tokens": n, "baseline_tps": b, "engine_tps": e, "ratio": e / b,
+                     "baseline_runs": base, "engine_runs": eng, "engine_tokens": counts})
+        print(f"{n:>6} tokens: bare generate {b:8.1f} t/s, engine {e:8.1f} t/s, ratio {e / b:.3f}"
+              f"  (engine generated {counts})", flush=True)
+    ids = [int(x) for x in random.Random(SEED).choices(range(1000, engine.n_vocab), k=20000)]
+    wd_us = per_token_cost_us(ids)  # varied ids: every token takes the full path, no loop ends it
+    print(f"watchdog: {wd_us:.2f} us/token")
+    result = {"model": args.model, "n_gpu_layers": args.n_gpu_layers, "threads": args.threads or os.cpu_count(),
+              "rows": rows, "watchdog_us_per_token": wd_us, "load_s": engine.load_s,
+              "system_info": _system_info()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    engine.close()
+
+
+def _system_info() -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode(errors="replace")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""``serve``: the OpenAI-compatible HTTP service (see edge_magistral/server/)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+
+from edge_magistral.cli import cli
+from edge_magistral.errors import ModelNotFoundError
+
+MODEL_ENV = "EDGE_MAGISTRAL_MODEL"
+
+
+def _resolve_model(spec: str | None) -> str:
+    """A GGUF path or a quant in the model store; serve never downloads."""
+    if not spec:
+        raise ModelNotFoundError(f"no model: pass --model FILE.gguf, set `model:` in --config, or set {MODEL_ENV}")
+    if Path(spec).is_file():
+        return spec
+    from edge_magistral.cli.store_cmds import model_for_run
+
+    return model_for_run(spec)
+
+
+def _from_file(config_file: str | None) -> dict:
+    """The settings of a service config file (what ``install-service`` writes), by our names."""
+    if not config_file:
+        return {}
+    from edge_magistral.systemd import read_service_config
+
+    c = read_service_config(config_file)
+    return {"model": c.model, "host": c.host, "port": c.port, "ctx": c.ctx, "n_gpu_layers": c.n_gpu_layers,
+            "profile": c.profile, "think_budget": c.think_budget, "audit_log": c.audit_log,
+            "hang_timeout": c.stall_timeout_s}
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Service config file (written by install-service); options given here override it.")
+@click.option("--model", default=None, help=f"GGUF file or a quant in the store (default: ${MODEL_ENV}).")
+@click.option("--model-name", default=None, help="The model id clients see (default: the file name).")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1; another one needs an API key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 8080; 0: any free port).")
+@click.option("--ctx", type=click.IntRange(min=256), default=None, help="Override the planned context.")
+@click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Override planned GPU layers.")
+@click.option("--profile", default=None, help="Hardware profile to plan with.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Override the planned CPU threads.")
+@click.option("--think-budget", type=click.IntRange(min=0), default=None,
+              help="Default think budget per request (default: the plan's).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="API keys, one per line. Also read: $EDGE_MAGISTRAL_API_KEY and the systemd credential "
+                   "'api-key'. Keys are never taken on the command line.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Allow a non-loopback bind without any API key (only on a network you trust).")
+@click.option("--allowed-host", multiple=True,
+              help="Extra Host header accepted while bound to loopback, e.g. behind a reverse proxy (repeatable).")
+@click.option("--cors-origin", multiple=True, help="Allow browser requests from this origin (repeatable; "
+                                                   "default: CORS off).")
+@click.option("--queue-size", type=click.IntRange(min=0, max=1024), default=8, show_default=True,
+              help="Requests that may wait while one generates; beyond that, 429.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=2 * 1024 * 1024, show_default=True,
+              help="Largest request body (413 above it, before parsing).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Largest max_tokens a request may ask for, and the default (default: the context).")
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds a request may take, queue wait included (the watchdog ends it: finish_reason length).")
+@click.option("--hang-timeout", type=click.FloatRange(min=1), default=None,
+              help="Seconds a busy engine may make no progress before the worker is restarted and systemd "
+                   "watchdog pings stop (default 120; above the slowest prefill batch).")
+@click.option("--load-timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+              help="Seconds the model may take to load and warm up.")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="On SIGTERM, seconds the request in flight may take to finish before it is cancelled.")
+@click.option("--audit-log", default=None, type=click.Path(dir_okay=False),
+              help="Append a hash-chained record of each request to this JSONL file.")
+@click.option("--redact", type=click.Choice(["none", "thinking", "prompt", "all"]), default="none",
+              show_default=True, help="What the audit record stores only as a sha256.")
+def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
+          api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes, max_tokens,
+          request_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
+    /health, /metrics), one generation at a time, the engine in a supervised worker process.
+
+    Binds 127.0.0.1:8080 by default. SIGTERM drains: no new requests, the one in flight finishes
+    (or is cancelled after --drain-timeout), exit 0. Under systemd (Type=notify) it reports
+    READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 while the engine
+    is healthy, and STOPPING=1."""
+    from edge_magistral.server import ServerConfig, load_api_keys, serve as run_server
+
+    f = _from_file(config_file)
+
+    def pick(value, key, default=None):
+        return value if value is not None else f.get(key) if f.get(key) is not None else default
+
+    config = ServerConfig(
+        model_path=_resolve_model(pick(model, "model", os.environ.get(MODEL_ENV))),
+        model_name=model_name or "", host=pick(host, "host", "127.0.0.1"), port=pick(port, "port", 8080),
+        ctx=pick(ctx, "ctx"), n_gpu_layers=pick(n_gpu_layers, "n_gpu_layers"), profile=pick(profile, "profile"),
+        threads=threads, think_budget=pick(think_budget, "think_budget"),
+        api_keys=tuple(load_api_keys(api_key_file)), insecure_no_auth=insecure_no_auth,
+        allowed_hosts=tuple(allowed_host), cors_origins=tuple(cors_origin), queue_size=queue_size,
+        max_body_bytes=max_body_bytes, max_tokens=max_tokens, request_timeout_s=request_timeout,
+        hang_timeout_s=pick(hang_timeout, "hang_timeout", 120.0), load_timeout_s=load_timeout,
+        drain_timeout_s=drain_timeout, audit_log=pick(audit_log, "audit_log"), redact=redact,
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )
+    run_server(config)

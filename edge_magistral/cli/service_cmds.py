@@ -1,0 +1,147 @@
+"""``edge-magistral install-service``: plan the model for this box, write the unit and its config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from edge_magistral.cli import cli
+from edge_magistral.errors import BadInputError, ModelNotFoundError
+from edge_magistral.systemd import (
+    ALL_DEVICES,
+    DEFAULT_CONFIG_DIR,
+    DEFAULT_UNIT_DIR,
+    UNIT_NAME,
+    InstallResult,
+    ServiceConfig,
+    UnitConfig,
+    install_service,
+    is_loopback,
+    read_service_config,
+    render_unit,
+    this_box_devices,
+)
+
+
+@cli.command("install-service")
+@click.option("--model", default=None, type=click.Path(dir_okay=False),
+              help="GGUF to serve; planned for this box (without it, the existing config is kept).")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1, or the existing config's).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default 8080).")
+@click.option("--ctx", type=click.IntRange(min=256), default=None, help="Require this context.")
+@click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Require these GPU layers.")
+@click.option("--profile", default=None, help="Plan with this hardware profile.")
+@click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None,
+              help="Plan for the box described by this `detect --json` file instead of this one.")
+@click.option("--think-budget", type=click.IntRange(min=0), default=None,
+              help="Default thinking budget (default: the profile's).")
+@click.option("--audit-log", default=None,
+              help="Audit log path, or `none` (default /var/log/edge-magistral/audit.jsonl).")
+@click.option("--stall-timeout", type=click.FloatRange(min=1), default=None,
+              help="Seconds a request may make no progress before the worker is restarted (default 120).")
+@click.option("--exec", "exec_path", default=None, type=click.Path(dir_okay=False),
+              help="The edge-magistral executable for ExecStart= (default: this installation's).")
+@click.option("--unit-dir", type=click.Path(file_okay=False), default=str(DEFAULT_UNIT_DIR),
+              show_default=True, help="Where to write edge-magistral.service.")
+@click.option("--config-dir", type=click.Path(file_okay=False), default=str(DEFAULT_CONFIG_DIR),
+              show_default=True, help="Where to write config.yaml and the API key.")
+@click.option("--watchdog-sec", type=click.IntRange(min=5), default=UnitConfig.watchdog_sec,
+              show_default=True, help="WatchdogSec= of the unit.")
+@click.option("--allow-from", multiple=True,
+              help="IPAddressAllow= entry (repeatable; default localhost when bound to loopback, else any).")
+@click.option("--no-api-key", is_flag=True, help="Serve without an API key (loopback only).")
+@click.option("--devices", type=click.Choice(["auto", "all"]), default="auto", show_default=True,
+              help="auto: the GPU device rules this box needs; all: every known GPU's.")
+@click.option("--print", "print_only", is_flag=True, help="Print the unit and the config; write nothing.")
+def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, hardware_file, think_budget, audit_log,
+                        stall_timeout, exec_path, unit_dir, config_dir, watchdog_sec, allow_from, no_api_key,
+                        devices, print_only) -> None:
+    """Install edge-magistral as a systemd service (hardened unit, API key credential, config).
+
+    Rerunning it is safe: unchanged files are left alone and an existing API key is kept."""
+    config_path = Path(config_dir) / "config.yaml"
+    overrides = {"host": host, "port": port, "think_budget": think_budget, "stall_timeout_s": stall_timeout}
+    if model is not None:
+        service = _apply(_planned(model, ctx, n_gpu_layers, profile, hardware_file), overrides, audit_log)
+        effective = service
+    else:
+        existing = _existing(config_path)
+        effective = _apply(existing, overrides, audit_log)
+        service = effective if effective != existing else None  # None: leave the file (and its edits) alone
+    unit = UnitConfig(
+        exec_path=exec_path or _this_executable(),
+        config_path=str(config_path),
+        api_key_path=None if no_api_key else str(Path(config_dir) / "api-key"),
+        env_file=str(Path(config_dir) / "env"),
+        watchdog_sec=watchdog_sec,
+        devices=this_box_devices() if devices == "auto" else ALL_DEVICES,
+        ip_allow=tuple(allow_from) or (("localhost",) if is_loopback(effective.host) else ()),
+    )
+    if print_only:
+        click.echo(f"# {Path(unit_dir) / UNIT_NAME}\n{render_unit(unit)}\n"
+                   f"# {config_path}\n{effective.to_yaml()}", nl=False)
+        return
+    _report(install_service(unit, service, unit_dir), effective, unit)
+
+
+def _apply(s: ServiceConfig, overrides: dict, audit_log: str | None) -> ServiceConfig:
+    """The options given on the command line win; ``--audit-log none`` turns the audit log off."""
+    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if audit_log is not None:
+        s = dataclasses.replace(s, audit_log=None if audit_log == "none" else audit_log)
+    return s
+
+
+def _planned(model, ctx, n_gpu_layers, profile, hardware_file) -> ServiceConfig:
+    from edge_magistral.hardware import load_hardware
+    from edge_magistral.planner import Request, plan_for_model
+
+    path = os.path.abspath(model)  # not resolved: a `current.gguf` symlink stays the thing served
+    if not Path(path).is_file():
+        raise ModelNotFoundError(f"{model}: no such model file")
+    hardware = load_hardware(hardware_file) if hardware_file else None
+    plan, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), hardware, profile)
+    return ServiceConfig.from_plan(plan)
+
+
+def _existing(config_path: Path) -> ServiceConfig:
+    if not config_path.is_file():
+        raise BadInputError(f"{config_path} does not exist yet: pass --model FILE.gguf")
+    return read_service_config(config_path)
+
+
+def _this_executable() -> str:
+    """The console script of this installation (the venv's, when run from one)."""
+    beside = Path(sys.executable).parent / "edge-magistral"
+    found = str(beside) if beside.is_file() else shutil.which("edge-magistral")
+    if not found:
+        raise BadInputError("cannot find the edge-magistral executable: pass --exec PATH")
+    return os.path.abspath(found)
+
+
+def _report(r: InstallResult, s: ServiceConfig, unit: UnitConfig) -> None:
+    for p in r.written:
+        click.echo(f"wrote     {p}")
+    for p in r.unchanged:
+        click.echo(f"unchanged {p}")
+    click.echo(f"systemctl daemon-reload: {r.daemon_reload}")
+    for note in r.notes:
+        click.secho(f"note: {note}", fg="yellow")
+    url_host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    steps = []
+    if r.unit_path.parent.resolve() != DEFAULT_UNIT_DIR:
+        steps.append(f"sudo systemctl link {r.unit_path}        # or copy it to {DEFAULT_UNIT_DIR}")
+    steps += [
+        "sudo systemctl enable --now edge-magistral   # start now and at boot (loading takes minutes)",
+        "systemctl status edge-magistral              # the Status: line says loading / ready",
+        "journalctl -u edge-magistral -f              # the log",
+        f"curl -s http://{url_host}:{s.port}/health",
+    ]
+    if unit.api_key_path:
+        steps.append(f"clients send: Authorization: Bearer $(sudo cat {unit.api_key_path})")
+    click.echo("next:\n" + "\n".join(f"  {line}" for line in steps))

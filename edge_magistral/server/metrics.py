@@ -1,0 +1,84 @@
+"""Prometheus metrics for ``GET /metrics`` (one registry per app, so tests can run several)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "edge_magistral"
+
+
+class Metrics:
+    """What an operator watches: load, latency, token flow, the watchdog, the worker."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens evaluated or reused", registry=r)
+        self.completion_tokens = Counter(f"{PREFIX}_completion_tokens",
+                                         "Generated tokens (reasoning and answer)", registry=r)
+        self.reasoning_tokens = Counter(f"{PREFIX}_reasoning_tokens", "Generated tokens inside [THINK]", registry=r)
+        self.tokens_per_s = Histogram(f"{PREFIX}_generation_tokens_per_second", "Generation speed per request",
+                                      buckets=(1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 1000), registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds",
+                              "Request arrival to first generated text (queue wait included)",
+                              buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120), registry=r)
+        self.duration = Histogram(f"{PREFIX}_request_duration_seconds", "Generation requests, arrival to end",
+                                  buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r)
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting for the engine", registry=r)
+        self.generating = Gauge(f"{PREFIX}_generating", "1 while the engine runs a request", registry=r)
+        self.watchdog = Counter(f"{PREFIX}_watchdog_interventions", "Watchdog interventions by action and reason",
+                                ["action", "reason"], registry=r)
+        self.model_memory = Gauge(f"{PREFIX}_model_memory_bytes", "Model memory per device as planned",
+                                  ["device", "part"], registry=r)
+        self.worker_rss = Gauge(f"{PREFIX}_worker_resident_memory_bytes", "Resident memory of the model worker",
+                                registry=r)
+        self.worker_up = Gauge(f"{PREFIX}_worker_up", "1 when the model worker is loaded and ready", registry=r)
+        self.worker_restarts = Counter(f"{PREFIX}_worker_failures", "Model worker crashes, hangs and kills",
+                                       ["reason"], registry=r)
+        self._rss_at = 0.0
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- hooks for the supervisor
+    def worker_ready(self, info: dict[str, Any]) -> None:
+        self.worker_up.set(1)
+        for dev in info.get("plan", {}).get("memory", []):
+            for part in ("weights", "kv_cache", "compute", "overhead"):
+                self.model_memory.labels(dev.get("device", "?"), part).set(dev.get(part, 0))
+
+    def worker_down(self, why: str) -> None:
+        self.worker_up.set(0)
+        self.worker_restarts.labels("hung" if why.startswith(("hung", "still loading")) else "crashed").inc()
+
+    def observe_supervisor(self, sup: Any) -> None:
+        self.generating.set(1 if sup.current is not None else 0)
+        now = time.monotonic()
+        if now - self._rss_at < 5 or sup.worker_pid is None:
+            return
+        self._rss_at = now
+        try:
+            import psutil
+
+            self.worker_rss.set(psutil.Process(sup.worker_pid).memory_info().rss)
+        except Exception:  # the worker may be gone between the check and the read
+            pass
+
+    # -- per request
+    def finished(self, done: dict[str, Any], ttft_s: float | None, duration_s: float) -> None:
+        u = done.get("usage", {})
+        self.prompt_tokens.inc(u.get("prompt_tokens", 0))
+        self.completion_tokens.inc(u.get("completion_tokens", 0))
+        self.reasoning_tokens.inc(u.get("reasoning_tokens", 0))
+        tps = done.get("timings", {}).get("tokens_per_s") or 0
+        if tps > 0:
+            self.tokens_per_s.observe(tps)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        self.duration.observe(duration_s)
+        for ev in done.get("watchdog_events", []):
+            self.watchdog.labels(ev.get("action", "?"), ev.get("reason", "?")).inc()

@@ -1,0 +1,106 @@
+"""Running the service: uvicorn with our own SIGTERM handling and systemd notifications.
+
+SIGTERM (or Ctrl-C): ``STOPPING=1``, stop accepting connections, answer queued requests 503, let
+the generation in flight finish within ``drain_timeout_s`` (then cancel it), stop the worker,
+exit 0. A worker that cannot be loaded, or that keeps failing, ends the service with a non-zero
+status so that systemd's restart policy and start limit take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+import uvicorn
+
+from edge_magistral.errors import BadInputError, EdgeMagistralError
+from edge_magistral.server.app import ServerConfig, build_service
+
+log = logging.getLogger(__name__)
+
+
+class ServiceFailed(EdgeMagistralError):
+    """The service stopped itself: the model could not be loaded or the worker kept failing."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with a hook on the exit signal and without re-raising it after the drain
+    (uvicorn would, and the process would then die by SIGTERM instead of exiting 0)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Any):
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+        try:  # a signal handler interrupts arbitrary code: act from the loop instead
+            asyncio.get_running_loop().call_soon_threadsafe(self._on_signal)
+        except RuntimeError:
+            self._on_signal()
+
+
+def serve(config: ServerConfig, notifier: Any = None) -> None:
+    """Serve until SIGTERM/SIGINT; raise :class:`ServiceFailed` if the service gave up."""
+    config.check_exposure()
+    if notifier is None:
+        notifier = _notifier()
+    failure: list[tuple[int, str]] = []
+    server: _Server | None = None
+
+    def on_fatal(code: int, message: str) -> None:
+        failure.append((code, message))
+        if server is not None:
+            server.should_exit = True
+
+    def on_signal() -> None:
+        notifier.stopping()
+        svc.supervisor.begin_drain()
+
+    svc = build_service(config, notifier=notifier, on_fatal=on_fatal)
+    uv = uvicorn.Config(
+        svc.app, host=config.host, port=config.port, log_level=logging.getLevelName(config.log_level).lower(),
+        access_log=config.log_level <= logging.INFO, timeout_graceful_shutdown=int(config.drain_timeout_s),
+        limit_concurrency=max(64, 4 * config.queue_size), timeout_keep_alive=5, server_header=False,
+        lifespan="on",
+    )
+    server = _Server(uv, on_signal)
+    sock = bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"edge-magistral: serving {config.model_name} on http://{url_host}:{port}", file=sys.stderr, flush=True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        svc.supervisor.kill_now()  # after an abnormal exit only; a clean one has stopped it already
+    if failure:
+        raise ServiceFailed(failure[0][1], failure[0][0])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before anything is loaded, so that a busy port is a one-line error, not a crash."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise BadInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _notifier() -> Any:
+    from edge_magistral.systemd import Notifier
+
+    return Notifier.from_env(unset_environment=True)  # the worker must not think it is the main process

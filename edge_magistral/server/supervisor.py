@@ -1,0 +1,417 @@
+"""The front side of the worker: spawn, feed, watch and restart it; queue the requests.
+
+One generation at a time: requests wait in a bounded FIFO (429 with Retry-After when it is full)
+and the next one is sent the moment the worker finishes the previous one. The worker is watched
+by its heartbeat: a crash (pipe closed), a frozen process (no beats) or a hung engine (busy with
+no progress for ``hang_timeout_s``) kills it; the request in flight gets a 503 with Retry-After,
+queued ones wait for the new worker, restarts back off, and after ``max_restarts`` crashes
+within ``restart_window_s`` the service gives up (exit status 1) so that systemd takes over.
+
+Everything here runs on the event loop thread except two small threads per worker that do the
+blocking pipe reads and writes (a frozen worker must never block the loop, so /health and the
+systemd watchdog keep working).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+from edge_magistral.server.errors import ApiError, unavailable
+from edge_magistral.server.worker import JobSpec, WorkerSettings, worker_main
+
+log = logging.getLogger(__name__)
+
+
+class State(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    DRAINING = "draining"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    queue_size: int = 8  # requests waiting, not counting the one generating
+    hang_timeout_s: float = 120.0  # busy with no progress (or no beats) this long: restart
+    beat_timeout_s: float = 5.0  # no heartbeat this long: unhealthy (no systemd watchdog pings)
+    load_timeout_s: float = 900.0
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 10.0
+    max_buffered_events: int = 4096  # a reader this far behind is cancelled (slow client)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation; its events arrive on ``events`` and end with done or error."""
+
+    spec: JobSpec
+    deadline: float | None  # monotonic
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: bool = False
+    cancelled: bool = False
+
+
+class _Link:
+    """One worker process and the two threads that talk to it."""
+
+    def __init__(self, settings: WorkerSettings, on_message: Callable[[int, tuple | None], None], gen: int):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=worker_main, args=(child, settings), name="edge-magistral-worker")
+        self.proc.start()
+        child.close()
+        self.gen, self.outbox = gen, queue.SimpleQueue()
+        self.started = self.last_beat = time.monotonic()
+        self.kill_reason: str | None = None  # why the supervisor killed it, if it did
+        threading.Thread(target=self._read, args=(on_message,), name=f"worker-read-{gen}", daemon=True).start()
+        threading.Thread(target=self._write, name=f"worker-write-{gen}", daemon=True).start()
+
+    def _read(self, on_message: Callable[[int, tuple | None], None]) -> None:
+        try:
+            while True:
+                on_message(self.gen, self.conn.recv())
+        except (EOFError, OSError):
+            pass
+        on_message(self.gen, None)  # the worker is gone
+
+    def _write(self) -> None:
+        while (msg := self.outbox.get()) is not None:
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError):
+                return
+
+    def send(self, msg: tuple) -> None:
+        self.outbox.put(msg)
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        self.conn.close()
+
+
+class Supervisor:
+    """Owns the worker and the queue. ``on_event`` hooks (metrics, systemd) are optional."""
+
+    def __init__(self, settings: WorkerSettings, config: SupervisorConfig = SupervisorConfig(),
+                 notifier: Any = None, metrics: Any = None, on_fatal: Callable[[int, str], None] | None = None):
+        self.settings, self.config = settings, config
+        self.notifier, self.metrics, self.on_fatal = notifier, metrics, on_fatal
+        self.state = State.LOADING
+        self.info: dict[str, Any] = {}
+        self.queue: collections.deque[Job] = collections.deque()
+        self.current: Job | None = None
+        self.link: _Link | None = None
+        self.crashes: collections.deque[float] = collections.deque()
+        self.last_progress = time.monotonic()
+        self.progress_marker: Any = None
+        self.avg_job_s = 5.0
+        self.fatal: tuple[int, str] | None = None
+        self._gen = 0
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ever_ready = False
+        self._last_ping = 0.0
+
+    # ------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._status(f"loading {self.settings.model_name}")
+        self._spawn()
+        self._tasks.append(asyncio.create_task(self._monitor(), name="supervisor-monitor"))
+
+    def _spawn(self) -> None:
+        self._gen += 1
+        self.state = State.LOADING
+        self.progress_marker = None
+        self.link = _Link(self.settings, self._from_thread, self._gen)
+        log.info("worker %d started (pid %s)", self._gen, self.link.proc.pid)
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse new requests, answer the queued ones 503, let the running one finish."""
+        if self.state in (State.DRAINING, State.STOPPED):
+            return
+        self.state = State.DRAINING
+        self._status("stopping: finishing the request in flight" if self.current else "stopping")
+        while self.queue:
+            self._fail(self.queue.popleft(), unavailable("the server is shutting down", 5, "shutting_down"))
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel what still runs, ask the worker to exit, kill it if it does not."""
+        self.begin_drain()
+        for t in self._tasks:
+            t.cancel()
+        link, self.link = self.link, None
+        self.state = State.STOPPED
+        if self.current is not None:
+            self._fail(self.current, unavailable("the server is shutting down", 5, "shutting_down"))
+            self.current = None
+        if link is None:
+            return
+        link.send(("stop",))
+        await asyncio.to_thread(link.proc.join, timeout_s)
+        link.kill()
+        await asyncio.to_thread(link.proc.join, 5)
+        link.close()
+
+    def kill_now(self) -> None:
+        """Last resort on an abnormal exit: never leave a worker (and its GPU memory) behind."""
+        link, self.link = self.link, None
+        if link is not None:
+            link.kill()
+            link.proc.join(5)
+            link.close()
+
+    # ---------------------------------------------------------------------- requests
+    def submit(self, spec: JobSpec, deadline_s: float | None) -> Job:
+        """Queue a generation or refuse at once: 503 while not ready, 429 when the queue is full."""
+        if self.state is State.LOADING and not self._ever_ready:
+            raise unavailable("the model is loading; retry shortly", 5, "model_loading")
+        if self.state in (State.DRAINING, State.STOPPED, State.FAILED):
+            raise unavailable("the server is shutting down", 5, "shutting_down")
+        if len(self.queue) >= self.config.queue_size:
+            wait = self.avg_job_s * (len(self.queue) + 1)
+            raise ApiError(429, f"the server is busy: {len(self.queue)} requests are waiting "
+                                f"(queue size {self.config.queue_size}); retry later",
+                           code="queue_full", headers={"Retry-After": str(max(1, min(60, int(wait + 0.999))))})
+        job = Job(spec, time.monotonic() + deadline_s if deadline_s else None)
+        self.queue.append(job)
+        self._update_queue_metric()
+        self._pump()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits, stop it if it runs."""
+        if job.finished or job.cancelled:
+            return
+        job.cancelled = True
+        if job is self.current:
+            if self.link is not None:
+                self.link.send(("cancel", job.id))
+        elif job in self.queue:
+            self.queue.remove(job)
+            self._fail(job, ApiError(499, "the client closed the request", code="client_closed"))
+            self._update_queue_metric()
+
+    def _pump(self) -> None:
+        """Start the next queued job if the worker is free."""
+        while self.state is State.READY and self.current is None and self.queue:
+            job = self.queue.popleft()
+            self._update_queue_metric()
+            now = time.monotonic()
+            limits = dict(job.spec.limits)
+            if job.deadline is not None:
+                left = job.deadline - now
+                if left < 0.5:
+                    self._fail(job, unavailable("the request timed out in the queue", self.avg_job_s, "queue_timeout"))
+                    continue
+                limits["deadline_s"] = min(limits.get("deadline_s") or left, left)
+            job.started = self.last_progress = now
+            self.current = job
+            self.link.send(("job", job.id, replace(job.spec, limits=limits)))
+
+    def _fail(self, job: Job, err: ApiError) -> None:
+        job.finished = True
+        job.events.put_nowait(("error", err.status, err.code, err.message, err.headers))
+
+    # ----------------------------------------------------------------- worker messages
+    def _from_thread(self, gen: int, msg: tuple | None) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._on_message, gen, msg)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _on_message(self, gen: int, msg: tuple | None) -> None:
+        link = self.link
+        if link is None or gen != link.gen:
+            return  # a message from a worker already replaced
+        if msg is None:
+            self._on_worker_exit(link, link.kill_reason or "crashed")
+            return
+        kind = msg[0]
+        if kind == "beat":
+            link.last_beat = time.monotonic()
+            if msg[1] != self.progress_marker:
+                self.progress_marker, self.last_progress = msg[1], link.last_beat
+        elif kind == "event":
+            self._on_job_event(msg[1], msg[2])
+        elif kind == "ready":
+            self._on_ready(msg[1])
+        elif kind == "fatal":
+            self._give_up(msg[3], f"cannot load the model: {msg[2]}")
+
+    def _on_ready(self, info: dict[str, Any]) -> None:
+        self.info, self.state, first = info, State.READY, not self._ever_ready
+        self._ever_ready = True
+        if self.metrics is not None:
+            self.metrics.worker_ready(info)
+        plan = info.get("plan", {})
+        self._status(f"ready: {info.get('model')} ({plan.get('quant')}, {plan.get('n_gpu_layers')} layers on GPU, "
+                     f"context {info.get('n_ctx')})")
+        if first and self.notifier is not None:
+            self.notifier.ready()
+        self._pump()
+
+    def _on_job_event(self, job_id: str, ev: tuple) -> None:
+        job = self.current
+        if job is None or job.id != job_id:
+            return
+        now = time.monotonic()
+        self.last_progress = now
+        job.events.put_nowait(ev)
+        if ev[0] in ("done", "error"):
+            job.finished, self.current = True, None
+            self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * (now - (job.started or now))
+            self._pump()
+        elif job.events.qsize() > self.config.max_buffered_events and not job.cancelled:
+            log.warning("request %s: the client reads too slowly; cancelled", job_id)
+            self.cancel(job)
+
+    # ------------------------------------------------------------------ failures
+    def _on_worker_exit(self, link: _Link, why: str) -> None:
+        """The worker died (crash, abort, kill): 503 for the job in flight, then restart."""
+        link.proc.join(timeout=2)  # the pipe closes as the process ends: this is near-instant
+        code = link.proc.exitcode
+        link.close()
+        self.link = None
+        if self.state in (State.DRAINING, State.STOPPED, State.FAILED):
+            if self.current is not None:
+                self._fail(self.current, unavailable("the server is shutting down", 5, "shutting_down"))
+                self.current = None
+            return
+        desc = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        log.error("the model worker %s (%s)", why, desc)
+        if self.metrics is not None:
+            self.metrics.worker_down(why)
+        backoff = self._note_crash()
+        if self.current is not None:
+            self._fail(self.current, unavailable(f"the model worker failed ({desc}) during this request; it is "
+                                                 "being restarted, retry shortly", backoff + 5, "worker_crashed"))
+            self.current = None
+        if self.state is State.FAILED:
+            return
+        self.state = State.RESTARTING
+        self._status(f"model worker {why} ({desc}); restarting in {backoff:.1f} s")
+        self._loop.call_later(backoff, self._restart)
+
+    def _restart(self) -> None:
+        if self.state is State.RESTARTING:
+            self._spawn()
+
+    def _note_crash(self) -> float:
+        """Record a crash; give up after too many; the backoff before the next start."""
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and now - self.crashes[0] > self.config.restart_window_s:
+            self.crashes.popleft()
+        if len(self.crashes) > self.config.max_restarts:
+            self._give_up(1, f"the model worker failed {len(self.crashes)} times in "
+                             f"{self.config.restart_window_s:.0f} s")
+        return min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (len(self.crashes) - 1))
+
+    def _give_up(self, exit_code: int, message: str) -> None:
+        log.error("%s; stopping the service", message)
+        self.state, self.fatal = State.FAILED, (exit_code, message)
+        self._status(f"failed: {message}")
+        for job in [*self.queue, *([self.current] if self.current else [])]:
+            self._fail(job, unavailable(f"the service is stopping: {message}", 30, "service_failed"))
+        self.queue.clear()
+        self.current = None
+        if self.link is not None:
+            self.link.kill()
+        if self.on_fatal is not None:
+            self.on_fatal(exit_code, message)
+
+    def _kill_hung(self, why: str) -> None:
+        link = self.link
+        if link is None or link.kill_reason is not None:
+            return
+        log.error("the model worker is %s; killing it", why)
+        link.kill_reason = why
+        link.kill()  # the reader thread sees the pipe close and reports the exit
+
+    # ------------------------------------------------------------------- watching
+    def stalled_s(self, now: float | None = None) -> float:
+        """How long the worker has shown no sign of life (or, when busy, of progress)."""
+        now = time.monotonic() if now is None else now
+        if self.link is None:
+            return float("inf")
+        silent = now - self.link.last_beat
+        return max(silent, now - self.last_progress) if self.current is not None else silent
+
+    def healthy(self) -> bool:
+        """Worker alive and beating, and idle or advancing: what systemd's watchdog pings mean."""
+        if self.link is None or self.state not in (State.LOADING, State.READY, State.DRAINING):
+            return False
+        now = time.monotonic()
+        if now - self.link.last_beat > self.config.beat_timeout_s:
+            return False
+        return self.current is None or now - self.last_progress < self.config.hang_timeout_s
+
+    async def _monitor(self) -> None:
+        interval = self._watchdog_interval()
+        while True:
+            await asyncio.sleep(0.25)
+            try:
+                self._check(interval)
+            except Exception:  # the monitor must outlive any bug in one check
+                log.exception("supervisor check failed")
+
+    def _check(self, ping_interval: float | None) -> None:
+        now, link = time.monotonic(), self.link
+        if link is not None and self.state in (State.LOADING, State.READY):
+            if self.state is State.LOADING and now - link.started > self.config.load_timeout_s:
+                self._kill_hung(f"still loading after {self.config.load_timeout_s:.0f} s")
+            elif self.stalled_s(now) > self.config.hang_timeout_s:
+                self._kill_hung(f"hung (no progress for {self.stalled_s(now):.0f} s)")
+        if ping_interval and self.healthy() and now - self._last_ping >= ping_interval:
+            self._last_ping = now
+            self.notifier.watchdog()
+        if self.metrics is not None:
+            self.metrics.observe_supervisor(self)
+
+    def _watchdog_interval(self) -> float | None:
+        """Ping at half of systemd's WatchdogSec (its own advice), at most every 5 s."""
+        if self.notifier is None:
+            return None
+        sec = self.notifier.watchdog_interval_s()
+        return None if not sec else min(5.0, sec / 2)
+
+    def _status(self, text: str) -> None:
+        if self.notifier is not None:
+            self.notifier.status(text)
+
+    def _update_queue_metric(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(len(self.queue))
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self.link.proc.pid if self.link is not None else None
+
+    def retry_after_s(self) -> float:
+        return self.avg_job_s * (len(self.queue) + 1)

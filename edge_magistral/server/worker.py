@@ -1,0 +1,247 @@
+"""The worker process: owns the Engine and runs one generation at a time for the front process.
+
+Why a process: llama.cpp aborts its process on CUDA errors and failed assertions, and a bad
+grammar can segfault it; Python can catch neither. With the model in a child, such a crash
+costs the requests in flight (503) and a reload, never the service. The child also keeps every
+GPU context out of the HTTP process.
+
+The protocol is tuples over a ``multiprocessing`` pipe (pickled, one message per call):
+
+front → worker
+    ``("job", job_id, JobSpec)`` · ``("cancel", job_id)`` · ``("stop",)``
+worker → front
+    ``("beat", progress)`` every :data:`BEAT_INTERVAL_S`, from the first moment of the process:
+    ``progress`` changes whenever the engine makes progress (a token, or a prefill batch), so the
+    front can tell "busy and advancing" from "hung inside a llama.cpp call".
+    ``("ready", info)`` after the plan, the load and a one-token warm-up.
+    ``("fatal", error_type, message, exit_code)`` when the model cannot be loaded at all (a
+    missing file, a model that does not fit): retrying would not help.
+    ``("event", job_id, event)`` with ``event`` one of ``("thinking", text)``,
+    ``("answer", text)``, ``("watchdog", action, reason, detail)``, ``("done", dict)`` or
+    ``("error", status, code, message)``; ``done`` and ``error`` end a job.
+
+This module is imported by the front too, so it imports nothing heavy at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BEAT_INTERVAL_S = 0.5
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker needs to plan and load the model (all of it picklable)."""
+
+    model_path: str
+    ctx: int | None = None
+    n_gpu_layers: int | None = None
+    profile: str | None = None
+    threads: int | None = None
+    think_budget: int | None = None  # the default per request (None: the plan's)
+    model_name: str = "model"
+    log_level: int = logging.WARNING
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One generation: a chat (``messages`` as (role, content) pairs) or a raw text ``prompt``."""
+
+    kind: str  # "chat" | "raw"
+    limits: dict[str, Any] = field(default_factory=dict)  # Limits(**limits)
+    messages: tuple[tuple[str, str], ...] = ()
+    prompt: str = ""
+
+
+def encode_event(ev: Any) -> tuple:
+    """An engine event as a plain tuple (what crosses the pipe)."""
+    from edge_magistral.engine import AnswerText, Done, ThinkingText, WatchdogAction
+
+    if isinstance(ev, ThinkingText):
+        return ("thinking", ev.text)
+    if isinstance(ev, AnswerText):
+        return ("answer", ev.text)
+    if isinstance(ev, WatchdogAction):
+        return ("watchdog", ev.action, ev.reason, ev.detail)
+    if isinstance(ev, Done):
+        return ("done", {**asdict(ev), "usage": {**asdict(ev.usage),
+                                                 "completion_tokens": ev.usage.completion_tokens}})
+    raise TypeError(f"unknown engine event {ev!r}")
+
+
+def worker_main(conn: Any, settings: WorkerSettings) -> None:
+    """Entry point of the child process."""
+    # Ctrl-C reaches the whole process group and systemd's default KillMode signals every process
+    # of the unit: the front decides when the worker stops, so that in-flight requests can drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(levelname)s worker %(name)s: %(message)s")
+    _Worker(conn, settings).run()
+
+
+class _Worker:
+    def __init__(self, conn: Any, settings: WorkerSettings):
+        self.conn, self.settings = conn, settings
+        self.send_lock = threading.Lock()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.engine: Any = None
+        self.current: str | None = None
+        self.cancelled: set[str] = set()
+        self.events = 0
+
+    # ------------------------------------------------------------------------ plumbing
+    def send(self, msg: tuple) -> None:
+        try:
+            with self.send_lock:
+                self.conn.send(msg)
+        except (OSError, ValueError):  # the front is gone: nobody to work for
+            os._exit(0)
+
+    def _beat(self) -> None:
+        while True:
+            kv = getattr(self.engine, "_kv", None)  # grows per prefill batch (see the report)
+            self.send(("beat", (self.events, len(kv) if kv is not None else 0)))
+            time.sleep(BEAT_INTERVAL_S)
+
+    def _control(self) -> None:
+        """Reads the pipe: jobs go to the main thread, cancels act at once (engine.cancel is
+        thread-safe), and EOF means the front died."""
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                if self.engine is not None:
+                    self.engine.cancel()
+                os._exit(0)
+            if msg[0] == "job":
+                self.jobs.put((msg[1], msg[2]))
+            elif msg[0] == "cancel":
+                self.cancelled.add(msg[1])
+                if self.current == msg[1]:
+                    self.engine.cancel()
+            elif msg[0] == "stop":
+                if self.engine is not None:
+                    self.engine.cancel()
+                self.jobs.put(None)
+
+    # -------------------------------------------------------------------------- life
+    def run(self) -> None:
+        threading.Thread(target=self._beat, name="beat", daemon=True).start()
+        from edge_magistral.errors import EdgeMagistralError
+
+        try:
+            info = self._load()
+        except EdgeMagistralError as e:
+            self.send(("fatal", type(e).__name__, str(e), e.exit_code))
+            return
+        threading.Thread(target=self._control, name="control", daemon=True).start()
+        self.send(("ready", info))
+        while (item := self.jobs.get()) is not None:
+            self._run_job(*item)
+        self.engine.close()
+
+    def _load(self) -> dict[str, Any]:
+        """Plan, load and warm up (one token), as ``run`` does; the info the front reports."""
+        from dataclasses import replace
+
+        from edge_magistral.chat import Message
+        from edge_magistral.engine import Engine, Limits, LoadSettings
+        from edge_magistral.planner import Request, plan_for_model
+
+        s = self.settings
+        t0 = time.monotonic()
+        plan, _ = plan_for_model(s.model_path, Request(ctx=s.ctx, n_gpu_layers=s.n_gpu_layers),
+                                 profile_name=s.profile)
+        load = LoadSettings.from_plan(plan)
+        if s.threads:
+            load = replace(load, n_threads=s.threads, n_threads_batch=s.threads)
+        if s.think_budget is not None:
+            load = replace(load, think_budget=s.think_budget)
+        self.engine = Engine(load)
+        t1 = time.monotonic()
+        for _ in self.engine.generate([Message("user", "Hi")], Limits(think_budget=0, max_tokens=1)):
+            pass
+        return {
+            "model": s.model_name, "model_path": s.model_path, "plan": plan.to_dict(), "pid": os.getpid(),
+            "n_ctx": self.engine.n_ctx, "is_magistral": self.engine.is_magistral,
+            "think_budget": load.think_budget if self.engine.is_magistral else 0,
+            "n_threads": load.n_threads, "load_s": round(t1 - t0, 3), "warmup_s": round(time.monotonic() - t1, 3),
+        }
+
+    # -------------------------------------------------------------------------- jobs
+    def _run_job(self, job_id: str, spec: JobSpec) -> None:
+        from edge_magistral.engine import Limits
+        from edge_magistral.errors import BackendError, BadInputError
+
+        self.current = job_id
+        try:
+            if job_id in self.cancelled:
+                self.engine.cancel()
+            ids = self._prompt_ids(spec)
+            with _raw_mode(self.engine, spec.kind == "raw"):
+                for ev in self.engine.generate_ids(ids, Limits(**spec.limits)):
+                    self.events += 1
+                    self.send(("event", job_id, encode_event(ev)))
+                    if job_id in self.cancelled:  # a cancel that raced the start of the turn
+                        self.engine.cancel()
+        except _PromptTooLong as e:
+            self.send(("event", job_id, ("error", 400, "context_length_exceeded", str(e))))
+        except BadInputError as e:
+            self.send(("event", job_id, ("error", 400, None, str(e))))
+        except BackendError as e:
+            self.send(("event", job_id, ("error", 503, "backend_error", str(e))))
+        except Exception as e:  # a bug: answer 500, keep serving
+            traceback.print_exc()
+            self.send(("event", job_id, ("error", 500, "internal_error", f"internal error: {type(e).__name__}")))
+        finally:
+            self.current = None
+            self.cancelled.discard(job_id)
+
+    def _prompt_ids(self, spec: JobSpec) -> list[int]:
+        """Chat: the model's own prompt format. Raw: BOS (when the model wants one) + the text,
+        tokenized without special-token parsing, so a raw prompt can never forge control tokens."""
+        from edge_magistral.chat import Message
+
+        e = self.engine
+        if spec.kind == "chat":
+            system_mode = spec.limits.get("system_mode", "replace")
+            ids = e.prompt_ids([Message(r, c) for r, c in spec.messages], system_mode)
+        else:
+            ids = e.llm.tokenize(b"", add_bos=True, special=False) + e.encode_text(spec.prompt)
+        if len(ids) >= e.n_ctx:
+            raise _PromptTooLong(f"the prompt is {len(ids)} tokens but the context holds {e.n_ctx}: "
+                                 f"{len(ids) - e.n_ctx + 1} too many; shorten it (the server was started "
+                                 "with this context; a larger --ctx needs more memory)")
+        return ids
+
+
+class _PromptTooLong(Exception):
+    pass
+
+
+class _raw_mode:
+    """Raw completions get no thinking handling: every token is answer text and nothing is
+    injected into the prompt. The engine has no switch for that yet, so the turn runs with the
+    engine treating the model as a non-Magistral one (the worker runs one turn at a time)."""
+
+    def __init__(self, engine: Any, on: bool):
+        self.engine, self.on, self.saved = engine, on, engine.is_magistral
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.engine.is_magistral = False
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.is_magistral = self.saved

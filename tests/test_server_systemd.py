@@ -1,0 +1,101 @@
+"""The service under a (simulated) systemd: a real unix datagram socket as $NOTIFY_SOCKET receives
+READY=1 after load and warm-up, then WATCHDOG=1 while the engine is healthy; a frozen engine stops
+the pings and is restarted; SIGTERM sends STOPPING=1 and drains the request in flight, exit 0.
+RELIABILITY.md 27 and 28."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import serve_harness
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Listener:
+    """Collects sd_notify datagrams with the time they arrived."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def wait_for(self, text: str, timeout: float, after: float = 0.0) -> float:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for t, m in list(self.messages):
+                if t >= after and any(line.startswith(text) for line in m.splitlines()):
+                    return t
+            time.sleep(0.02)
+        raise AssertionError(f"no {text!r} within {timeout} s: {self.messages}")
+
+    def pings(self, since: float, until: float | None = None) -> list[float]:
+        until = until or time.monotonic()
+        return [t for t, m in list(self.messages) if "WATCHDOG=1" in m.splitlines() and since <= t <= until]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+def test_notify_watchdog_hang_and_graceful_stop(tiny_gguf_f32, tmp_path):
+    listener = Listener(str(tmp_path / "notify"))
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"}  # WatchdogSec=2: ping each 1 s
+    server = serve_harness.start(tiny_gguf_f32, tmp_path, "--hang-timeout", "6", "--drain-timeout", "20",
+                                 env=env, wait=False)
+    try:
+        # READY=1 only once the model is loaded and warmed up: /health agrees at that moment
+        t_ready = listener.wait_for("READY=1", 60)
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        time.sleep(2.5)
+        assert len(listener.pings(t_ready)) >= 2
+
+        # a frozen engine: the pings stop, then the worker is killed and a new one loaded
+        worker = server.worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        t_frozen = time.monotonic()
+        t_status = listener.wait_for("STATUS=model worker hung (no progress for 6 s)", 15)
+        last_ping = max(listener.pings(t_frozen - 2, t_status))
+        assert t_status - last_ping >= 2.0  # silent for half the hang timeout: unhealthy, no pings
+        server.wait_ready(60)
+        assert server.worker_pid() != worker
+        t_back = time.monotonic()
+        time.sleep(2.5)
+        assert len(listener.pings(t_back)) >= 2  # healthy again: the pings resume
+        assert sum("READY=1" in m.splitlines() for _, m in listener.messages) == 1  # ready once, not per worker
+
+        # SIGTERM mid-stream: STOPPING=1, no new requests, the stream in flight finishes, exit 0
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_thinking_tokens": 0,
+                "stream": True}
+        with server.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+            server.proc.send_signal(signal.SIGTERM)
+            listener.wait_for("STOPPING=1", 5)
+            with pytest.raises(httpx.HTTPError):  # the listener is closed
+                httpx.get(f"{server.url}/health", timeout=2).raise_for_status()
+            rest = list(lines)
+        assert "data: [DONE]" in rest and '"finish_reason": "length"' in "".join(rest)
+        assert server.proc.wait(30) == 0, server.log_text()
+    finally:
+        server.stop()
+        listener.close()
