@@ -11,10 +11,6 @@ sandbox, with user text tokenized without special-token parsing.
 
 from __future__ import annotations
 
-# llama_cpp first: its libraries (ggml's CUDA and OpenMP runtimes) must load before numpy's do.
-# Loading numpy (imported by gguf) first made model loading segfault on a CUDA build (H200).
-import llama_cpp  # noqa: I001
-
 import codecs
 import ctypes
 import json
@@ -25,6 +21,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# llama_cpp first: its libraries (ggml's CUDA and OpenMP runtimes) must load before numpy's do.
+# Loading numpy (imported by gguf) first made model loading segfault on a CUDA build (H200).
+import llama_cpp  # noqa: I001, F401  (used as self._lc)
 
 from edge_magistral import llama_log
 from edge_magistral import tekken as tk
@@ -229,8 +229,6 @@ class Engine:
         t0 = time.monotonic()
         self.llm = self._load(settings)
         self.load_s = time.monotonic() - t0
-        import llama_cpp
-
         self._lc = llama_cpp
         self.ctx = self.llm.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -245,8 +243,6 @@ class Engine:
     # ----------------------------------------------------------------------- loading
     @staticmethod
     def _load(s: LoadSettings):
-        import llama_cpp
-
         llama_log.install()
         for name, t in (("type_k", s.type_k), ("type_v", s.type_v)):
             if t not in KV_TYPES:

@@ -65,10 +65,11 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One server for the service tests: API key, queue of 8, 10 s hang timeout."""
+    """One server for the service tests: API key, queue of 8, 10 s hang timeout, an audit log."""
     import serve_harness
 
-    server = serve_harness.start(tiny_gguf_f32, tmp_path_factory.mktemp("serve"), "--queue-size", "8",
-                                 "--hang-timeout", "10", "--max-tokens", "512")
+    d = tmp_path_factory.mktemp("serve")
+    server = serve_harness.start(tiny_gguf_f32, d, "--queue-size", "8", "--hang-timeout", "10", "--max-tokens", "512",
+                                 "--audit-log", str(d / "audit.jsonl"))
     yield server
     assert server.stop() == 0, server.log_text()

@@ -88,7 +88,8 @@ def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile
     (or is cancelled after --drain-timeout), exit 0. Under systemd (Type=notify) it reports
     READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 while the engine
     is healthy, and STOPPING=1."""
-    from edge_magistral.server import ServerConfig, load_api_keys, serve as run_server
+    from edge_magistral.server import ServerConfig, load_api_keys
+    from edge_magistral.server import serve as run_server
 
     f = _from_file(config_file)
 
