@@ -114,7 +114,7 @@ def start_server(model: Path, args: argparse.Namespace, log: Path) -> tuple[subp
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env)
     end = time.monotonic() + 600
     while time.monotonic() < end and proc.poll() is None:
-        m = re.search(r"serving \S+ on (http://\S+)", log.read_text(errors="replace"))
+        m = re.search(r"listening on (http://\S+)", log.read_text(errors="replace"))
         if m:
             try:
                 if httpx.get(f"{m.group(1)}/health", timeout=2).status_code == 200:

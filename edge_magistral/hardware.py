@@ -925,9 +925,10 @@ def _match_device(
 
 
 def default_store_dir() -> str:
-    return os.environ.get(
-        "EDGE_MAGISTRAL_HOME", str(Path("~/.local/share/edge-magistral/models").expanduser())
-    )
+    """The model store's folder (where ``detect`` reports free disk): the store decides."""
+    from edge_magistral.store import default_root
+
+    return str(default_root())
 
 
 def detect(reader: Reader | None = None, store_dir: str | None = None) -> Hardware:

@@ -18,28 +18,13 @@ from typing import Any
 
 import yaml
 
+from edge_magistral.catalog import QUALITY_ORDER
 from edge_magistral.errors import BadInputError
 from edge_magistral.hardware import GiB, Hardware
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
 KV_TYPES = ("f16", "q8_0", "q4_0")
-QUANTS = (
-    "BF16",
-    "F16",
-    "Q8_0",
-    "Q6_K",
-    "Q5_K_M",
-    "Q5_K_S",
-    "Q4_K_M",
-    "Q4_K_S",
-    "IQ4_XS",
-    "IQ4_NL",
-    "Q4_0",
-    "Q3_K_L",
-    "Q3_K_M",
-    "Q3_K_S",
-    "Q2_K",
-)
+QUANTS = tuple(QUALITY_ORDER)  # the quant names a profile may list
 GPU_KINDS = ("none", "discrete", "unified", "any")
 
 

@@ -17,7 +17,7 @@ import httpx
 import psutil
 
 API_KEY = "test-key-0123456789abcdef"
-_URL = re.compile(r"serving \S+ on (http://\S+)")
+_URL = re.compile(r"listening on (http://\S+)")
 
 
 @dataclass

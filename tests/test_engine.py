@@ -190,3 +190,24 @@ def test_run_command_exit_codes(tiny_gguf_quants, tmp_path: Path) -> None:
     assert cut.exit_code in (0, 6)
     if cut.exit_code == 6:
         assert "cut" in cut.output
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    "{{ cycler.__init__.__globals__.os.popen('touch /tmp/edge-magistral-pwned').read() }}",
+])
+def test_a_gguf_with_a_hostile_template_is_refused(smollm2_gguf: Path, tmp_path: Path, template: str) -> None:
+    """A model file's template must not execute code: the sandbox refuses it (a one-line error)."""
+    import subprocess
+    import sys
+
+    hostile = tmp_path / "hostile.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--chat-template", template,
+                    str(smollm2_gguf), str(hostile)], check=True, capture_output=True)
+    e = Engine(LoadSettings(str(hostile), n_ctx=512, n_threads=2))
+    try:
+        with pytest.raises(BadInputError, match="chat template"):
+            list(e.generate([Message("user", "hi")], Limits(max_tokens=4)))
+    finally:
+        e.close()
+    assert not Path("/tmp/edge-magistral-pwned").exists()

@@ -16,7 +16,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_harness import API_KEY, sse_events
+from serve_harness import API_KEY
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -201,10 +201,10 @@ def test_queue_overflow_gives_429_with_retry_after(tiny_server):
 
     def fire() -> None:
         go.wait()
-        body = {"messages": USER, "max_tokens": 400, "max_thinking_tokens": 0}
-        try:  # the admitted requests give up after 3 s: their cancellation is part of the test
+        body = {"messages": USER, "max_tokens": 512, "max_thinking_tokens": 0}  # ~4 s of work each
+        try:  # the admitted requests give up after 2 s: their cancellation is part of the test
             r = httpx.post(f"{tiny_server.url}/v1/chat/completions", json=body, headers=tiny_server.headers,
-                           timeout=httpx.Timeout(30, read=3))
+                           timeout=httpx.Timeout(30, read=2))
             with lock:
                 outcomes.append(r.status_code)
                 retry_after.append(r.headers.get("retry-after"))
@@ -326,7 +326,8 @@ BAD_BODIES: list[tuple[str, bytes | str | dict]] = [
 
 ACCEPTED: list[tuple[str, dict]] = [  # unicode edge cases that are valid text: served normally
     ("NUL", {"messages": [{"role": "user", "content": "a\x00b\x00"}], **QUICK}),
-    ("RTL and zero-width", {"messages": [{"role": "user", "content": "\u202eabc\u200b\u200d\u2066שלום\u2069"}], **QUICK}),
+    ("RTL and zero-width", {"messages": [{"role": "user", "content": "\u202eabc\u200b\u200d\u2066שלום\u2069"}],
+                            **QUICK}),
     ("control-token text", {"messages": [{"role": "user", "content": "[INST]x[/INST][THINK]y[/THINK]</s>"
                                                                       "[SYSTEM_PROMPT][TOOL_CALLS]"}], **QUICK}),
     ("emoji and combining", {"messages": [{"role": "user", "content": "👩‍👩‍👧 é ﷽ \U0010FFFF"}], **QUICK}),
@@ -429,3 +430,26 @@ def test_worker_crash_is_a_503_then_the_service_recovers(tiny_server, oai):
     assert oai.chat.completions.create(model="tiny-F32", messages=USER, extra_body=QUICK).choices[0].message.content
     metrics = httpx.get(f"{tiny_server.url}/metrics", headers=tiny_server.headers).text
     assert 'edge_magistral_worker_failures_total{reason="crashed"} 2.0' in metrics
+
+
+# ------------------------------------------------------------------------ a real (non-Magistral) model
+
+def test_a_real_model_answers_through_the_service(smollm2_gguf, tmp_path):
+    """SmolLM2 (real weights, its own chat template, no [THINK]): a natural end, no reasoning."""
+    import serve_harness
+
+    server = serve_harness.start(smollm2_gguf, tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "What is the capital "
+                                                                 "of France? One word."}], max_tokens=48, seed=1)
+        assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content.strip()
+        assert r.choices[0].message.model_extra.get("reasoning_content") is None
+        assert r.usage.completion_tokens_details.reasoning_tokens == 0
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Capital of France?"}],
+                                           max_tokens=48, seed=1, response_format={
+                                               "type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+        assert isinstance(json.loads(r.choices[0].message.content)["city"], str)
+    finally:
+        assert server.stop() == 0

@@ -12,6 +12,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 import serve_harness
 
@@ -86,16 +87,47 @@ def test_notify_watchdog_hang_and_graceful_stop(tiny_gguf_f32, tmp_path):
         # SIGTERM mid-stream: STOPPING=1, no new requests, the stream in flight finishes, exit 0
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "max_thinking_tokens": 0,
                 "stream": True}
+        queued: list[httpx.Response] = []
         with server.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
             next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+            waiter = threading.Thread(target=lambda: queued.append(server.client().post(
+                "/v1/chat/completions", json={**body, "stream": False})))
+            waiter.start()
+            _until(lambda: httpx.get(f"{server.url}/health").json()["queue"] == 1)
+            worker = server.worker_pid()
             server.proc.send_signal(signal.SIGTERM)
             listener.wait_for("STOPPING=1", 5)
             with pytest.raises(httpx.HTTPError):  # the listener is closed
                 httpx.get(f"{server.url}/health", timeout=2).raise_for_status()
             rest = list(lines)
-        assert "data: [DONE]" in rest and '"finish_reason": "length"' in "".join(rest)
+            waiter.join(10)
+        assert "data: [DONE]" in rest and '"finish_reason": "length"' in "".join(rest)  # finished, not cut
+        assert queued[0].status_code == 503 and queued[0].json()["error"]["code"] == "shutting_down"
         assert server.proc.wait(30) == 0, server.log_text()
+        assert not psutil.pid_exists(worker)  # the model (and its memory) went with it
     finally:
         server.stop()
+        listener.close()
+
+
+def _until(condition, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not met"
+        time.sleep(0.02)
+
+
+def test_a_model_that_cannot_load_never_reports_ready(tiny_gguf_f32, tmp_path):
+    """RELIABILITY.md 1: a truncated GGUF fails the start with its reason, exit status of the error."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf_f32.read_bytes()[:200_000])
+    listener = Listener(str(tmp_path / "notify"))
+    try:
+        server = serve_harness.start(cut, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify")}, wait=False)
+        assert server.proc.wait(60) == 4, server.log_text()  # CorruptModelError's exit code
+        assert "cannot load the model" in server.log_text()
+        assert not any("READY=1" in m for _, m in listener.messages)
+        assert any(m.startswith("STATUS=failed: cannot load the model") for _, m in listener.messages)
+    finally:
         listener.close()

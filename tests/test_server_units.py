@@ -49,10 +49,10 @@ def test_key_checker_accepts_only_configured_keys():
     assert not KeyChecker([]).enabled
 
 
-@pytest.mark.parametrize("header,host,loop", [("localhost:8080", "localhost", True), ("127.0.0.1", "127.0.0.1", True),
-                                              ("[::1]:80", "::1", True), ("127.8.9.10:1", "127.8.9.10", True),
-                                              ("Evil.Example:80", "evil.example", False),
-                                              ("localhost.evil.example", "localhost.evil.example", False)])
+@pytest.mark.parametrize("header,host,loop", [
+    ("localhost:8080", "localhost", True), ("127.0.0.1", "127.0.0.1", True), ("[::1]:80", "::1", True),
+    ("127.8.9.10:1", "127.8.9.10", True), ("Evil.Example:80", "evil.example", False),
+    ("localhost.evil.example", "localhost.evil.example", False)])
 def test_host_header_parsing(header: str, host: str, loop: bool):
     assert host_name(header) == host and is_loopback(host) is loop
 
@@ -82,7 +82,7 @@ def test_guard_order_and_openai_error_bodies(tmp_path: Path):
             assert r.status_code == 401 and r.json()["error"]["code"] == "key_in_query"
             r = await c.post("/v1/chat/completions", headers=auth, content=b"x" * (3 * 1024 * 1024))
             assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
-            r = await c.post("/v1/chat/completions", headers=auth, json={"messages": [{"role": "user", "content": "hi"}]})
+            r = await c.post("/v1/chat/completions", headers=auth, json={"messages": MSG})
             assert r.status_code == 503 and r.headers["retry-after"] == "5"  # the model is not loaded
     asyncio.run(go())
 
@@ -130,8 +130,8 @@ def test_validation_messages_name_the_field():
     cases = {
         json.dumps({"messages": MSG, "stop": ["a"] * 5}): ("stop", "at most 4"),
         json.dumps({"messages": MSG, "presence_penalty": 1}): ("presence_penalty", "not supported"),
-        json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}): ("messages.0.content.0.type",
-                                                                                          "'text'"),
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}):
+            ("messages.0.content.0.type", "'text'"),
         json.dumps({"messages": MSG, "max_tokens": 2.5}): ("max_tokens", "integer"),
     }
     for body, (param, words) in cases.items():
@@ -148,9 +148,9 @@ def test_schema_limits_match_the_engine():
     assert (MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH) == (engine.MAX_SCHEMA_BYTES, engine.MAX_SCHEMA_DEPTH)
 
 
-@pytest.mark.parametrize("extra,expected", [({}, None), ({"max_thinking_tokens": 0}, 0), ({"max_thinking_tokens": 500}, 500),
-                                            ({"reasoning_effort": "none"}, 0), ({"reasoning_effort": "low"}, 1024),
-                                            ({"reasoning_effort": "medium"}, 4096), ({"reasoning_effort": "high"}, 8192)])
+@pytest.mark.parametrize("extra,expected", [
+    ({}, None), ({"max_thinking_tokens": 0}, 0), ({"max_thinking_tokens": 500}, 500), ({"reasoning_effort": "none"}, 0),
+    ({"reasoning_effort": "low"}, 1024), ({"reasoning_effort": "medium"}, 4096), ({"reasoning_effort": "high"}, 8192)])
 def test_reasoning_effort_maps_to_budgets(extra: dict, expected: int | None):
     req = ChatCompletionRequest.model_validate({"messages": MSG, **extra})
     assert think_budget(req, default=8192, n_ctx=32768) == expected
@@ -186,3 +186,35 @@ def test_serve_reports_a_busy_port_before_loading(tmp_path: Path):
 def test_serve_needs_a_model(tmp_path: Path):
     r = _serve(env={"EDGE_MAGISTRAL_MODEL": ""})
     assert r.exit_code == 3 and "no model" in r.output
+
+
+def test_serve_reads_the_service_config_and_options_override_it(tmp_path: Path):
+    from edge_magistral.systemd import ServiceConfig
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    config = tmp_path / "config.yaml"
+    config.write_text(ServiceConfig(model=str(model), host="0.0.0.0", port=1).to_yaml())
+    r = _serve("--config", str(config))
+    assert r.exit_code == 2 and "refusing to listen on 0.0.0.0" in r.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _serve("--config", str(config), "--host", "127.0.0.1", "--port", str(port))
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output
+
+
+def test_repeated_worker_failures_stop_the_service():
+    """Restarts back off, and too many failures in the window end the service (exit 1) so that
+    systemd's restart policy and start limit take over (RELIABILITY.md 6, 29)."""
+    from edge_magistral.server.supervisor import State, Supervisor, SupervisorConfig
+    from edge_magistral.server.worker import WorkerSettings
+
+    fatal: list[tuple[int, str]] = []
+    sup = Supervisor(WorkerSettings("m.gguf"), SupervisorConfig(max_restarts=3, restart_window_s=60),
+                     on_fatal=lambda code, message: fatal.append((code, message)))
+    backoffs = [sup._note_crash() for _ in range(3)]
+    assert backoffs == [0.5, 1.0, 2.0] and not fatal and sup.state is State.LOADING
+    sup._note_crash()
+    assert sup.state is State.FAILED and fatal == [(1, "the model worker failed 4 times in 60 s")]

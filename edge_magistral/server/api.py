@@ -138,6 +138,8 @@ class RequestRun:
         while (ev := await self.next())[0] != "done":
             if ev[0] == "error":
                 raise error_from_event(ev)
+        if self.job.cancelled:  # nobody is listening; counted apart from answers in the metrics
+            raise ApiError(499, "the client closed the request", code="client_closed")
         return self.outcome
 
     def close(self) -> None:
@@ -225,7 +227,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     payload = [{"role": r, "content": c} for r, c in spec.messages]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _streaming(run, _chat_chunks(run, meta, include_usage, lambda: _after(request, run, "chat", payload)))
+        chunks = _chat_chunks(run, meta, include_usage, lambda: _after(request, run, "chat", payload))
+        return await _streaming(run, chunks)
     try:
         o = await run.finish()
     finally:
@@ -247,7 +250,8 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     meta = _meta("cmpl", info)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _streaming(run, _text_chunks(run, meta, include_usage, lambda: _after(request, run, "raw", req.prompt)))
+        chunks = _text_chunks(run, meta, include_usage, lambda: _after(request, run, "raw", req.prompt))
+        return await _streaming(run, chunks)
     try:
         o = await run.finish()
     finally:

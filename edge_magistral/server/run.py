@@ -70,7 +70,7 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
     svc = build_service(config, notifier=notifier, on_fatal=on_fatal)
     uv = uvicorn.Config(
         svc.app, host=config.host, port=config.port, log_level=logging.getLevelName(config.log_level).lower(),
-        access_log=config.log_level <= logging.INFO, timeout_graceful_shutdown=int(config.drain_timeout_s),
+        access_log=config.log_level <= logging.INFO, timeout_graceful_shutdown=config.drain_timeout_s,
         limit_concurrency=max(64, 4 * config.queue_size), timeout_keep_alive=5, server_header=False,
         lifespan="on",
     )
@@ -78,7 +78,7 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    print(f"edge-magistral: serving {config.model_name} on http://{url_host}:{port}", file=sys.stderr, flush=True)
+    print(f"edge-magistral: listening on http://{url_host}:{port} ({config.model_name})", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from edge_magistral.server.errors import ApiError, unavailable
+from edge_magistral.server.errors import ApiError, retry_after, unavailable
 from edge_magistral.server.worker import JobSpec, WorkerSettings, worker_main
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class _Link:
         self.gen, self.outbox = gen, queue.SimpleQueue()
         self.started = self.last_beat = time.monotonic()
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
+        self.ready = False  # loaded: it reads the pipe from then on
         threading.Thread(target=self._read, args=(on_message,), name=f"worker-read-{gen}", daemon=True).start()
         threading.Thread(target=self._write, name=f"worker-write-{gen}", daemon=True).start()
 
@@ -169,8 +170,9 @@ class Supervisor:
             self.current = None
         if link is None:
             return
-        link.send(("stop",))
-        await asyncio.to_thread(link.proc.join, timeout_s)
+        if link.ready:  # a loading worker reads no messages: it is simply killed
+            link.send(("stop",))
+            await asyncio.to_thread(link.proc.join, timeout_s)
         link.kill()
         await asyncio.to_thread(link.proc.join, 5)
         link.close()
@@ -191,10 +193,9 @@ class Supervisor:
         if self.state in (State.DRAINING, State.STOPPED, State.FAILED):
             raise unavailable("the server is shutting down", 5, "shutting_down")
         if len(self.queue) >= self.config.queue_size:
-            wait = self.avg_job_s * (len(self.queue) + 1)
             raise ApiError(429, f"the server is busy: {len(self.queue)} requests are waiting "
                                 f"(queue size {self.config.queue_size}); retry later",
-                           code="queue_full", headers={"Retry-After": str(max(1, min(60, int(wait + 0.999))))})
+                           code="queue_full", headers=retry_after(min(60.0, self.expected_wait_s())))
         job = Job(spec, time.monotonic() + deadline_s if deadline_s else None)
         self.queue.append(job)
         self._update_queue_metric()
@@ -224,7 +225,8 @@ class Supervisor:
             if job.deadline is not None:
                 left = job.deadline - now
                 if left < 0.5:
-                    self._fail(job, unavailable("the request timed out in the queue", self.avg_job_s, "queue_timeout"))
+                    self._fail(job, unavailable("the request timed out in the queue", self.expected_wait_s(),
+                                                "queue_timeout"))
                     continue
                 limits["deadline_s"] = min(limits.get("deadline_s") or left, left)
             job.started = self.last_progress = now
@@ -265,6 +267,9 @@ class Supervisor:
             self._give_up(msg[3], f"cannot load the model: {msg[2]}")
 
     def _on_ready(self, info: dict[str, Any]) -> None:
+        self.link.ready = True
+        if self.state is not State.LOADING:  # shutting down meanwhile
+            return
         self.info, self.state, first = info, State.READY, not self._ever_ready
         self._ever_ready = True
         if self.metrics is not None:
@@ -413,5 +418,6 @@ class Supervisor:
     def worker_pid(self) -> int | None:
         return self.link.proc.pid if self.link is not None else None
 
-    def retry_after_s(self) -> float:
+    def expected_wait_s(self) -> float:
+        """Until a new request would start: the queue ahead, at the recent pace."""
         return self.avg_job_s * (len(self.queue) + 1)

@@ -111,7 +111,9 @@ class _Worker:
 
     def _beat(self) -> None:
         while True:
-            kv = getattr(self.engine, "_kv", None)  # grows per prefill batch (see the report)
+            # The engine's KV length grows with each prefill batch, so a long prompt shows progress
+            # before its first token (the engine has no public progress counter yet).
+            kv = getattr(self.engine, "_kv", None)
             self.send(("beat", (self.events, len(kv) if kv is not None else 0)))
             time.sleep(BEAT_INTERVAL_S)
 
