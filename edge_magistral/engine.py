@@ -85,6 +85,7 @@ class Limits:
     stop: tuple[str, ...] = ()
     system_mode: str = "replace"
     force_thinking: bool = False  # open [THINK] in the prompt instead of letting the model choose
+    raw: bool = False  # a raw completion: no thinking handling, every token is answer text
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ class Engine:
         self.tokenizer = tk.TekkenTokenizer.from_gguf(settings.model_path) if self.is_magistral else None
         self._pieces: dict[int, bytes] = {}
         self._kv: list[int] = []  # the tokens now in the KV cache (sequence 0)
+        self.tokens_evaluated = 0  # grows with every prefill batch and token: progress for a heartbeat
         self._one = (llama_cpp.llama_token * 1)()
 
     # ----------------------------------------------------------------------- loading
@@ -323,6 +325,7 @@ class Engine:
                 self._reset_kv()
                 raise BackendError(f"llama_decode failed ({rc}): out of KV cache or backend error")
             self._kv.extend(chunk)
+            self.tokens_evaluated += len(chunk)
             if poll is not None and i + n_batch < len(tokens) and poll():
                 return False
         return True
@@ -335,7 +338,7 @@ class Engine:
         """Keep the longest common prefix of the KV cache and ``prompt`` (at least one token is
         always re-evaluated, to get fresh logits); return how many tokens were reused."""
         n = 0
-        for a, b in zip(self._kv, prompt):
+        for a, b in zip(self._kv, prompt, strict=False):
             if a != b:
                 break
             n += 1
@@ -381,11 +384,16 @@ class Engine:
         """Ask the running generation to stop at the next token (thread-safe)."""
         self._cancel.set()
 
+    def thinks(self, limits: Limits) -> bool:
+        """Whether this turn has a [THINK] phase: Magistral chat turns, not raw completions."""
+        return self.is_magistral and not limits.raw
+
     def watchdog_config(self, limits: Limits, max_tokens: int) -> WatchdogConfig:
         budget = self.settings.think_budget if limits.think_budget is None else limits.think_budget
-        if not self.is_magistral:  # no [THINK] tokens: everything is answer
+        thinks = self.thinks(limits)
+        if not thinks:  # no [THINK] phase: everything is answer
             budget = 0
-        ids = {} if self.is_magistral else {"think_id": -1, "end_think_id": -2, "eos_id": self.eos_id}
+        ids = {} if thinks else {"think_id": -1, "end_think_id": -2, "eos_id": self.eos_id}
         return WatchdogConfig(think_budget=budget, answer_budget=limits.answer_budget, max_tokens=max_tokens,
                               deadline_s=limits.deadline_s, ttft_deadline_s=limits.ttft_deadline_s, **ids)
 
@@ -432,7 +440,7 @@ class _Turn:
         self.wd = Watchdog(engine.watchdog_config(limits, self.max_tokens))
         from edge_magistral.watchdog import check_sampling
 
-        self.temperature, self.temp_note = check_sampling(limits.temperature, engine.is_magistral)
+        self.temperature, self.temp_note = check_sampling(limits.temperature, engine.thinks(limits))
         self.grammar = schema_grammar(limits.json_schema) if limits.json_schema is not None else None
         self.detok = Detokenizer(engine.piece)
         self.stops = _StopMatcher(limits.stop)
@@ -485,9 +493,9 @@ class _Turn:
             yield WatchdogAction("sampling", "temperature_clamped", self.temp_note)
         d = self.wd.start()
         prompt = list(self.prompt)
-        if d.action is Action.FORCE_CLOSE and e.is_magistral:  # think budget 0: closed in the prompt
+        if d.action is Action.FORCE_CLOSE and e.thinks(self.limits):  # think budget 0: closed in the prompt
             prompt += [p for p in d.inject if isinstance(p, int)]
-        elif self.limits.force_thinking and e.is_magistral:
+        elif self.limits.force_thinking and e.thinks(self.limits):
             prompt.append(tk.THINK)
             d = self.wd.feed(tk.THINK, "", True)
         yield from self._new_events()

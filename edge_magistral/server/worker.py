@@ -111,10 +111,10 @@ class _Worker:
 
     def _beat(self) -> None:
         while True:
-            # The engine's KV length grows with each prefill batch, so a long prompt shows progress
-            # before its first token (the engine has no public progress counter yet).
-            kv = getattr(self.engine, "_kv", None)
-            self.send(("beat", (self.events, len(kv) if kv is not None else 0)))
+            # tokens_evaluated grows with each prefill batch, so a long prompt shows progress
+            # before its first token.
+            progress = self.engine.tokens_evaluated if self.engine is not None else 0
+            self.send(("beat", (self.events, progress)))
             time.sleep(BEAT_INTERVAL_S)
 
     def _control(self) -> None:
@@ -192,12 +192,12 @@ class _Worker:
             if job_id in self.cancelled:
                 self.engine.cancel()
             ids = self._prompt_ids(spec)
-            with _raw_mode(self.engine, spec.kind == "raw"):
-                for ev in self.engine.generate_ids(ids, Limits(**spec.limits)):
-                    self.events += 1
-                    self.send(("event", job_id, encode_event(ev)))
-                    if job_id in self.cancelled:  # a cancel that raced the start of the turn
-                        self.engine.cancel()
+            limits = Limits(**spec.limits, raw=spec.kind == "raw")
+            for ev in self.engine.generate_ids(ids, limits):
+                self.events += 1
+                self.send(("event", job_id, encode_event(ev)))
+                if job_id in self.cancelled:  # a cancel that raced the start of the turn
+                    self.engine.cancel()
         except _PromptTooLong as e:
             self.send(("event", job_id, ("error", 400, "context_length_exceeded", str(e))))
         except BadInputError as e:
@@ -231,19 +231,3 @@ class _Worker:
 
 class _PromptTooLong(Exception):
     pass
-
-
-class _raw_mode:
-    """Raw completions get no thinking handling: every token is answer text and nothing is
-    injected into the prompt. The engine has no switch for that yet, so the turn runs with the
-    engine treating the model as a non-Magistral one (the worker runs one turn at a time)."""
-
-    def __init__(self, engine: Any, on: bool):
-        self.engine, self.on, self.saved = engine, on, engine.is_magistral
-
-    def __enter__(self) -> None:
-        if self.on:
-            self.engine.is_magistral = False
-
-    def __exit__(self, *exc: object) -> None:
-        self.engine.is_magistral = self.saved
