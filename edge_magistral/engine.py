@@ -338,7 +338,7 @@ class Engine:
         """Keep the longest common prefix of the KV cache and ``prompt`` (at least one token is
         always re-evaluated, to get fresh logits); return how many tokens were reused."""
         n = 0
-        for a, b in zip(self._kv, prompt, strict=False):
+        for a, b in zip(self._kv, prompt):
             if a != b:
                 break
             n += 1
