@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_magistral.engine import Done, Engine, Limits, LoadSettings  # noqa: E402  (first: loads llama_cpp)
 from edge_magistral.chat import Message  # noqa: E402
+from edge_magistral.engine import Done, Engine, Limits, LoadSettings  # noqa: E402  (loads llama_cpp before numpy)
 from edge_magistral.watchdog import per_token_cost_us  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "engine_overhead.json"
