@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import err_console
@@ -34,7 +35,7 @@ def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile:
     path = _model_path(model, yes, profile)
     p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), profile_name=profile)
     if not quiet:
-        err_console().print(f"[bold]{Path(path).name}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
+        err_console().print(f"[bold]{escape(Path(path).name)}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
                             f"context {p.n_ctx}, KV {p.type_k}, profile {p.profile}")
     if quiet:
         engine = Engine(LoadSettings.from_plan(p))
@@ -66,14 +67,14 @@ def _stream(engine, messages, limits, show_thinking: bool, echo: bool):
         if isinstance(ev, ThinkingText):
             reasoning.append(ev.text)
             if show_thinking:
-                err_console().print(ev.text, style="dim", end="")
+                err_console().print(ev.text, style="dim", end="", markup=False)
         elif isinstance(ev, AnswerText):
             answer.append(ev.text)
             if echo:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
         elif isinstance(ev, WatchdogAction) and show_thinking:
-            err_console().print(f"\n[watchdog: {ev.action} ({ev.reason})]", style="yellow")
+            err_console().print(f"\n[watchdog: {ev.action} ({ev.reason})]", style="yellow", markup=False)
         elif isinstance(ev, Done):
             done = ev
     if echo:
@@ -229,11 +230,11 @@ def chat(model, think_budget, max_tokens, system, system_mode, temperature, seed
                 continue
             except BadInputError as e:
                 history.pop()
-                err_console().print(f"error: {e}", style="red")
+                err_console().print(f"error: {e}", style="red", markup=False)
                 continue
             history.append(Message("assistant", answer))
             _audit(audit_log, redact, engine, plan, history[:-1], reasoning, answer, done, sha)
             if done.finish_reason == "length":
-                err_console().print(f"[answer cut: {done.stop_reason}]", style="yellow")
+                err_console().print(f"[answer cut: {done.stop_reason}]", style="yellow", markup=False)
     finally:
         engine.close()
