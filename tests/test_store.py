@@ -629,7 +629,7 @@ def test_bundle_with_wheels_fails_cleanly_without_an_index(tmp_path: Path, two_q
     r = invoke("bundle", "--quant", "Q4_K_M", "--out", tmp_path / "b", "--with-wheels",
                "--platform", "manylinux2014_aarch64", "--python-version", "3.10",
                "--pip-arg=--no-index", f"--pip-arg=--find-links={tmp_path / 'empty-index'}")
-    one_line_error(r, 1, "pip download failed", "no bundle was left")
+    one_line_error(r, 1, "pip ", "failed", "no bundle was left")  # pip wheel (the project) or pip download
     assert not (tmp_path / "b").exists()
 
 
