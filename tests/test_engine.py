@@ -211,3 +211,19 @@ def test_a_gguf_with_a_hostile_template_is_refused(smollm2_gguf: Path, tmp_path:
     finally:
         e.close()
     assert not Path("/tmp/edge-magistral-pwned").exists()
+
+
+@pytest.mark.parametrize("entry", ["edge_magistral.engine", "edge_magistral.cli.run_cmds",
+                                   "edge_magistral.server.worker"])
+def test_llama_cpp_loads_before_numpy(entry: str) -> None:
+    """On a CUDA build, numpy loaded before llama_cpp made every model load segfault (found on an
+    H200): whatever path leads to a model load must import the engine (llama_cpp) first."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, importlib; importlib.import_module({entry!r}); "
+            "import edge_magistral.engine, edge_magistral.planner, edge_magistral.gguf_info; "
+            "edge_magistral.gguf_info._type_sizes(); m = list(sys.modules); "
+            "print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # the library loader vs numpy
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
