@@ -40,4 +40,10 @@ for step in $STEPS; do case $step in
     [ -f $M/Q4_K_M.gguf ] || shaped Q4_K_M
     timeout 120 llama-bench -m $M/Q4_K_M.gguf -p 512 -n 128 -fa 1 -o json > "$OUT/llama_bench_q4km.json" 2> "$OUT/llama_bench.err"
     cat "$OUT/llama_bench_q4km.json" ;;
+  parallel)  # issue 7: aggregate generation at 1/2/4/8 streams, ours vs llama-batched-bench
+    [ -f $M/Q4_K_M.gguf ] || shaped Q4_K_M
+    timeout 60 llama-batched-bench -m $M/Q4_K_M.gguf -c 8192 -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,2,4,8 \
+      -fa 1 -ngl 99 2>&1 | tail -12 | tee "$OUT/batched_bench.txt"
+    timeout 120 python3 benchmarks/parallel_decode.py --model $M/Q4_K_M.gguf --n-gpu-layers 99 \
+      --out "$OUT/parallel_decode_gpu.json" 2>&1 | tee "$OUT/parallel.log" ;;
 esac; done

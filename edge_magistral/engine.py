@@ -217,16 +217,15 @@ def schema_grammar(schema: dict[str, Any]) -> str:
         raise BadInputError(f"unsupported json schema: {e}") from None
 
 
-class Engine:
-    """One loaded model and its context; :meth:`generate` runs one turn at a time."""
+class LoadedModel:
+    """The model side that Engine and BatchEngine share: loading, tokenization, token pieces,
+    sampler chains and watchdog settings. The context (``self.ctx``) is whatever ``_load`` built."""
 
     def __init__(self, settings: LoadSettings):
         self.settings = settings
         self.info: GGUFInfo = read_info(settings.model_path)  # bounded pre-check first
         check_model(self.info)
         self.is_magistral = self.info.tokenizer_pre == "tekken" and "end_think" in self.info.special_tokens
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
         t0 = time.monotonic()
         self.llm = self._load(settings)
         self.load_s = time.monotonic() - t0
@@ -238,9 +237,6 @@ class Engine:
         self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
         self.tokenizer = tk.TekkenTokenizer.from_gguf(settings.model_path) if self.is_magistral else None
         self._pieces: dict[int, bytes] = {}
-        self._kv: list[int] = []  # the tokens now in the KV cache (sequence 0)
-        self.tokens_evaluated = 0  # grows with every prefill batch and token: progress for a heartbeat
-        self._one = (llama_cpp.llama_token * 1)()
 
     # ----------------------------------------------------------------------- loading
     @staticmethod
@@ -312,6 +308,57 @@ class Engine:
         n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:max(n, 0)].decode("utf-8", "replace")
 
+    def _sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if banned:
+            arr = (lc.llama_logit_bias * len(banned))()
+            for i, t in enumerate(sorted(banned)):
+                arr[i].token, arr[i].bias = t, float("-inf")
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(banned), arr))
+        if grammar is not None:
+            g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not g:
+                lc.llama_sampler_free(chain)
+                raise BadInputError("the JSON schema's grammar did not parse")
+            lc.llama_sampler_chain_add(chain, g)
+        if temperature <= 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if limits.top_k > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(limits.top_k))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(limits.top_p, 1))
+            if limits.min_p > 0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(limits.min_p, 1))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
+            seed = limits.seed if limits.seed is not None else lc.LLAMA_DEFAULT_SEED
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def thinks(self, limits: Limits) -> bool:
+        """Whether this turn has a [THINK] phase: Magistral chat turns, not raw completions."""
+        return self.is_magistral and not limits.raw
+
+    def watchdog_config(self, limits: Limits, max_tokens: int) -> WatchdogConfig:
+        budget = self.settings.think_budget if limits.think_budget is None else limits.think_budget
+        thinks = self.thinks(limits)
+        if not thinks:  # no [THINK] phase: everything is answer
+            budget = 0
+        ids = {} if thinks else {"think_id": -1, "end_think_id": -2, "eos_id": self.eos_id}
+        return WatchdogConfig(think_budget=budget, answer_budget=limits.answer_budget, max_tokens=max_tokens,
+                              deadline_s=limits.deadline_s, ttft_deadline_s=limits.ttft_deadline_s, **ids)
+
+class Engine(LoadedModel):
+    """One loaded model and its context; :meth:`generate` runs one turn at a time."""
+
+    def __init__(self, settings: LoadSettings):
+        super().__init__(settings)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._kv: list[int] = []  # the tokens now in the KV cache (sequence 0)
+        self.tokens_evaluated = 0  # grows with every prefill batch and token: progress for a heartbeat
+        self._one = (llama_cpp.llama_token * 1)()
+
     # ---------------------------------------------------------------- llama.cpp calls
     def _decode(self, tokens: Sequence[int], poll: Callable[[], bool] | None = None) -> bool:
         """Evaluate tokens in n_batch chunks; False if ``poll`` asked to stop between chunks."""
@@ -352,50 +399,10 @@ class Engine:
         del self._kv[n:]
         return n
 
-    def _sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
-        lc = self._lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if banned:
-            arr = (lc.llama_logit_bias * len(banned))()
-            for i, t in enumerate(sorted(banned)):
-                arr[i].token, arr[i].bias = t, float("-inf")
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(banned), arr))
-        if grammar is not None:
-            g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-            if not g:
-                lc.llama_sampler_free(chain)
-                raise BadInputError("the JSON schema's grammar did not parse")
-            lc.llama_sampler_chain_add(chain, g)
-        if temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if limits.top_k > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(limits.top_k))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(limits.top_p, 1))
-            if limits.min_p > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(limits.min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
-            seed = limits.seed if limits.seed is not None else lc.LLAMA_DEFAULT_SEED
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
     # ---------------------------------------------------------------------- a turn
     def cancel(self) -> None:
         """Ask the running generation to stop at the next token (thread-safe)."""
         self._cancel.set()
-
-    def thinks(self, limits: Limits) -> bool:
-        """Whether this turn has a [THINK] phase: Magistral chat turns, not raw completions."""
-        return self.is_magistral and not limits.raw
-
-    def watchdog_config(self, limits: Limits, max_tokens: int) -> WatchdogConfig:
-        budget = self.settings.think_budget if limits.think_budget is None else limits.think_budget
-        thinks = self.thinks(limits)
-        if not thinks:  # no [THINK] phase: everything is answer
-            budget = 0
-        ids = {} if thinks else {"think_id": -1, "end_think_id": -2, "eos_id": self.eos_id}
-        return WatchdogConfig(think_budget=budget, answer_budget=limits.answer_budget, max_tokens=max_tokens,
-                              deadline_s=limits.deadline_s, ttft_deadline_s=limits.ttft_deadline_s, **ids)
 
     def generate(self, messages: Sequence[Message], limits: Limits = Limits()) -> Iterator[Event]:
         """Run one turn; yields ThinkingText/AnswerText/WatchdogAction events, then Done."""
@@ -424,10 +431,23 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class _Turn:
-    """The state of one generation: kept apart from the Engine so a turn's state dies with it."""
+@dataclass
+class Step:
+    """What one sampled token led to: events to stream, token runs to evaluate next (in order:
+    the token itself, then any forced-close injection), and whether the turn ends here."""
 
-    def __init__(self, engine: Engine, prompt: list[int], limits: Limits):
+    events: list[Event]
+    feeds: list[list[int]]
+    end: bool
+
+
+class _Turn:
+    """The state of one generation: kept apart from the Engine so a turn's state dies with it.
+
+    The per-token logic (:meth:`open`, :meth:`advance`, :meth:`finish`) knows nothing of the KV
+    cache, so the single-sequence :meth:`run` and the batching loop (``batch.py``) share it."""
+
+    def __init__(self, engine: LoadedModel, prompt: list[int], limits: Limits):
         self.e, self.prompt, self.limits = engine, prompt, limits
         self.t0 = time.monotonic()
         if len(prompt) >= engine.n_ctx:
@@ -440,12 +460,15 @@ class _Turn:
         self.wd = Watchdog(engine.watchdog_config(limits, self.max_tokens))
         from edge_magistral.watchdog import check_sampling
 
-        self.temperature, self.temp_note = check_sampling(limits.temperature, engine.thinks(limits))
+        # Only a turn that will think needs the anti-greedy clamp (think budget 0 never thinks).
+        thinking = engine.thinks(limits) and self.wd.think_budget > 0
+        self.temperature, self.temp_note = check_sampling(limits.temperature, thinking)
         self.grammar = schema_grammar(limits.json_schema) if limits.json_schema is not None else None
         self.detok = Detokenizer(engine.piece)
         self.stops = _StopMatcher(limits.stop)
         self.events_seen = 0
         self.sampler = None
+        self.decision: Decision | None = None  # the watchdog's latest decision (sampler bans, grammar)
         self.banned: frozenset[int] = frozenset()
         self.grammar_on = False
         self.grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
@@ -454,12 +477,80 @@ class _Turn:
         self.n_gen = 0
         self.ended_by: str | None = None  # the engine's own reasons: cancelled, stop_string, context_full
 
+    # -- per-sequence logic, shared with the batching loop
+    def open(self) -> tuple[list[int], list[Event]]:
+        """Start the watchdog: the full prompt to evaluate and the events due before it."""
+        e = self.e
+        events: list[Event] = []
+        if self.temp_note:
+            events.append(WatchdogAction("sampling", "temperature_clamped", self.temp_note))
+        d = self.wd.start()
+        prompt = list(self.prompt)
+        if d.action is Action.FORCE_CLOSE and e.thinks(self.limits):  # think budget 0: closed in the prompt
+            prompt += [p for p in d.inject if isinstance(p, int)]
+        elif self.limits.force_thinking and e.thinks(self.limits):
+            prompt.append(tk.THINK)
+            d = self.wd.feed(tk.THINK, "", True)
+        self.decision = d
+        return prompt, events + self._new_events()
+
+    def sampler_now(self):
+        """The native sampler for the next token, rebuilt if the watchdog's decision changed it."""
+        self._sampler_for(self.decision)
+        return self.sampler
+
+    def advance(self, token: int) -> Step:
+        """Account one sampled token: stream its text, ask the watchdog, say what to evaluate."""
+        wd = self.wd
+        if self.grammar_on:
+            self.grammar_tokens.append(token)
+        now = time.monotonic()
+        if self.t_first is None:
+            self.t_first = now
+        self.t_last = now
+        self.n_gen += 1
+        phase = wd.phase
+        text, complete = self.detok.push(token)
+        d = self.decision = wd.feed(token, text, complete)
+        if phase is Phase.BEFORE:  # a first token that is not [THINK] starts the answer
+            phase = wd.phase
+        events: list[Event] = []
+        feeds: list[list[int]] = []
+        if not d.drop:
+            if text and phase is Phase.THINKING:
+                events.append(ThinkingText(text))
+            elif text and phase is Phase.ANSWER:
+                out, hit = self.stops.push(text)
+                if out:
+                    events.append(AnswerText(out))
+                if hit:
+                    self.ended_by = "stop_string"
+                    return Step(events + self._new_events(), [], True)
+            if d.action is not Action.STOP:
+                feeds.append([token])
+        if d.action is Action.FORCE_CLOSE:
+            tail = self.detok.flush()
+            if tail:
+                events.append(ThinkingText(tail))
+            feeds.append(self._inject(d, events))
+        return Step(events + self._new_events(), feeds, d.action is Action.STOP)
+
+    def finish(self) -> list[Event]:
+        """The held-back answer text, the last watchdog events and Done."""
+        rest = self.stops.flush() if self.ended_by != "stop_string" else ""
+        return ([AnswerText(rest)] if rest else []) + self._new_events() + [self._done()]
+
+    def release(self) -> None:
+        if self.sampler is not None:
+            self.e._lc.llama_sampler_free(self.sampler)
+            self.sampler = None
+
     # -- helpers
-    def _new_events(self) -> Iterator[WatchdogAction]:
+    def _new_events(self) -> list[Event]:
         events = self.wd.usage().events
-        for ev in events[self.events_seen:]:
-            yield WatchdogAction(ev.action, ev.reason.value, ev.detail)
+        new: list[Event] = [WatchdogAction(ev.action, ev.reason.value, ev.detail) for ev in events[self.events_seen:]]
         self.events_seen = len(events)
+        return new
 
     def _sampler_for(self, d: Decision) -> None:
         """(Re)build the native sampler when the banned set changes or the grammar switches on."""
@@ -474,31 +565,23 @@ class _Turn:
         for t in self.grammar_tokens if want_grammar else ():  # a new grammar sampler starts from its root
             self.e._lc.llama_sampler_accept(self.sampler, t)
 
-    def _inject(self, d: Decision) -> Iterator[Event]:
+    def _inject(self, d: Decision, events: list[Event]) -> list[int]:
+        """The ids a forced close feeds (its text streams as reasoning); counted as reasoning."""
         ids: list[int] = []
         for piece in d.inject:
             if isinstance(piece, int):
                 ids.append(piece)
             else:
                 ids += self.e.encode_text(piece)
-                yield ThinkingText(piece)
-        if not self.e._decode(ids):
-            return
+                events.append(ThinkingText(piece))
         self.wd.injected(len(ids))
+        return ids
 
-    # -- the loop
+    # -- the single-sequence loop (Engine)
     def run(self) -> Iterator[Event]:
         e = self.e
-        if self.temp_note:
-            yield WatchdogAction("sampling", "temperature_clamped", self.temp_note)
-        d = self.wd.start()
-        prompt = list(self.prompt)
-        if d.action is Action.FORCE_CLOSE and e.thinks(self.limits):  # think budget 0: closed in the prompt
-            prompt += [p for p in d.inject if isinstance(p, int)]
-        elif self.limits.force_thinking and e.thinks(self.limits):
-            prompt.append(tk.THINK)
-            d = self.wd.feed(tk.THINK, "", True)
-        yield from self._new_events()
+        prompt, events = self.open()
+        yield from events
         try:
             self.cached = e._reuse_prefix(prompt)
             stopped = not e._decode(prompt[self.cached:], poll=self._poll_stop)
@@ -507,17 +590,15 @@ class _Turn:
                 yield from self._new_events()
                 yield self._done()
                 return
-            yield from self._loop(d)
+            yield from self._loop()
         finally:
-            if self.sampler is not None:
-                e._lc.llama_sampler_free(self.sampler)
-                self.sampler = None
+            self.release()
 
     def _poll_stop(self) -> bool:
         return self.e._cancel.is_set() or self.wd.poll().action is Action.STOP
 
-    def _loop(self, d: Decision) -> Iterator[Event]:
-        e, lc, wd = self.e, self.e._lc, self.wd
+    def _loop(self) -> Iterator[Event]:
+        e = self.e
         while True:
             if e._cancel.is_set():
                 self.ended_by = "cancelled"
@@ -525,46 +606,13 @@ class _Turn:
             if len(e._kv) >= e.n_ctx:
                 self.ended_by = "context_full"
                 break
-            self._sampler_for(d)
-            token = lc.llama_sampler_sample(self.sampler, e.ctx, -1)
-            if self.grammar_on:
-                self.grammar_tokens.append(token)
-            now = time.monotonic()
-            if self.t_first is None:
-                self.t_first = now
-            self.t_last = now
-            self.n_gen += 1
-            phase = wd.phase
-            text, complete = self.detok.push(token)
-            d = wd.feed(token, text, complete)
-            if phase is Phase.BEFORE:  # a first token that is not [THINK] starts the answer
-                phase = wd.phase
-            if not d.drop:
-                if text and phase is Phase.THINKING:
-                    yield ThinkingText(text)
-                elif text and phase is Phase.ANSWER:
-                    out, hit = self.stops.push(text)
-                    if out:
-                        yield AnswerText(out)
-                    if hit:
-                        self.ended_by = "stop_string"
-                        yield from self._new_events()
-                        break
-                if d.action is not Action.STOP and not e._decode([token]):
-                    break
-            if d.action is Action.FORCE_CLOSE:
-                tail = self.detok.flush()
-                if tail:
-                    yield ThinkingText(tail)
-                yield from self._inject(d)
-            yield from self._new_events()
-            if d.action is Action.STOP:
+            step = self.advance(e._lc.llama_sampler_sample(self.sampler_now(), e.ctx, -1))
+            yield from step.events
+            for ids in step.feeds:
+                e._decode(ids)
+            if step.end:
                 break
-        rest = self.stops.flush() if self.ended_by != "stop_string" else ""
-        if rest:
-            yield AnswerText(rest)
-        yield from self._new_events()
-        yield self._done()
+        yield from self.finish()
 
     def _done(self) -> Done:
         u: WatchdogUsage = self.wd.usage()

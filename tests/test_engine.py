@@ -227,3 +227,13 @@ def test_llama_cpp_loads_before_numpy(entry: str) -> None:
             "print(m.index('llama_cpp.llama_cpp') < m.index('numpy'))")  # the library loader vs numpy
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_greedy_is_allowed_without_thinking_and_clamped_with_it(engine) -> None:
+    no_think = collect(engine.generate(HELLO, Limits(think_budget=0, max_tokens=8, temperature=0.0)))
+    assert no_think[3].sampling["temperature"] == 0.0
+    assert not any(a.reason == "temperature_clamped" for a in no_think[2])
+    thinking = collect(engine.generate(HELLO, Limits(think_budget=64, max_tokens=400, temperature=0.0,
+                                                     force_thinking=True, seed=1)))
+    assert thinking[3].sampling["temperature"] == 0.5
+    assert any(a.reason == "temperature_clamped" for a in thinking[2])

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import httpx
 import openai
 import pytest
-from serve_harness import API_KEY
+import serve_harness
+from serve_harness import API_KEY, ttft, wait_idle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,23 +32,12 @@ def oai(tiny_server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
-def _idle(server, timeout: float = 10) -> None:
-    """Wait until the engine is free (a previous test's cancelled request has ended)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        h = httpx.get(f"{server.url}/health", timeout=5).json()
-        if h.get("status") == "ok" and not h["generating"] and h["queue"] == 0:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the engine stayed busy: {h}")
-
-
 # ------------------------------------------------------------------------------ openai client
 
 def test_health_models_and_metrics(tiny_server, oai):
     h = httpx.get(f"{tiny_server.url}/health").json()  # open route: no key
     assert h["status"] == "ok" and h["model"] == "tiny-F32"
-    assert h["plan"]["n_ctx"] == 1024 and h["plan"]["quant"] == "F32"
+    assert h["plan"]["n_ctx"] == 4096 and h["plan"]["quant"] == "F32"
     assert [m.id for m in oai.models.list()] == ["tiny-F32"]
     assert oai.models.retrieve("tiny-F32").id == "tiny-F32"
     with pytest.raises(openai.NotFoundError):
@@ -129,7 +120,7 @@ def test_openai_errors(tiny_server, oai):
         oai.chat.completions.create(model="tiny-F32", messages=USER, n=2)
     assert e.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model="tiny-F32", messages=[{"role": "user", "content": "word " * 3000}],
+        oai.chat.completions.create(model="tiny-F32", messages=[{"role": "user", "content": "word " * 6000}],
                                     extra_body=QUICK)
     assert e.value.code == "context_length_exceeded" and "too many" in e.value.message
     with pytest.raises(openai.BadRequestError, match="no room to think"):
@@ -170,6 +161,40 @@ def test_one_audit_record_per_request(tiny_server, oai):
     assert raw["prompt"] == "raw audit" and raw["sampling"]["kind"] == "raw" and raw["plan"]["quant"] == "F32"
 
 
+def test_prompts_and_answers_are_never_logged(tiny_server, oai):
+    """RELIABILITY.md 30: with the most verbose logging (-vv: every logger at DEBUG, llama.cpp's
+    own log included) a secret sent in every way a request can go (chat, streamed, raw, refused
+    by validation, too long for the context, given up by its client) and the answers it got show
+    up in the opt-in audit log only: never in the server's output, its other files, /metrics or
+    /health."""
+    secret = f"SECRET-{uuid.uuid4().hex}"
+    chat = [{"role": "system", "content": f"{secret} system"}, {"role": "user", "content": f"Repeat {secret}."}]
+    r = oai.chat.completions.create(model="tiny-F32", messages=chat, max_tokens=24, stop=[secret],
+                                    extra_body={"max_thinking_tokens": 0})
+    answer = r.choices[0].message.content
+    list(oai.chat.completions.create(model="tiny-F32", messages=chat, stream=True, extra_body=QUICK))
+    oai.completions.create(model="tiny-F32", prompt=f"{secret} raw", max_tokens=3)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="tiny-F32", messages=chat, extra_body={"frobnicate": secret})
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model="tiny-F32", messages=[{"role": "user", "content": f"{secret} " * 6000}],
+                                    extra_body=QUICK)
+    with tiny_server.client(timeout=0.3) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/chat/completions", json={"messages": chat, "max_tokens": 500, "max_thinking_tokens": 0})
+    wait_idle(tiny_server)
+
+    audit = tiny_server.log.parent / "audit.jsonl"
+    serve_harness.until(lambda: audit.read_text().count(secret) >= 5, what="the audit records")  # chat ×2, raw
+    assert len(answer) >= 12 and answer in audit.read_text()  # long enough not to occur anywhere by chance
+    seen = {"/metrics": httpx.get(f"{tiny_server.url}/metrics", headers=tiny_server.headers).text,
+            "/health": httpx.get(f"{tiny_server.url}/health").text}
+    seen.update({f.name: f.read_text(errors="replace") for f in tiny_server.log.parent.iterdir()
+                 if f.is_file() and f != audit})
+    assert "DEBUG worker llama_cpp.native" in tiny_server.log_text()  # the log was as verbose as it gets
+    for where, text in seen.items():
+        assert secret not in text and answer not in text, where
+
+
 # ------------------------------------------------------------------------------- concurrency
 
 def test_eight_concurrent_streaming_clients_all_complete(oai):
@@ -194,7 +219,7 @@ def test_eight_concurrent_streaming_clients_all_complete(oai):
 
 
 def test_queue_overflow_gives_429_with_retry_after(tiny_server):
-    _idle(tiny_server)
+    wait_idle(tiny_server)
     outcomes: list[int | str] = []
     retry_after: list[str] = []
     lock, go = threading.Lock(), threading.Event()
@@ -228,21 +253,11 @@ def test_queue_overflow_gives_429_with_retry_after(tiny_server):
     # one generating + 8 queued were admitted; the other 5 were refused at once, with Retry-After
     assert sorted(outcomes, key=str) == [429] * 5 + ["admitted"] * 9, outcomes
     assert all(ra and int(ra) >= 1 for ra in retry_after)
-    _idle(tiny_server, 15)  # every admitted request was cancelled or dequeued when its client left
-
-
-def _ttft(server, body: dict) -> float:
-    t0 = time.monotonic()
-    with server.client() as c, c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if '"content": "' in line and '"content": ""' not in line:
-                return time.monotonic() - t0
-    raise AssertionError("no content")
+    wait_idle(tiny_server, 15)  # every admitted request was cancelled or dequeued when its client left
 
 
 def test_killed_streaming_client_frees_the_engine(tiny_server, tmp_path):
-    _idle(tiny_server)
+    wait_idle(tiny_server)
     # A client process reads a few chunks of a long generation, then is killed (no clean close).
     script = tmp_path / "client.py"
     script.write_text(
@@ -259,15 +274,15 @@ def test_killed_streaming_client_frees_the_engine(tiny_server, tmp_path):
     client.send_signal(signal.SIGKILL)
     client.wait()
     # 500 tokens would take seconds more; the next request must start at once.
-    assert _ttft(tiny_server, {"messages": USER, **QUICK}) < 2.0
-    _idle(tiny_server)
+    assert ttft(tiny_server, {"messages": USER, **QUICK}) < 2.0
+    wait_idle(tiny_server)
 
 
 def test_non_streaming_client_that_gives_up_frees_the_engine(tiny_server):
-    _idle(tiny_server)
+    wait_idle(tiny_server)
     with tiny_server.client(timeout=0.5) as c, pytest.raises(httpx.ReadTimeout):
         c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 500, "max_thinking_tokens": 0})
-    assert _ttft(tiny_server, {"messages": USER, **QUICK}) < 2.0
+    assert ttft(tiny_server, {"messages": USER, **QUICK}) < 2.0
 
 
 # ------------------------------------------------------------------------------ bad requests
@@ -400,7 +415,7 @@ def _generating(server, timeout: float = 10) -> None:
 
 
 def test_worker_crash_is_a_503_then_the_service_recovers(tiny_server, oai):
-    _idle(tiny_server)
+    wait_idle(tiny_server)
     # a non-streaming request in flight when the worker is killed -9: 503 with Retry-After
     result: dict = {}
     body = {"messages": USER, "max_tokens": 500, "max_thinking_tokens": 0}

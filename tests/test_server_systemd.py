@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -15,47 +14,9 @@ import httpx
 import psutil
 import pytest
 import serve_harness
+from serve_harness import Listener
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Listener:
-    """Collects sd_notify datagrams with the time they arrived."""
-
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def wait_for(self, text: str, timeout: float, after: float = 0.0) -> float:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for t, m in list(self.messages):
-                if t >= after and any(line.startswith(text) for line in m.splitlines()):
-                    return t
-            time.sleep(0.02)
-        raise AssertionError(f"no {text!r} within {timeout} s: {self.messages}")
-
-    def pings(self, since: float, until: float | None = None) -> list[float]:
-        until = until or time.monotonic()
-        return [t for t, m in list(self.messages) if "WATCHDOG=1" in m.splitlines() and since <= t <= until]
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join()
-        self.sock.close()
 
 
 def test_notify_watchdog_hang_and_graceful_stop(tiny_gguf_f32, tmp_path):

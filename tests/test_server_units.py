@@ -1,18 +1,25 @@
 """The service's pieces without a model: keys, the guard (in-process ASGI), request validation,
-budget mapping and the `serve` command's refusals. RELIABILITY.md 8, 9, 13, 14."""
+budget mapping, the `serve` command's refusals, model admission, the worker's handling of
+cancels, monotonic deadlines and withheld exception messages. RELIABILITY.md 4, 8, 9, 13, 14, 25,
+30, 31."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import hashlib
 import json
+import os
 import socket
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
 
-from edge_magistral.errors import BadInputError
+from edge_magistral.build import manifest as mf
+from edge_magistral.errors import BadInputError, CorruptModelError
 from edge_magistral.server import ServerConfig, build_service, load_api_keys
 from edge_magistral.server.api import think_budget
 from edge_magistral.server.app import validation_error
@@ -218,3 +225,185 @@ def test_repeated_worker_failures_stop_the_service():
     assert backoffs == [0.5, 1.0, 2.0] and not fatal and sup.state is State.LOADING
     sup._note_crash()
     assert sup.state is State.FAILED and fatal == [(1, "the model worker failed 4 times in 60 s")]
+
+
+# ---------------------------------------------------------------------------- model admission
+
+def _listed(directory: Path, data: bytes) -> Path:
+    model = directory / "m.gguf"
+    model.write_bytes(data)
+    mf.save(directory, mf.Manifest(files=[mf.FileEntry("m.gguf", "Q4_K_M", len(data), hashlib.sha256(data).hexdigest(),
+                                                       mf.now_utc())]))
+    return model
+
+
+def test_admission_hashes_once_and_again_only_when_the_file_changed(tmp_path: Path):
+    """RELIABILITY.md 4: the identity verified spares a restart the hash; any change brings it back."""
+    from edge_magistral.server.admission import admit
+
+    model = _listed(tmp_path, b"gguf" * 1000)
+    hashed: list[int] = []
+    first = admit(str(model), on_hashing=hashed.append)
+    assert first.file_id is not None and first.note.startswith("sha256 verified in") and hashed == [4000]
+    again = admit(str(model), first.file_id, on_hashing=hashed.append)
+    assert again.file_id == first.file_id and again.note.startswith("unchanged") and hashed == [4000]
+
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched: hashed again, accepted
+    touched = admit(str(model), first.file_id, on_hashing=hashed.append)
+    assert len(hashed) == 2 and touched.file_id != first.file_id
+
+    other = tmp_path / "new.partial"  # same size, other bytes, renamed into place
+    other.write_bytes(b"GGUF" * 1000)
+    os.replace(other, model)
+    with pytest.raises(CorruptModelError, match="sha256 .* does not match manifest.json"):
+        admit(str(model), touched.file_id)
+
+    model.write_bytes(b"gguf" * 999)  # another size: refused without reading it
+    with pytest.raises(CorruptModelError, match="3996 bytes, but manifest.json lists 4000"):
+        admit(str(model), None, on_hashing=hashed.append)
+    assert len(hashed) == 2
+
+
+def test_admission_follows_a_symlink_and_loads_unlisted_models_unverified(tmp_path: Path):
+    from edge_magistral.server.admission import admit, still_same
+
+    (tmp_path / "store").mkdir()
+    model = _listed(tmp_path / "store", b"weights")
+    link = tmp_path / "current.gguf"
+    link.symlink_to(model)
+    admitted = admit(str(link))  # the manifest beside the target
+    assert admitted.file_id is not None and still_same(str(link), admitted.file_id)
+    os.replace(_listed(tmp_path, b"other"), model)  # replaced after the check: the worker's last look sees it
+    assert not still_same(str(link), admitted.file_id)
+
+    loose = tmp_path / "loose.gguf"
+    loose.write_bytes(b"x")
+    assert admit(str(loose)).file_id is None and "not checked" in admit(str(loose)).note
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptModelError, match="unreadable manifest"):
+        admit(str(loose))
+
+
+# ------------------------------------------------------------------------------- the worker
+
+class _Recorder:
+    """A pipe end and an engine for the worker, recording what it is asked to do."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+        self.cancels = 0
+        self.turns = 0
+        self.n_ctx = 100
+
+    def send(self, msg: tuple) -> None:
+        self.sent.append(msg)
+
+    def prompt_ids(self, messages, system_mode) -> list[int]:
+        return [1, 2, 3]
+
+    def generate_ids(self, ids, limits):
+        self.turns += 1
+        return iter(())
+
+    def cancel(self) -> None:
+        self.cancels += 1
+
+
+def test_a_job_cancelled_before_its_turn_never_runs():
+    """RELIABILITY.md 25: a cancel that arrives while the job waits in the worker (or is being
+    tokenized) would be lost when the turn starts (the engine clears its cancel flag then), so
+    the job is dropped instead; and a cancel only ever reaches the turn of its own job."""
+    from edge_magistral.server.worker import JobSpec, WorkerSettings, _Worker
+
+    fake = _Recorder()
+    w = _Worker(fake, WorkerSettings("m.gguf"))
+    w.engine = fake
+    w.cancelled.add("gone")
+    w._run_job("gone", JobSpec("chat", messages=(("user", "hi"),)))
+    assert fake.turns == 0 and fake.sent == [("event", "gone", ("error", 499, "client_closed",
+                                                                 "the client closed the request"))]
+    assert not w.cancelled and w.current is None
+
+    w.current = "next"
+    w.cancelled.add("old")  # a late cancel for a job that has finished
+    w._cancel_current()
+    assert fake.cancels == 0
+    w.cancelled.add("next")
+    w._cancel_current()
+    assert fake.cancels == 1
+
+
+def test_tracebacks_withhold_the_exception_message():
+    """RELIABILITY.md 30: a bug's traceback is printed, but its message may quote the prompt."""
+    from edge_magistral.server.worker import scrubbed_traceback
+
+    prompt = "".join(["pro", "mpt-", "3f9a"])  # built, so that the source line shown does not contain it
+    try:
+        raise KeyError(f"the user wrote {prompt}")
+    except KeyError as e:
+        text = scrubbed_traceback(e)
+    assert "test_tracebacks_withhold_the_exception_message" in text and "builtins.KeyError" in text
+    assert "prompt-3f9a" not in text
+
+
+# ------------------------------------------------------------------------------ clocks (31)
+
+class _Link:
+    def __init__(self, now: float):
+        self.started = self.last_beat = now
+        self.kill_reason: str | None = None
+        self.killed, self.ready, self.gen = False, True, 1
+        self.sent: list[tuple] = []
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def send(self, msg: tuple) -> None:
+        self.sent.append(msg)
+
+
+def test_deadlines_follow_the_monotonic_clock_not_the_wall_clock(monkeypatch):
+    """RELIABILITY.md 31: the hang timeout and the queue deadline are measured on the injected
+    monotonic clock; the wall clock jumping decades either way changes nothing."""
+    from edge_magistral.server.supervisor import Job, State, Supervisor, SupervisorConfig
+    from edge_magistral.server.worker import JobSpec, WorkerSettings
+
+    now = [1000.0]
+    sup = Supervisor(WorkerSettings("m.gguf"), SupervisorConfig(hang_timeout_s=10, beat_timeout_s=5),
+                     clock=lambda: now[0])
+    link = sup.link = _Link(now[0])
+    sup.state, sup.last_progress = State.READY, now[0]
+    busy = sup.current = Job(JobSpec("chat"), None, id="busy", started=now[0])
+    queued = sup.submit(JobSpec("chat"), deadline_s=5)
+    for wall in (4e9, 0.0):  # 2096, then 1970 (and it stays there)
+        monkeypatch.setattr(time, "time", lambda wall=wall: wall)
+        sup._check(None)
+        assert not link.killed and sup.healthy()
+    now[0] += 9.9
+    link.last_beat = now[0]  # alive, but the busy job made no progress
+    sup._check(None)
+    assert not link.killed
+    now[0] += 0.2
+    sup._check(None)
+    assert link.killed and link.kill_reason.startswith("hung")
+
+    sup._on_job_event("busy", ("done", {}))  # the queued job's 5 s have (nearly) passed meanwhile
+    assert busy.finished and queued.events.get_nowait()[2] == "queue_timeout"
+    assert not any(m[0] == "job" for m in link.sent)
+
+
+def test_server_timeouts_never_read_the_wall_clock():
+    """RELIABILITY.md 31: the server reads the wall clock only for the ``created`` field of a
+    response; every timeout uses time.monotonic or the event loop's (monotonic) clock."""
+    import edge_magistral.server as server
+
+    reads = []
+    for path in sorted(Path(server.__file__).parent.glob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if (isinstance(node, ast.Attribute) and node.attr in ("time", "time_ns", "now", "utcnow", "today")
+                    and isinstance(node.value, ast.Name) and node.value.id in ("time", "datetime", "date")):
+                reads.append((path.name, lines[node.lineno - 1].strip()))
+    assert reads and all(name == "api.py" and "created" in line for name, line in reads), reads
+

@@ -42,6 +42,7 @@ def main() -> None:
     # Importing a command module registers its commands on `cli`.
     from edge_magistral.cli import (  # noqa: F401
         audit_cmds,
+        bench_cmds,
         build_cmds,
         model_cmds,
         plan_cmds,

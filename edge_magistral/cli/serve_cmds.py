@@ -67,6 +67,10 @@ def _from_file(config_file: str | None) -> dict:
               help="Largest max_tokens a request may ask for, and the default (default: the context).")
 @click.option("--request-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Seconds a request may take, queue wait included (the watchdog ends it: finish_reason length).")
+@click.option("--client-timeout", type=click.FloatRange(min=0.5), default=30, show_default=True,
+              help="Seconds a client may take to send its request headers, to send its body, or to take the next "
+                   "part of a response once its buffers are full; beyond that the connection is closed (408 for "
+                   "a slow body) and its generation cancelled.")
 @click.option("--hang-timeout", type=click.FloatRange(min=1), default=None,
               help="Seconds a busy engine may make no progress before the worker is restarted and systemd "
                    "watchdog pings stop (default 120; above the slowest prefill batch).")
@@ -80,14 +84,16 @@ def _from_file(config_file: str | None) -> dict:
               show_default=True, help="What the audit record stores only as a sha256.")
 def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
           api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes, max_tokens,
-          request_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact) -> None:
+          request_timeout, client_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
     /health, /metrics), one generation at a time, the engine in a supervised worker process.
 
     Binds 127.0.0.1:8080 by default. SIGTERM drains: no new requests, the one in flight finishes
     (or is cancelled after --drain-timeout), exit 0. Under systemd (Type=notify) it reports
     READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 while the engine
-    is healthy, and STOPPING=1."""
+    is healthy, and STOPPING=1. A model listed in a manifest.json beside it is checked against its
+    sha256 before it is loaded (and again on a worker restart if the file changed); a mismatch
+    stops the service. Prompts and answers are never logged; only --audit-log records them."""
     from edge_magistral.server import ServerConfig, load_api_keys
     from edge_magistral.server import serve as run_server
 
@@ -104,6 +110,7 @@ def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile
         api_keys=tuple(load_api_keys(api_key_file)), insecure_no_auth=insecure_no_auth,
         allowed_hosts=tuple(allowed_host), cors_origins=tuple(cors_origin), queue_size=queue_size,
         max_body_bytes=max_body_bytes, max_tokens=max_tokens, request_timeout_s=request_timeout,
+        client_timeout_s=client_timeout,
         hang_timeout_s=pick(hang_timeout, "hang_timeout", 120.0), load_timeout_s=load_timeout,
         drain_timeout_s=drain_timeout, audit_log=pick(audit_log, "audit_log"), redact=redact,
         log_level=logging.getLogger().getEffectiveLevel(),

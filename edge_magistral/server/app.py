@@ -50,7 +50,7 @@ class ServerConfig:
     max_body_bytes: int = 2 * 1024 * 1024
     max_tokens: int | None = None  # the cap on a request's max_tokens (default: the context)
     request_timeout_s: float = 600.0
-    read_timeout_s: float = 30.0
+    client_timeout_s: float = 30.0  # request headers, the body, and a stalled reader (each)
     hang_timeout_s: float = 120.0
     load_timeout_s: float = 900.0
     drain_timeout_s: float = 30.0
@@ -160,7 +160,7 @@ def build_service(config: ServerConfig, notifier: Any = None, on_fatal: Any = No
     _install_error_handlers(fastapi)
     guard = GuardConfig(keys=KeyChecker(config.api_keys), loopback_only_hosts=is_loopback(config.host),
                         allowed_hosts=frozenset(h.lower() for h in config.allowed_hosts),
-                        max_body_bytes=config.max_body_bytes, read_timeout_s=config.read_timeout_s)
+                        max_body_bytes=config.max_body_bytes, read_timeout_s=config.client_timeout_s)
     app: Any = Guard(fastapi, guard, metrics)
     if config.cors_origins:  # outside the guard: preflight requests carry no key
         from starlette.middleware.cors import CORSMiddleware

@@ -3,9 +3,11 @@
 In this order: the Host header (a loopback-bound server refuses other host names, the DNS
 rebinding defence), API keys in the query string (refused: they end up in logs), the Bearer key
 (constant-time compare; ``/health`` is the only open route), and the body: the declared length
-and then the bytes actually read are capped (413 before any parsing), and a body that trickles
-in slower than ``read_timeout_s`` is cut (408). The body is buffered here and replayed, so the
-application never reads an unbounded stream. The status of every response is counted.
+and then the bytes actually read are capped (413 before any parsing), and a body not complete
+within ``read_timeout_s`` (``--client-timeout``) is cut (408, connection closed). The body is
+buffered here and replayed, so the application never reads an unbounded stream. The status of
+every response is counted. Slow request headers and slow readers are handled a layer below, in
+:mod:`.connections`.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ async def send_error(send: Any, err: ApiError) -> None:
     body = err.body_bytes()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    if err.status == 413:
+    if err.status in (408, 413):
         headers.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -39,6 +39,12 @@ class Metrics:
         self.worker_up = Gauge(f"{PREFIX}_worker_up", "1 when the model worker is loaded and ready", registry=r)
         self.worker_restarts = Counter(f"{PREFIX}_worker_failures", "Model worker crashes, hangs and kills",
                                        ["reason"], registry=r)
+        self.cancelled = Counter(f"{PREFIX}_cancelled_requests", "Requests cancelled because the client left or "
+                                 "fell behind, by the stage reached: queued (never run), prompt, generating",
+                                 ["stage"], registry=r)
+        self.connections_closed = Counter(f"{PREFIX}_connections_closed", "Connections the server closed: "
+                                          "header_timeout, send_timeout (a stalled reader), idle_evicted",
+                                          ["reason"], registry=r)
         self._rss_at = 0.0
 
     def render(self) -> bytes:

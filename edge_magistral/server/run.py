@@ -2,8 +2,9 @@
 
 SIGTERM (or Ctrl-C): ``STOPPING=1``, stop accepting connections, answer queued requests 503, let
 the generation in flight finish within ``drain_timeout_s`` (then cancel it), stop the worker,
-exit 0. A worker that cannot be loaded, or that keeps failing, ends the service with a non-zero
-status so that systemd's restart policy and start limit take over.
+exit 0. A worker that cannot be loaded (a model that fails its manifest's sha256 included), or
+that keeps failing, ends the service with a non-zero status so that systemd's restart policy and
+start limit take over. Connections go through :mod:`.connections` (client timeouts, the limit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uvicorn
 
 from edge_magistral.errors import BadInputError, EdgeMagistralError
 from edge_magistral.server.app import ServerConfig, build_service
+from edge_magistral.server.connections import ConnectionLimits, protocol_class
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,13 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
         svc.supervisor.begin_drain()
 
     svc = build_service(config, notifier=notifier, on_fatal=on_fatal)
+    closed = svc.metrics.connections_closed
+    limits = ConnectionLimits(config.client_timeout_s, on_close=lambda reason: closed.labels(reason).inc())
     uv = uvicorn.Config(
         svc.app, host=config.host, port=config.port, log_level=logging.getLevelName(config.log_level).lower(),
         access_log=config.log_level <= logging.INFO, timeout_graceful_shutdown=config.drain_timeout_s,
         limit_concurrency=max(64, 4 * config.queue_size), timeout_keep_alive=5, server_header=False,
-        lifespan="on",
+        lifespan="on", http=protocol_class(limits),
     )
     server = _Server(uv, on_signal)
     sock = bind(config.host, config.port)

@@ -9,7 +9,12 @@ within ``restart_window_s`` the service gives up (exit status 1) so that systemd
 
 Everything here runs on the event loop thread except two small threads per worker that do the
 blocking pipe reads and writes (a frozen worker must never block the loop, so /health and the
-systemd watchdog keep working).
+systemd watchdog keep working). Every timeout is measured on one monotonic clock (injectable
+for tests): a wall-clock jump moves none of them (RELIABILITY.md 31).
+
+A request cancelled because its client left (or fell too far behind) is counted by the stage it
+had reached: ``queued`` (removed from the queue, never run), ``prompt`` (stopped during the
+prompt's evaluation) or ``generating``.
 """
 
 from __future__ import annotations
@@ -63,8 +68,9 @@ class Job:
     deadline: float | None  # monotonic
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    created: float = field(default_factory=time.monotonic)
+    created: float = 0.0  # monotonic
     started: float | None = None
+    produced: bool = False  # text has come out (the prompt has been evaluated)
     finished: bool = False
     cancelled: bool = False
 
@@ -72,14 +78,15 @@ class Job:
 class _Link:
     """One worker process and the two threads that talk to it."""
 
-    def __init__(self, settings: WorkerSettings, on_message: Callable[[int, tuple | None], None], gen: int):
+    def __init__(self, settings: WorkerSettings, on_message: Callable[[int, tuple | None], None], gen: int,
+                 now: float):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=worker_main, args=(child, settings), name="edge-magistral-worker")
         self.proc.start()
         child.close()
         self.gen, self.outbox = gen, queue.SimpleQueue()
-        self.started = self.last_beat = time.monotonic()
+        self.started = self.last_beat = now
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.ready = False  # loaded: it reads the pipe from then on
         threading.Thread(target=self._read, args=(on_message,), name=f"worker-read-{gen}", daemon=True).start()
@@ -116,8 +123,9 @@ class Supervisor:
     """Owns the worker and the queue. ``on_event`` hooks (metrics, systemd) are optional."""
 
     def __init__(self, settings: WorkerSettings, config: SupervisorConfig = SupervisorConfig(),
-                 notifier: Any = None, metrics: Any = None, on_fatal: Callable[[int, str], None] | None = None):
-        self.settings, self.config = settings, config
+                 notifier: Any = None, metrics: Any = None, on_fatal: Callable[[int, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings, self.config, self.clock = settings, config, clock
         self.notifier, self.metrics, self.on_fatal = notifier, metrics, on_fatal
         self.state = State.LOADING
         self.info: dict[str, Any] = {}
@@ -125,8 +133,9 @@ class Supervisor:
         self.current: Job | None = None
         self.link: _Link | None = None
         self.crashes: collections.deque[float] = collections.deque()
-        self.last_progress = time.monotonic()
+        self.last_progress = clock()
         self.progress_marker: Any = None
+        self.verified_file: tuple | None = None  # the model file identity the last worker admitted
         self.avg_job_s = 5.0
         self.fatal: tuple[int, str] | None = None
         self._gen = 0
@@ -146,12 +155,14 @@ class Supervisor:
         self._gen += 1
         self.state = State.LOADING
         self.progress_marker = None
-        self.link = _Link(self.settings, self._from_thread, self._gen)
+        settings = replace(self.settings, verified_file=self.verified_file)
+        self.link = _Link(settings, self._from_thread, self._gen, self.clock())
         log.info("worker %d started (pid %s)", self._gen, self.link.proc.pid)
 
     def begin_drain(self) -> None:
-        """SIGTERM: refuse new requests, answer the queued ones 503, let the running one finish."""
-        if self.state in (State.DRAINING, State.STOPPED):
+        """SIGTERM: refuse new requests, answer the queued ones 503, let the running one finish.
+        After a failure the STATUS line keeps saying why (for ``systemctl status``)."""
+        if self.state in (State.DRAINING, State.STOPPED, State.FAILED):
             return
         self.state = State.DRAINING
         self._status("stopping: finishing the request in flight" if self.current else "stopping")
@@ -196,31 +207,38 @@ class Supervisor:
             raise ApiError(429, f"the server is busy: {len(self.queue)} requests are waiting "
                                 f"(queue size {self.config.queue_size}); retry later",
                            code="queue_full", headers=retry_after(min(60.0, self.expected_wait_s())))
-        job = Job(spec, time.monotonic() + deadline_s if deadline_s else None)
+        now = self.clock()
+        job = Job(spec, now + deadline_s if deadline_s else None, created=now)
         self.queue.append(job)
         self._update_queue_metric()
         self._pump()
         return job
 
     def cancel(self, job: Job) -> None:
-        """The client went away: drop the job if it waits, stop it if it runs."""
+        """The client went away: drop the job if it waits (it never runs), stop it if it runs."""
         if job.finished or job.cancelled:
             return
         job.cancelled = True
         if job is self.current:
+            stage = "generating" if job.produced else "prompt"
             if self.link is not None:
                 self.link.send(("cancel", job.id))
         elif job in self.queue:
+            stage = "queued"
             self.queue.remove(job)
             self._fail(job, ApiError(499, "the client closed the request", code="client_closed"))
             self._update_queue_metric()
+        else:
+            return
+        if self.metrics is not None:
+            self.metrics.cancelled.labels(stage).inc()
 
     def _pump(self) -> None:
         """Start the next queued job if the worker is free."""
         while self.state is State.READY and self.current is None and self.queue:
             job = self.queue.popleft()
             self._update_queue_metric()
-            now = time.monotonic()
+            now = self.clock()
             limits = dict(job.spec.limits)
             if job.deadline is not None:
                 left = job.deadline - now
@@ -256,13 +274,15 @@ class Supervisor:
             return
         kind = msg[0]
         if kind == "beat":
-            link.last_beat = time.monotonic()
+            link.last_beat = self.clock()
             if msg[1] != self.progress_marker:
                 self.progress_marker, self.last_progress = msg[1], link.last_beat
         elif kind == "event":
             self._on_job_event(msg[1], msg[2])
         elif kind == "ready":
             self._on_ready(msg[1])
+        elif kind == "status":
+            self._status(msg[1])
         elif kind == "fatal":
             self._give_up(msg[3], f"cannot load the model: {msg[2]}")
 
@@ -272,11 +292,13 @@ class Supervisor:
             return
         self.info, self.state, first = info, State.READY, not self._ever_ready
         self._ever_ready = True
+        admission = info.get("admission", {})
+        self.verified_file = admission.get("file_id")
         if self.metrics is not None:
             self.metrics.worker_ready(info)
         plan = info.get("plan", {})
         self._status(f"ready: {info.get('model')} ({plan.get('quant')}, {plan.get('n_gpu_layers')} layers on GPU, "
-                     f"context {info.get('n_ctx')})")
+                     f"context {info.get('n_ctx')}; {admission.get('note', 'not verified')})")
         if first and self.notifier is not None:
             self.notifier.ready()
         self._pump()
@@ -285,15 +307,16 @@ class Supervisor:
         job = self.current
         if job is None or job.id != job_id:
             return
-        now = time.monotonic()
+        now = self.clock()
         self.last_progress = now
+        job.produced = job.produced or ev[0] in ("thinking", "answer")
         job.events.put_nowait(ev)
         if ev[0] in ("done", "error"):
             job.finished, self.current = True, None
             self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * (now - (job.started or now))
             self._pump()
         elif job.events.qsize() > self.config.max_buffered_events and not job.cancelled:
-            log.warning("request %s: the client reads too slowly; cancelled", job_id)
+            log.info("request %s: the client reads too slowly; cancelled", job_id)
             self.cancel(job)
 
     # ------------------------------------------------------------------ failures
@@ -329,7 +352,7 @@ class Supervisor:
 
     def _note_crash(self) -> float:
         """Record a crash; give up after too many; the backoff before the next start."""
-        now = time.monotonic()
+        now = self.clock()
         self.crashes.append(now)
         while self.crashes and now - self.crashes[0] > self.config.restart_window_s:
             self.crashes.popleft()
@@ -339,7 +362,10 @@ class Supervisor:
         return min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (len(self.crashes) - 1))
 
     def _give_up(self, exit_code: int, message: str) -> None:
-        log.error("%s; stopping the service", message)
+        """Fail everything and stop. The runner prints the message as the service's one last
+        line (with the exit status); without a runner it is logged."""
+        if self.on_fatal is None:
+            log.error("%s; stopping the service", message)
         self.state, self.fatal = State.FAILED, (exit_code, message)
         self._status(f"failed: {message}")
         for job in [*self.queue, *([self.current] if self.current else [])]:
@@ -362,7 +388,7 @@ class Supervisor:
     # ------------------------------------------------------------------- watching
     def stalled_s(self, now: float | None = None) -> float:
         """How long the worker has shown no sign of life (or, when busy, of progress)."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         if self.link is None:
             return float("inf")
         silent = now - self.link.last_beat
@@ -372,7 +398,7 @@ class Supervisor:
         """Worker alive and beating, and idle or advancing: what systemd's watchdog pings mean."""
         if self.link is None or self.state not in (State.LOADING, State.READY, State.DRAINING):
             return False
-        now = time.monotonic()
+        now = self.clock()
         if now - self.link.last_beat > self.config.beat_timeout_s:
             return False
         return self.current is None or now - self.last_progress < self.config.hang_timeout_s
@@ -387,7 +413,7 @@ class Supervisor:
                 log.exception("supervisor check failed")
 
     def _check(self, ping_interval: float | None) -> None:
-        now, link = time.monotonic(), self.link
+        now, link = self.clock(), self.link
         if link is not None and self.state in (State.LOADING, State.READY):
             if self.state is State.LOADING and now - link.started > self.config.load_timeout_s:
                 self._kill_hung(f"still loading after {self.config.load_timeout_s:.0f} s")

@@ -13,7 +13,8 @@ worker → front
     ``("beat", progress)`` every :data:`BEAT_INTERVAL_S`, from the first moment of the process:
     ``progress`` changes whenever the engine makes progress (a token, or a prefill batch), so the
     front can tell "busy and advancing" from "hung inside a llama.cpp call".
-    ``("ready", info)`` after the plan, the load and a one-token warm-up.
+    ``("status", text)`` for the STATUS line while loading (the model's sha256 being verified).
+    ``("ready", info)`` after the admission check, the plan, the load and a one-token warm-up.
     ``("fatal", error_type, message, exit_code)`` when the model cannot be loaded at all (a
     missing file, a model that does not fit): retrying would not help.
     ``("event", job_id, event)`` with ``event`` one of ``("thinking", text)``,
@@ -52,6 +53,7 @@ class WorkerSettings:
     think_budget: int | None = None  # the default per request (None: the plan's)
     model_name: str = "model"
     log_level: int = logging.WARNING
+    verified_file: tuple | None = None  # the model file's identity an earlier worker verified (admission)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class _Worker:
         self.engine: Any = None
         self.current: str | None = None
         self.cancelled: set[str] = set()
+        self.turn_lock = threading.Lock()  # orders cancels against the switch from one job to the next
         self.events = 0
 
     # ------------------------------------------------------------------------ plumbing
@@ -115,7 +118,15 @@ class _Worker:
             # before its first token.
             progress = self.engine.tokens_evaluated if self.engine is not None else 0
             self.send(("beat", (self.events, progress)))
+            self._cancel_current()  # again: a cancel can race the start of a turn, which clears it
             time.sleep(BEAT_INTERVAL_S)
+
+    def _cancel_current(self) -> None:
+        """Stop the turn in progress if its job was cancelled. Under the lock, so that a cancel
+        meant for one job can never stop the next one's turn."""
+        with self.turn_lock:
+            if self.current is not None and self.current in self.cancelled:
+                self.engine.cancel()
 
     def _control(self) -> None:
         """Reads the pipe: jobs go to the main thread, cancels act at once (engine.cancel is
@@ -131,8 +142,7 @@ class _Worker:
                 self.jobs.put((msg[1], msg[2]))
             elif msg[0] == "cancel":
                 self.cancelled.add(msg[1])
-                if self.current == msg[1]:
-                    self.engine.cancel()
+                self._cancel_current()
             elif msg[0] == "stop":
                 if self.engine is not None:
                     self.engine.cancel()
@@ -155,14 +165,18 @@ class _Worker:
         self.engine.close()
 
     def _load(self) -> dict[str, Any]:
-        """Plan, load and warm up (one token), as ``run`` does; the info the front reports."""
+        """Admit (sha256 against the manifest), plan, load and warm up (one token), as ``run``
+        does; the info the front reports."""
         from dataclasses import replace
 
         from edge_magistral.chat import Message
         from edge_magistral.engine import Engine, Limits, LoadSettings
+        from edge_magistral.errors import CorruptModelError
         from edge_magistral.planner import Request, plan_for_model
+        from edge_magistral.server.admission import admit, still_same
 
         s = self.settings
+        admitted = admit(s.model_path, s.verified_file, on_hashing=self._say_hashing)
         t0 = time.monotonic()
         plan, _ = plan_for_model(s.model_path, Request(ctx=s.ctx, n_gpu_layers=s.n_gpu_layers),
                                  profile_name=s.profile)
@@ -175,23 +189,33 @@ class _Worker:
         t1 = time.monotonic()
         for _ in self.engine.generate([Message("user", "Hi")], Limits(think_budget=0, max_tokens=1)):
             pass
+        if not still_same(s.model_path, admitted.file_id):
+            raise CorruptModelError(f"{s.model_path} was replaced while it was being loaded; restart the service "
+                                    "to verify the new file")
         return {
             "model": s.model_name, "model_path": s.model_path, "plan": plan.to_dict(), "pid": os.getpid(),
             "n_ctx": self.engine.n_ctx, "is_magistral": self.engine.is_magistral,
             "think_budget": load.think_budget if self.engine.is_magistral else 0,
             "n_threads": load.n_threads, "load_s": round(t1 - t0, 3), "warmup_s": round(time.monotonic() - t1, 3),
+            "admission": {"file_id": admitted.file_id, "note": admitted.note, "hash_s": round(admitted.hash_s, 3)},
         }
+
+    def _say_hashing(self, size: int) -> None:
+        name = os.path.basename(self.settings.model_path)
+        self.send(("status", f"verifying {name}: sha256 of {size / 1e9:.1f} GB against manifest.json"))
 
     # -------------------------------------------------------------------------- jobs
     def _run_job(self, job_id: str, spec: JobSpec) -> None:
         from edge_magistral.engine import Limits
         from edge_magistral.errors import BackendError, BadInputError
 
-        self.current = job_id
+        with self.turn_lock:
+            self.current = job_id
         try:
-            if job_id in self.cancelled:
-                self.engine.cancel()
             ids = self._prompt_ids(spec)
+            if job_id in self.cancelled:  # the client left before the turn began: never run it
+                self.send(("event", job_id, ("error", 499, "client_closed", "the client closed the request")))
+                return
             limits = Limits(**spec.limits, raw=spec.kind == "raw")
             for ev in self.engine.generate_ids(ids, limits):
                 self.events += 1
@@ -205,11 +229,12 @@ class _Worker:
         except BackendError as e:
             self.send(("event", job_id, ("error", 503, "backend_error", str(e))))
         except Exception as e:  # a bug: answer 500, keep serving
-            traceback.print_exc()
+            print(scrubbed_traceback(e), file=sys.stderr, flush=True)
             self.send(("event", job_id, ("error", 500, "internal_error", f"internal error: {type(e).__name__}")))
         finally:
-            self.current = None
-            self.cancelled.discard(job_id)
+            with self.turn_lock:
+                self.current = None
+                self.cancelled.discard(job_id)
 
     def _prompt_ids(self, spec: JobSpec) -> list[int]:
         """Chat: the model's own prompt format. Raw: BOS (when the model wants one) + the text,
@@ -231,3 +256,10 @@ class _Worker:
 
 class _PromptTooLong(Exception):
     pass
+
+
+def scrubbed_traceback(e: BaseException) -> str:
+    """A traceback with the exception's type but not its message: a message can quote the
+    prompt or the answer, and those are never logged (RELIABILITY.md 30)."""
+    frames = "".join(traceback.format_tb(e.__traceback__))
+    return f"Traceback (most recent call last):\n{frames}{type(e).__module__}.{type(e).__qualname__} (message withheld)"

@@ -1,0 +1,409 @@
+"""Continuous batching: several requests decoded together in one llama.cpp context.
+
+One background thread owns the context and runs steps. Each step builds one ``llama_batch``
+holding, for every active slot, the tokens it still has to evaluate — one sampled token for a
+generating slot, a chunk of prompt for a joining one — each with its own ``seq_id``, and calls
+``llama_decode`` once. Generating slots go first and prompt chunks fill the rest of ``n_batch``,
+so a long prompt joining mid-flight slows the others' steps but never stalls them (llama.cpp's
+server does the same). Then every slot whose last token was evaluated samples from its own row of
+logits with its own sampler chain, and the same per-token logic as :class:`Engine` (watchdog,
+detokenizer, stop strings: ``engine._Turn``) turns the token into events on that slot's
+:class:`Stream`. Requests join between steps; a finished or cancelled slot's KV is removed.
+
+KV layout: llama.cpp's per-sequence KV streams (``kv_unified = False``): ``n_seq_max = n_slots + 1``
+streams of ``n_ctx`` cells each. Sequence 0 is reserved for the prefix cache (the system prompt and
+what the latest prompts had in common); a new slot takes it with ``llama_memory_seq_cp`` (across
+streams llama.cpp copies the whole stream on the device, which we then trim) instead of evaluating
+it. Why not one unified cache, where ``seq_cp`` only tags shared cells: there every sequence's
+attention spans the cells of all sequences (masked), so its cost grows with the others' lengths
+and its float sums change with them: a request's tokens depended on its neighbours (measured on
+the tiny model). With streams a slot attends to its own cells (llama.cpp pads the KV view to 256
+cells and takes the longest stream in the batch, so only neighbours past that can still move the
+last bits), its tokens equal the single-sequence Engine's (tested), and one slot cannot run
+another out of cells. The price: one extra stream of KV for the prefix.
+
+Memory the planner must account for with N slots: KV for ``(N + 1) × n_ctx`` cells (not ``n_ctx``),
+a compute buffer for ``n_ubatch`` tokens (llama.cpp's dry run at N slots gives it),
+``n_batch`` logit rows only where flagged (one per slot per step), and N sampler chains (small;
+a grammar adds its own state). The short-lived single-sequence context the Llama object makes at
+load (256 cells) is freed before this one is allocated.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp  # noqa: I001  first, before anything that imports numpy (see engine.py)
+from llama_cpp import _internals
+
+from edge_magistral import tekken as tk
+from edge_magistral.chat import Message
+from edge_magistral.engine import Done, Event, Limits, LoadedModel, LoadSettings, _Turn
+from edge_magistral.errors import BackendError, BadInputError
+from edge_magistral.watchdog import Action
+
+log = logging.getLogger(__name__)
+
+PREFIX_SEQ = 0  # the reserved sequence holding the cached prefix
+_LOAD_CTX = 256  # the throwaway context llama_cpp.Llama insists on building at load
+DEFAULT_LIMITS = Limits()
+
+
+# ------------------------------------------------------------------------------ prefix cache
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class PrefixCache:
+    """Which tokens the reserved sequence holds, and when to replace them (the KV operations
+    stay with the engine). It keeps the longest prefix the latest two prompts shared, and at
+    least the latest prompt's system prompt, so a changed system prompt takes over at once."""
+
+    limit: int  # at most this many tokens (their KV cells are reserved for it)
+    system_end: int | None  # the token that closes a system prompt ([/SYSTEM_PROMPT]), if any
+    tokens: list[int] = field(default_factory=list)
+    last_prompt: list[int] = field(default_factory=list)
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many of ``prompt``'s first tokens the cache holds (one is always left to evaluate,
+        for fresh logits)."""
+        return min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+
+    def offer(self, prompt: Sequence[int]) -> int:
+        """After ``prompt`` was evaluated: how many of its first tokens to cache now (0: keep)."""
+        n = max(common_prefix(prompt, self.last_prompt), self._system_len(prompt))
+        self.last_prompt = list(prompt)
+        n = min(n, self.limit, len(prompt) - 1)
+        if n <= 0 or self.tokens[:n] == list(prompt[:n]):  # already held, or a longer prefix of it
+            return 0
+        self.tokens = list(prompt[:n])
+        return n
+
+    def _system_len(self, prompt: Sequence[int]) -> int:
+        if self.system_end is None or self.system_end not in prompt:
+            return 0
+        return list(prompt).index(self.system_end) + 1
+
+
+# ---------------------------------------------------------------------------------- streams
+
+_END = object()
+
+
+class Stream:
+    """One request's events (the same types as ``Engine.generate``), fed by the batching thread.
+    Iterating blocks until the next event; a backend failure is raised from the iterator."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._ended = False
+        self.done: Done | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        if self._ended:
+            raise StopIteration
+        item = self._q.get()
+        if item is _END:
+            self._ended = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if isinstance(item, Done):
+            self.done = item
+        return item  # type: ignore[return-value]
+
+    # the batching thread's side
+    def _put(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            self._q.put(ev)
+
+    def _end(self, events: Sequence[Event] = (), error: BaseException | None = None) -> None:
+        self._put(events)
+        self._q.put(error if error is not None else _END)
+
+
+@dataclass
+class _Slot:
+    """An admitted request: its sequence id, its turn state, and what it still has to evaluate."""
+
+    seq: int
+    turn: _Turn
+    stream: Stream
+    prompt: list[int]
+    pending: list[int]  # the rest of the prompt while prefilling, then the sampled/injected tokens
+    n_past: int  # tokens of this sequence in the KV cache (its next position)
+    prefilling: bool = True
+
+
+@dataclass
+class BatchStats:
+    """Counters for tests and benchmarks (written by the batching thread only)."""
+
+    steps: int = 0  # llama_decode calls
+    tokens_evaluated: int = 0  # every token evaluated (prompt and generated)
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0  # prompt tokens taken from the prefix cache instead
+    max_active: int = 0  # the most slots decoding in one step
+
+
+# ------------------------------------------------------------------------------- the engine
+
+class BatchEngine(LoadedModel):
+    """One model, one context with ``n_slots`` sequences decoded together; :meth:`submit` is
+    thread-safe and returns a :class:`Stream` at once (requests beyond ``n_slots`` queue).
+    ``settings.n_ctx`` is the context of each slot."""
+
+    def __init__(self, settings: LoadSettings, n_slots: int, prefix_tokens: int | None = None):
+        if not 1 <= n_slots < llama_cpp.llama_max_parallel_sequences():
+            raise BadInputError(f"n_slots must be 1..{llama_cpp.llama_max_parallel_sequences() - 1}")
+        self.n_slots = n_slots
+        self.prefix_tokens = settings.n_ctx if prefix_tokens is None else prefix_tokens
+        super().__init__(settings)  # calls self._load, which builds the multi-sequence context
+        self.n_ctx_total = self.n_ctx
+        self.n_ctx = settings.n_ctx  # what one turn may use (_Turn checks prompts against it)
+        self.stats = BatchStats()
+        self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(max(1, settings.n_batch), 0, 1)
+        self._prefix = PrefixCache(self.prefix_tokens, tk.END_SYSTEM if self.is_magistral else None)
+        self._free = list(range(n_slots, 0, -1))  # sequence ids 1..n_slots; 0 is the prefix
+        self._active: list[_Slot] = []
+        self._queue: collections.deque[tuple[_Turn, Stream]] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="batch-decode", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------------- loading
+    def _load(self, s: LoadSettings):  # type: ignore[override]
+        """Load through ``Llama`` (weights, metadata, tokenizer), then replace the single-sequence
+        context it builds (llama-cpp-python 0.3.36 has no ``n_seq_max`` argument) with one of
+        ``n_slots + 1`` sequences over a unified KV cache."""
+        llm = LoadedModel._load(dataclasses.replace(s, n_ctx=_LOAD_CTX))
+        params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+        params.n_ctx = (self.n_slots + 1) * s.n_ctx  # one stream of n_ctx cells per sequence
+        params.n_batch, params.n_ubatch = s.n_batch, min(s.n_batch, s.n_ubatch)
+        params.n_seq_max = self.n_slots + 1
+        params.kv_unified = False
+        llm._ctx.close()  # free the throwaway before allocating the real one
+        try:
+            llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
+        except ValueError as e:
+            llm.close()
+            raise BackendError(f"llama.cpp could not create a {self.n_slots}-slot context: {e}") from None
+        return llm
+
+    def close(self) -> None:
+        """Cancel what is queued or running, stop the thread, free the context and the model."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        super().close()
+
+    # --------------------------------------------------------------------------- API
+    def submit(self, request: Sequence[int] | Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Stream:
+        """Queue a request (prompt ids, or messages to render); bad input raises here, at once."""
+        if self._closing or self.llm is None:
+            raise BackendError("the batch engine is closed")
+        if request and all(isinstance(t, int) for t in request):
+            prompt = list(request)  # type: ignore[arg-type]
+        else:
+            prompt = self.prompt_ids(request, limits.system_mode)  # type: ignore[arg-type]
+        turn = _Turn(self, prompt, limits)  # validates the prompt, limits and schema
+        stream = Stream()
+        with self._cv:
+            self._queue.append((turn, stream))
+            self._cv.notify()
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """Stop a request (queued or running) at the next step; its slot and KV are freed."""
+        stream._cancel.set()
+        with self._cv:
+            self._cv.notify()
+
+    def generate(self, messages: Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Iterator[Event]:
+        """Engine's interface, for callers that take either engine."""
+        return self.submit(messages, limits)
+
+    def generate_ids(self, prompt: list[int], limits: Limits = DEFAULT_LIMITS) -> Iterator[Event]:
+        return self.submit(prompt, limits)
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                self._step()
+        except BaseException as e:  # a bug or a backend failure: no stream may hang on it
+            log.exception("the batching loop failed")
+            for slot in list(self._active):
+                self._drop(slot, BackendError(f"the batching loop failed: {e}"))
+        finally:
+            for slot in list(self._active):
+                slot.turn.ended_by = "cancelled"
+                self._finish(slot)
+            with self._cv:
+                waiting, self._closing = list(self._queue), True
+                self._queue.clear()
+            for turn, stream in waiting:
+                turn.ended_by = "cancelled"
+                stream._end(turn.finish())
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while not (self._closing or self._queue or self._active):
+                self._cv.wait()
+            return not self._closing
+
+    def _step(self) -> None:
+        """Admit, end what must end, evaluate one batch, sample every slot that is due."""
+        self._admit()
+        for slot in list(self._active):
+            self._check_stop(slot)
+        plan = self._fill_batch()
+        if not plan:
+            return
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        self.stats.steps += 1
+        self.stats.max_active = max(self.stats.max_active, len(plan))
+        if rc != 0:
+            for slot, _, _ in plan:
+                self._drop(slot, BackendError(f"llama_decode failed ({rc}): out of KV cache or backend error"))
+            return
+        for slot, n, idx in plan:
+            slot.pending, slot.n_past = slot.pending[n:], slot.n_past + n
+            self.stats.tokens_evaluated += n
+            if slot.prefilling:
+                self.stats.prompt_tokens_evaluated += n
+            if idx >= 0:
+                try:
+                    self._sample(slot, idx)
+                except Exception as e:  # one request's failure (e.g. its grammar) ends only it
+                    self._drop(slot, e)
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots, starting each from the cached prefix."""
+        while self._free:
+            with self._cv:
+                if not self._queue:
+                    return
+                turn, stream = self._queue.popleft()
+            if stream.cancelled:
+                turn.ended_by = "cancelled"
+                stream._end(turn.finish())
+                continue
+            prompt, events = turn.open()
+            stream._put(events)
+            seq = self._free.pop()
+            n = self._prefix.reusable(prompt)
+            if n > 0:
+                self._copy_kv(PREFIX_SEQ, seq, n)
+            turn.cached = n
+            self.stats.prompt_tokens_reused += n
+            self._active.append(_Slot(seq, turn, stream, prompt, prompt[n:], n))
+
+    def _check_stop(self, slot: _Slot) -> None:
+        """Before each step: a cancel, or a deadline passed while the prompt is evaluated, ends it."""
+        if slot.stream.cancelled:
+            slot.turn.ended_by = "cancelled"
+            self._finish(slot)
+        elif slot.prefilling and slot.turn.wd.poll().action is Action.STOP:
+            self._finish(slot)
+
+    def _fill_batch(self) -> list[tuple[_Slot, int, int]]:
+        """Put each slot's pending tokens in the batch (generating slots first), up to n_batch;
+        a slot's last token asks for logits. Returns (slot, tokens taken, logits row or -1)."""
+        b, budget, i = self._batch, max(1, self.settings.n_batch), 0
+        plan = []
+        for slot in sorted(self._active, key=lambda s: s.prefilling):  # stable: admission order kept
+            take = slot.pending[:budget - i]
+            if not take:
+                continue
+            for k, token in enumerate(take):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, slot.n_past + k, 1, 0
+                b.seq_id[i][0] = slot.seq
+                i += 1
+            last = len(take) == len(slot.pending)
+            if last:
+                b.logits[i - 1] = 1
+            plan.append((slot, len(take), i - 1 if last else -1))
+        b.n_tokens = i
+        return plan
+
+    def _sample(self, slot: _Slot, idx: int) -> None:
+        """The slot's logits are ready: sample, run the per-token logic, queue what to evaluate."""
+        turn = slot.turn
+        if slot.prefilling:
+            slot.prefilling = False
+            turn.t_prompt = time.monotonic()
+            self._offer_prefix(slot)
+            if turn.wd.poll().action is Action.STOP:
+                return self._finish(slot)
+        if slot.stream.cancelled:
+            turn.ended_by = "cancelled"
+            return self._finish(slot)
+        if slot.n_past >= self.n_ctx:
+            turn.ended_by = "context_full"
+            return self._finish(slot)
+        step = turn.advance(llama_cpp.llama_sampler_sample(turn.sampler_now(), self.ctx, idx))
+        slot.stream._put(step.events)
+        slot.pending = [t for ids in step.feeds for t in ids]
+        if step.end or not slot.pending:
+            self._finish(slot)
+
+    def _offer_prefix(self, slot: _Slot) -> None:
+        """After a prompt is in the KV cache, refresh the cached prefix from it if it is better."""
+        n = self._prefix.offer(slot.prompt)
+        if n > 0:
+            self._copy_kv(slot.seq, PREFIX_SEQ, n)
+
+    def _copy_kv(self, src: int, dst: int, n: int) -> None:
+        """Make ``dst`` hold ``src``'s first ``n`` positions. Across KV streams llama.cpp copies
+        whole streams only (the copy runs on the device at the next decode), so copy, then trim."""
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, n, -1)
+
+    # --------------------------------------------------------------- ending a slot
+    def _finish(self, slot: _Slot) -> None:
+        slot.stream._end(slot.turn.finish())
+        self._free_slot(slot)
+
+    def _drop(self, slot: _Slot, error: BaseException) -> None:
+        slot.stream._end(error=error)
+        self._free_slot(slot)
+
+    def _free_slot(self, slot: _Slot) -> None:
+        slot.turn.release()
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        self._active.remove(slot)
+        self._free.append(slot.seq)
+
+
+__all__ = ["BatchEngine", "BatchStats", "PrefixCache", "Stream", "common_prefix"]

@@ -1,0 +1,261 @@
+"""Speed of the engine on this box, measured the way llama-bench measures llama.cpp.
+
+Figures are comparable with ``llama-bench`` run on the same file and settings: prompt processing
+(pp) is one batch of random ids decoded from an empty KV cache; generation (tg) decodes one token
+at a time from an empty cache and times every decode. Unlike llama-bench, each generated token
+also goes through the engine's native sampler (what a real turn pays). Time to first token runs a
+whole engine turn (``generate_ids``) on a random prompt from an empty cache. Every figure is the
+mean and standard deviation over ``reps`` fresh loads of the model.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+# The engine before anything that imports numpy: it loads llama_cpp first (the other order
+# segfaults model loads on CUDA builds).
+from edge_magistral.engine import Done, Engine, Limits, LoadSettings
+from edge_magistral.errors import BackendError, BadInputError, DoesNotFitError
+
+DEFAULT_CTX = 9216  # room for the 8k TTFT prompt and its first token
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Token counts of each test (llama-bench's pp512/tg128, and TTFT at 1k and 8k by default)."""
+
+    pp: int = 512
+    tg: int = 128
+    ttft: tuple[int, ...] = (1024, 8192)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (0 for a single rep) of the per-rep values."""
+
+    mean: float
+    stdev: float
+    values: list[float]
+
+
+@dataclass(frozen=True)
+class TTFT:
+    """Time to first token for one prompt length; ``skipped`` says why there is no figure."""
+
+    prompt_tokens: int
+    seconds: Stat | None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model_path: str
+    settings: LoadSettings
+    reps: int
+    system_info: str  # llama.cpp's backends and CPU features: what the figures were measured on
+    load_s: Stat
+    pp_tokens: int
+    pp_tokens_per_s: Stat
+    tg_tokens: int
+    tg_tokens_per_s: Stat
+    ttft: list[TTFT]
+    peak_rss_bytes: Stat | None  # VmHWM, reset before each load where the kernel allows
+    gpu_bytes: Stat | None  # device memory this process holds at the end of a rep (None: no NVIDIA GPU seen)
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------- planning
+
+def plan_for_bench(model_path: str, ctx: int | None = None, n_gpu_layers: int | None = None) -> tuple[Any, str]:
+    """Plan like ``run`` does, asking for a context that holds the 8k TTFT prompt unless ``ctx``
+    is given; when the model or the box cannot, take the planner's own context and say so."""
+    from edge_magistral.planner import Request, plan_for_model
+
+    if ctx is not None:
+        return plan_for_model(model_path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers))[0], ""
+    try:
+        return plan_for_model(model_path, Request(ctx=DEFAULT_CTX, n_gpu_layers=n_gpu_layers))[0], ""
+    except (BadInputError, DoesNotFitError) as e:
+        p = plan_for_model(model_path, Request(n_gpu_layers=n_gpu_layers))[0]
+        return p, f"context {p.n_ctx}, not {DEFAULT_CTX}: {e}"
+
+
+def bench_settings(plan: Any, threads: int | None = None, n_batch: int = 2048, n_ubatch: int = 512) -> LoadSettings:
+    """The plan's load settings with llama-bench's batch defaults; ``threads`` sets both pools
+    (llama-bench uses one thread count for prompt and generation)."""
+    s = replace(LoadSettings.from_plan(plan), n_batch=n_batch, n_ubatch=n_ubatch)
+    return replace(s, n_threads=threads, n_threads_batch=threads) if threads else s
+
+
+# ---------------------------------------------------------------------------------- the tests
+
+def _random_ids(rng: random.Random, n_vocab: int, n: int) -> list[int]:
+    return [rng.randrange(n_vocab) for _ in range(n)]
+
+
+def _evaluated(e: Engine, n: int, before: int, what: str) -> None:
+    """A figure is only worth its token count: refuse one where llama.cpp evaluated another."""
+    if e.tokens_evaluated - before != n:
+        raise BackendError(f"{what}: {e.tokens_evaluated - before} tokens evaluated, expected {n}")
+
+
+def prompt_rate(e: Engine, n: int, rng: random.Random) -> float:
+    """pp: tokens/s of one n-token prompt from an empty cache, waited for on the device."""
+    ids = _random_ids(rng, e.n_vocab, n)
+    e._reset_kv()
+    before = e.tokens_evaluated
+    t0 = time.perf_counter()
+    e._decode(ids)
+    e._lc.llama_synchronize(e.ctx)
+    dt = time.perf_counter() - t0
+    _evaluated(e, n, before, "pp")
+    return n / dt
+
+
+def generation_rate(e: Engine, n: int, rng: random.Random, seed: int) -> float:
+    """tg: tokens/s of n single-token decodes from an empty cache, each followed by the engine's
+    default sampler (the sample call waits for the logits). EOS is banned so all n run."""
+    limits = Limits(seed=seed)
+    sampler = e._sampler(limits, limits.temperature, frozenset({e.eos_id}), None)
+    try:
+        e._reset_kv()
+        before = e.tokens_evaluated
+        token = _random_ids(rng, e.n_vocab, 1)[0]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            e._decode([token])
+            token = e._lc.llama_sampler_sample(sampler, e.ctx, -1)
+        dt = time.perf_counter() - t0
+    finally:
+        e._lc.llama_sampler_free(sampler)
+    _evaluated(e, n, before, "tg")
+    return n / dt
+
+
+def time_to_first_token(e: Engine, n: int, rng: random.Random, seed: int) -> float:
+    """Seconds from a turn's start to its first token, for a random n-token raw prompt."""
+    e._reset_kv()
+    done = None
+    for ev in e.generate_ids(_random_ids(rng, e.n_vocab, n), Limits(raw=True, max_tokens=1, seed=seed)):
+        if isinstance(ev, Done):
+            done = ev
+    if done is None or done.timings.ttft_s is None or done.timings.cached_prompt_tokens:
+        raise BackendError(f"ttft {n}: the turn produced no first token from an empty cache")
+    return done.timings.ttft_s
+
+
+# ------------------------------------------------------------------------------------ memory
+
+def _reset_peak_rss() -> None:
+    """Start a new VmHWM high-water mark (Linux ≥ 4.0); elsewhere the mark stays cumulative."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int | None:
+    """The process's resident-set high-water mark (VmHWM) in bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def gpu_bytes(pid: int | None = None) -> int | None:
+    """NVIDIA device memory held by ``pid`` (all GPUs): NVML, else nvidia-smi; None if neither
+    sees the process (no GPU, no driver, or a container that hides host pids)."""
+    pid = pid or os.getpid()
+    used = _nvml_bytes(pid)
+    return used if used is not None else _smi_bytes(pid)
+
+
+def _nvml_bytes(pid: int) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # not installed, no library, no driver
+        return None
+    try:
+        used = [p.usedGpuMemory or 0
+                for i in range(pynvml.nvmlDeviceGetCount())
+                for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i))
+                if p.pid == pid]
+        return sum(used) if used else None
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _smi_bytes(pid: int) -> int | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(cols[1]) * MiB for line in out.splitlines()
+            if len(cols := [c.strip() for c in line.split(",")]) == 2 and cols[0] == str(pid) and cols[1].isdigit()]
+    return sum(used) if used else None
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def stat(values: list[float]) -> Stat:
+    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values)
+
+
+def _check_sizes(settings: LoadSettings, sizes: Sizes, reps: int) -> None:
+    if reps < 1:
+        raise BadInputError("reps must be at least 1")
+    if min(sizes.pp, sizes.tg, *sizes.ttft) < 1:
+        raise BadInputError("every test size must be at least 1 token")
+    for name, n in (("pp", sizes.pp), ("tg", sizes.tg)):
+        if n > settings.n_ctx:
+            raise BadInputError(f"{name}{n} needs a context of {n}; the planned one is {settings.n_ctx}")
+
+
+def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, seed: int = 1234,
+              notes: list[str] | None = None) -> BenchResult:
+    """Load the model ``reps`` times; each time run pp, tg and the TTFT prompts that fit."""
+    _check_sizes(settings, sizes, reps)
+    fits = [n for n in sizes.ttft if n < settings.n_ctx]  # a prompt needs one free cell for its token
+    rng = random.Random(seed)
+    runs: dict[str, list[float]] = {}
+    system_info = ""
+    for rep in range(reps):
+        _reset_peak_rss()
+        e = Engine(settings)
+        try:
+            system_info = e._lc.llama_print_system_info().decode("utf-8", "replace").strip()
+            figures = {"load_s": e.load_s, "pp": prompt_rate(e, sizes.pp, rng),
+                       "tg": generation_rate(e, sizes.tg, rng, seed + rep)}
+            figures |= {f"ttft{n}": time_to_first_token(e, n, rng, seed + rep) for n in fits}
+            figures |= {"rss": peak_rss(), "gpu": gpu_bytes()}
+        finally:
+            e.close()
+        for k, v in figures.items():
+            runs.setdefault(k, []).append(v)
+    n_ctx = settings.n_ctx
+    ttft = [TTFT(n, stat(runs[f"ttft{n}"])) if n in fits else
+            TTFT(n, None, f"a prompt of {n} tokens needs a context of {n + 1}; the planned one is {n_ctx}")
+            for n in sizes.ttft]
+    maybe = {k: stat(runs[k]) if None not in runs[k] else None for k in ("rss", "gpu")}
+    return BenchResult(
+        model_path=settings.model_path, settings=settings, reps=reps, system_info=system_info,
+        load_s=stat(runs["load_s"]), pp_tokens=sizes.pp, pp_tokens_per_s=stat(runs["pp"]),
+        tg_tokens=sizes.tg, tg_tokens_per_s=stat(runs["tg"]), ttft=ttft,
+        peak_rss_bytes=maybe["rss"], gpu_bytes=maybe["gpu"], notes=list(notes or []))

@@ -1,0 +1,73 @@
+"""``bench``: llama-bench-style speed figures for the engine (edge_magistral.bench does the work)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from edge_magistral.cli import cli
+from edge_magistral.cli.render import err_console
+from edge_magistral.errors import BadInputError
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise BadInputError(f"--ttft {text!r}: give prompt lengths like 1024,8192") from None
+
+
+def _pm(s, scale: float = 1.0, fmt: str = ".1f") -> str:
+    return "n/a" if s is None else f"{s.mean / scale:{fmt}} ± {s.stdev / scale:{fmt}}"
+
+
+def _lines(r) -> list[str]:
+    s = r.settings
+    out = [f"{Path(r.model_path).name}: {s.n_gpu_layers} layers on GPU, context {s.n_ctx}, "
+           f"batch {s.n_batch}/{s.n_ubatch}, threads {s.n_threads}/{s.n_threads_batch}, "
+           f"flash attention {'on' if s.flash_attn else 'off'}, KV {s.type_k}, {r.reps} reps",
+           f"{'load':<14}{_pm(r.load_s, fmt='.3f')} s",
+           f"{'pp' + str(r.pp_tokens):<14}{_pm(r.pp_tokens_per_s)} tokens/s",
+           f"{'tg' + str(r.tg_tokens):<14}{_pm(r.tg_tokens_per_s)} tokens/s"]
+    for t in r.ttft:
+        out.append(f"{'ttft ' + str(t.prompt_tokens):<14}" +
+                   (f"{_pm(t.seconds, fmt='.3f')} s" if t.seconds else f"skipped: {t.skipped}"))
+    out.append(f"{'peak RSS':<14}{_pm(r.peak_rss_bytes, 2**20, '.0f')} MiB")
+    out.append(f"{'GPU memory':<14}{_pm(r.gpu_bytes, 2**20, '.0f')} MiB" if r.gpu_bytes else f"{'GPU memory':<14}n/a")
+    return out + [f"note: {n}" for n in r.notes]
+
+
+@cli.command()
+@click.option("--model", default=None, help="GGUF file, or a quant in the model store (as for `run`).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Override planned GPU layers.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads for prompt and generation (default: the plan's).")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Loads to average over.")
+@click.option("--ctx", type=click.IntRange(min=256), default=None,
+              help="Context to plan (default: 9216 for the 8k TTFT when the model and box allow).")
+@click.option("--pp", type=click.IntRange(min=1), default=512, show_default=True, help="Prompt-processing tokens.")
+@click.option("--tg", type=click.IntRange(min=1), default=128, show_default=True, help="Generated tokens.")
+@click.option("--ttft", default="1024,8192", show_default=True, help="Prompt lengths for time to first token.")
+@click.option("--n-batch", type=click.IntRange(min=1), default=2048, show_default=True, help="As llama-bench's -b.")
+@click.option("--n-ubatch", type=click.IntRange(min=1), default=512, show_default=True, help="As llama-bench's -ub.")
+def bench(model, as_json, n_gpu_layers, threads, reps, ctx, pp, tg, ttft, n_batch, n_ubatch) -> None:
+    """Prompt processing (pp512) and generation (tg128) like llama-bench, time to first token,
+    load time and peak memory; each figure is the mean ± stddev over --reps loads."""
+    from edge_magistral import bench as b  # imports the engine (llama_cpp) before numpy
+    from edge_magistral.cli.run_cmds import _model_path
+
+    path = _model_path(model)
+    plan, note = b.plan_for_bench(path, ctx, n_gpu_layers)
+    settings = b.bench_settings(plan, threads, n_batch, n_ubatch)
+    sizes = b.Sizes(pp, tg, _sizes(ttft))
+    if as_json:
+        result = b.run_bench(settings, sizes, reps, notes=[note] if note else [])
+        click.echo(json.dumps({**asdict(result), "quant": plan.quant}, indent=2))
+        return
+    with err_console().status(f"benchmarking {Path(path).name} ({reps} reps)…"):
+        result = b.run_bench(settings, sizes, reps, notes=[note] if note else [])
+    click.echo("\n".join(_lines(result)))
