@@ -587,6 +587,8 @@ class _Turn:
             stopped = not e._decode(prompt[self.cached:], poll=self._poll_stop)
             self.t_prompt = time.monotonic()
             if stopped or self._poll_stop():
+                if e._cancel.is_set():
+                    self.ended_by = "cancelled"
                 yield from self._new_events()
                 yield self._done()
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,25 @@ def test_greedy_is_allowed_without_thinking_and_clamped_with_it(engine) -> None:
                                                      force_thinking=True, seed=1)))
     assert thinking[3].sampling["temperature"] == 0.5
     assert any(a.reason == "temperature_clamped" for a in thinking[2])
+
+
+def test_a_cancel_during_the_prompt_reports_cancelled(tiny_gguf_quants) -> None:
+    """Cancelled between prefill batches (a long prompt), the turn ends as cancelled, not as a limit."""
+    e = Engine(LoadSettings(str(tiny_gguf_quants["Q8_0"]), n_ctx=2048, n_threads=2, n_batch=16, n_ubatch=16))
+    start = e.tokens_evaluated
+
+    def cancel_once_prefill_runs() -> None:
+        while e.tokens_evaluated < start + 64:  # the turn has started (its cancel flag cleared)
+            time.sleep(0.001)
+        e.cancel()
+
+    try:
+        watcher = threading.Thread(target=cancel_once_prefill_runs)
+        watcher.start()
+        long = [Message("user", "lighthouse " * 700)]
+        done = [ev for ev in e.generate(long, Limits(think_budget=0, max_tokens=8)) if isinstance(ev, Done)][0]
+        watcher.join()
+    finally:
+        e.close()
+    assert done.finish_reason == "cancelled" and done.stop_reason == "cancelled"
+    assert done.usage.completion_tokens == 0

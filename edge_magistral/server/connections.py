@@ -21,6 +21,8 @@ This protocol adds, with one ``client_timeout_s``:
   (no request in progress, nothing left to send), so only real requests count against the limit.
 
 Each closure is reported by reason to ``on_close`` (the metrics); none is logged as an error.
+The h11 protocol is used even where httptools is installed: one implementation to reason about,
+and the traffic (a few tokens a second per client) does not need a faster parser.
 """
 
 from __future__ import annotations
