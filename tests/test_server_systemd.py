@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -80,14 +82,18 @@ def _until(condition, timeout: float = 10) -> None:
 
 
 def test_a_model_that_cannot_load_never_reports_ready(tiny_gguf_f32, tmp_path):
-    """RELIABILITY.md 1: a truncated GGUF fails the start with its reason, exit status of the error."""
+    """RELIABILITY.md 1: a truncated GGUF fails the start with its reason, exit status of the error
+    (found by the planning before the service listens: RELIABILITY.md 5)."""
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny_gguf_f32.read_bytes()[:200_000])
     listener = Listener(str(tmp_path / "notify"))
     try:
-        server = serve_harness.start(cut, tmp_path, env={"NOTIFY_SOCKET": str(tmp_path / "notify")}, wait=False)
-        assert server.proc.wait(60) == 4, server.log_text()  # CorruptModelError's exit code
-        assert "cannot load the model" in server.log_text()
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "EDGE_MAGISTRAL_API_KEY": "k" * 24}
+        r = subprocess.run([sys.executable, "-m", "edge_magistral", "serve", "--model", str(cut), "--port", "0"],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 4, r.stderr  # CorruptModelError's exit code
+        assert "cannot load the model" in r.stderr and "listening on" not in r.stderr
+        time.sleep(0.1)  # the last datagrams
         assert not any("READY=1" in m for _, m in listener.messages)
         assert any(m.startswith("STATUS=failed: cannot load the model") for _, m in listener.messages)
     finally:

@@ -82,9 +82,12 @@ def _from_file(config_file: str | None) -> dict:
               help="Append a hash-chained record of each request to this JSONL file.")
 @click.option("--redact", type=click.Choice(["none", "thinking", "prompt", "all"]), default="none",
               show_default=True, help="What the audit record stores only as a sha256.")
+@click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None, hidden=True,
+              help="Plan for this recorded box (detect --json) instead of detecting this one (tests).")
 def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
           api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes, max_tokens,
-          request_timeout, client_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact) -> None:
+          request_timeout, client_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact,
+          hardware_file) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
     /health, /metrics), one generation at a time, the engine in a supervised worker process.
 
@@ -93,7 +96,9 @@ def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile
     READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 while the engine
     is healthy, and STOPPING=1. A model listed in a manifest.json beside it is checked against its
     sha256 before it is loaded (and again on a worker restart if the file changed); a mismatch
-    stops the service. Prompts and answers are never logged; only --audit-log records them."""
+    stops the service. Before anything loads, it detects the box and plans the model: a GPU the
+    installed llama.cpp cannot use, or a model that does not fit, stops it with the fix. Prompts
+    and answers are never logged; only --audit-log records them."""
     from edge_magistral.server import ServerConfig, load_api_keys
     from edge_magistral.server import serve as run_server
 
@@ -113,6 +118,6 @@ def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile
         client_timeout_s=client_timeout,
         hang_timeout_s=pick(hang_timeout, "hang_timeout", 120.0), load_timeout_s=load_timeout,
         drain_timeout_s=drain_timeout, audit_log=pick(audit_log, "audit_log"), redact=redact,
-        log_level=logging.getLogger().getEffectiveLevel(),
+        log_level=logging.getLogger().getEffectiveLevel(), hardware_file=hardware_file,
     )
     run_server(config)

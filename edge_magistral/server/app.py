@@ -57,6 +57,7 @@ class ServerConfig:
     audit_log: str | None = None
     redact: str = "none"
     log_level: int = logging.WARNING
+    hardware_file: str | None = None  # a recorded box (detect --json) instead of detecting; for tests
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:
@@ -135,7 +136,7 @@ def build_service(config: ServerConfig, notifier: Any = None, on_fatal: Any = No
         "beat_timeout_s": min(sup_config.beat_timeout_s, config.hang_timeout_s / 2)})
     settings = WorkerSettings(model_path=config.model_path, ctx=config.ctx, n_gpu_layers=config.n_gpu_layers,
                               profile=config.profile, threads=config.threads, think_budget=config.think_budget,
-                              model_name=config.model_name,
+                              model_name=config.model_name, hardware_file=config.hardware_file,
                               log_level=config.log_level)
     sup = Supervisor(settings, sup_config, notifier=notifier, metrics=metrics, on_fatal=on_fatal)
     audit = AuditSink(config.audit_log, config.redact, config.model_path) if config.audit_log else None

@@ -37,7 +37,8 @@ class Metrics:
         self.worker_rss = Gauge(f"{PREFIX}_worker_resident_memory_bytes", "Resident memory of the model worker",
                                 registry=r)
         self.worker_up = Gauge(f"{PREFIX}_worker_up", "1 when the model worker is loaded and ready", registry=r)
-        self.worker_restarts = Counter(f"{PREFIX}_worker_failures", "Model worker crashes, hangs and kills",
+        self.worker_restarts = Counter(f"{PREFIX}_worker_failures", "Model worker failures by reason: crashed, "
+                                       "hung, killed (a SIGKILL we did not send: the OOM killer, most likely)",
                                        ["reason"], registry=r)
         self.cancelled = Counter(f"{PREFIX}_cancelled_requests", "Requests cancelled because the client left or "
                                  "fell behind, by the stage reached: queued (never run), prompt, generating",
@@ -59,7 +60,8 @@ class Metrics:
 
     def worker_down(self, why: str) -> None:
         self.worker_up.set(0)
-        self.worker_restarts.labels("hung" if why.startswith(("hung", "still loading")) else "crashed").inc()
+        reason = "hung" if why.startswith(("hung", "still loading")) else "killed" if why == "killed" else "crashed"
+        self.worker_restarts.labels(reason).inc()
 
     def observe_supervisor(self, sup: Any) -> None:
         self.generating.set(1 if sup.current is not None else 0)

@@ -18,7 +18,8 @@ from typing import Any
 
 import uvicorn
 
-from edge_magistral.errors import BadInputError, EdgeMagistralError
+from edge_magistral import log_limit
+from edge_magistral.errors import BackendError, BadInputError, EdgeMagistralError
 from edge_magistral.server.app import ServerConfig, build_service
 from edge_magistral.server.connections import ConnectionLimits, protocol_class
 
@@ -78,8 +79,17 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
         limit_concurrency=max(64, 4 * config.queue_size), timeout_keep_alive=5, server_header=False,
         lifespan="on", http=protocol_class(limits),
     )
+    # after uvicorn.Config set up its handlers; not its access log, whose formatter takes only its own
+    # records (it is on only with -v, and one line per request is not a flood of one line)
+    log_limit.install(("", "uvicorn"))
     server = _Server(uv, on_signal)
     sock = bind(config.host, config.port)
+    try:
+        preflight(config)
+    except EdgeMagistralError as e:
+        sock.close()
+        notifier.status(f"failed: cannot load the model: {e}")
+        raise ServiceFailed(f"cannot load the model: {e}", e.exit_code) from None
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"edge-magistral: listening on http://{url_host}:{port} ({config.model_name})", file=sys.stderr, flush=True)
@@ -89,6 +99,22 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
         svc.supervisor.kill_now()  # after an abnormal exit only; a clean one has stopped it already
     if failure:
         raise ServiceFailed(failure[0][1], failure[0][0])
+
+
+def preflight(config: ServerConfig) -> None:
+    """Detect the box and plan the model before anything listens or loads (RELIABILITY.md 5): a
+    GPU the installed llama.cpp cannot drive, or a model that does not fit, stops the start here
+    with what to do, instead of a worker that loads on the wrong device or dies in a restart loop.
+    The worker plans again when it loads (free memory may have changed by then)."""
+    from edge_magistral.hardware import detect, load_hardware
+    from edge_magistral.planner import Request, plan_for_model
+
+    hw = load_hardware(config.hardware_file) if config.hardware_file else detect()
+    errors = [f for f in hw.findings if f.level == "error"]
+    if errors:
+        raise BackendError("; ".join(f"{f.message} (fix: {f.fix})" if f.fix else f.message for f in errors))
+    plan_for_model(config.model_path, Request(ctx=config.ctx, n_gpu_layers=config.n_gpu_layers), hw,
+                   config.profile)  # DoesNotFitError says by how much and what to change
 
 
 def bind(host: str, port: int) -> socket.socket:

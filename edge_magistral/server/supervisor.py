@@ -24,6 +24,7 @@ import collections
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -89,16 +90,33 @@ class _Link:
         self.started = self.last_beat = now
         self.kill_reason: str | None = None  # why the supervisor killed it, if it did
         self.ready = False  # loaded: it reads the pipe from then on
+        self.memory_cgroup: str | None = None  # its memory cgroup as last seen, and the OOM kills
+        self.oom_kills_before: int | None = None  # counted there when it was first seen in it
         threading.Thread(target=self._read, args=(on_message,), name=f"worker-read-{gen}", daemon=True).start()
         threading.Thread(target=self._write, name=f"worker-write-{gen}", daemon=True).start()
 
     def _read(self, on_message: Callable[[int, tuple | None], None]) -> None:
         try:
             while True:
-                on_message(self.gen, self.conn.recv())
+                msg = self.conn.recv()
+                if msg[0] == "beat":
+                    self._watch_cgroup()
+                on_message(self.gen, msg)
         except (EOFError, OSError):
             pass
         on_message(self.gen, None)  # the worker is gone
+
+    def _watch_cgroup(self) -> None:
+        """Follow the worker's memory cgroup while it lives (a dead one shows none), so that a
+        SIGKILL can be matched with the kernel's OOM kill count there."""
+        path = memory_cgroup(self.proc.pid)
+        if path is not None and path != self.memory_cgroup:
+            self.memory_cgroup, self.oom_kills_before = path, oom_kill_count(path)
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel counted an OOM kill in its cgroup since it was seen there."""
+        now = oom_kill_count(self.memory_cgroup) if self.memory_cgroup else None
+        return now is not None and now > (self.oom_kills_before or 0)
 
     def _write(self) -> None:
         while (msg := self.outbox.get()) is not None:
@@ -332,7 +350,11 @@ class Supervisor:
                 self.current = None
             return
         desc = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        log.error("the model worker %s (%s)", why, desc)
+        if code == -signal.SIGKILL and link.kill_reason is None:
+            why, desc = "killed", "SIGKILL: out of memory?"  # nobody here sent it: most likely the OOM killer
+            if link.oom_killed():
+                desc = f"SIGKILL: out of memory: the kernel's OOM killer, memory cgroup {link.memory_cgroup}"
+        log.error("model worker %s (%s)", why, desc)
         if self.metrics is not None:
             self.metrics.worker_down(why)
         backoff = self._note_crash()
@@ -447,3 +469,34 @@ class Supervisor:
     def expected_wait_s(self) -> float:
         """Until a new request would start: the queue ahead, at the recent pace."""
         return self.avg_job_s * (len(self.queue) + 1)
+
+
+# ------------------------------------------------------------------- OOM evidence
+
+def memory_cgroup(pid: int) -> str | None:
+    """The directory of ``pid``'s memory cgroup (v1 memory controller, else v2), if readable."""
+    try:
+        lines = open(f"/proc/{pid}/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return f"/sys/fs/cgroup/memory{path}"
+    v2 = [path for _, controllers, path in (line.split(":", 2) for line in lines) if controllers == ""]
+    return f"/sys/fs/cgroup{v2[0]}" if v2 else None
+
+
+def oom_kill_count(cgroup_dir: str) -> int | None:
+    """The kernel's count of OOM kills in that memory cgroup (v2 memory.events, v1
+    memory.oom_control), or None when it cannot be read."""
+    for name in ("memory.events", "memory.oom_control"):
+        try:
+            text = open(f"{cgroup_dir}/{name}").read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    return None

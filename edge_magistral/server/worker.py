@@ -37,6 +37,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edge_magistral import log_limit
+
 BEAT_INTERVAL_S = 0.5
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class WorkerSettings:
     model_name: str = "model"
     log_level: int = logging.WARNING
     verified_file: tuple | None = None  # the model file's identity an earlier worker verified (admission)
+    hardware_file: str | None = None  # plan for this recorded box (detect --json) instead of detecting
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ def worker_main(conn: Any, settings: WorkerSettings) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=settings.log_level, stream=sys.stderr,
                         format="%(levelname)s worker %(name)s: %(message)s")
+    log_limit.install()  # llama.cpp's log included (RELIABILITY.md 30)
     _Worker(conn, settings).run()
 
 
@@ -172,13 +176,15 @@ class _Worker:
         from edge_magistral.chat import Message
         from edge_magistral.engine import Engine, Limits, LoadSettings
         from edge_magistral.errors import CorruptModelError
+        from edge_magistral.hardware import load_hardware
         from edge_magistral.planner import Request, plan_for_model
         from edge_magistral.server.admission import admit, still_same
 
         s = self.settings
         admitted = admit(s.model_path, s.verified_file, on_hashing=self._say_hashing)
         t0 = time.monotonic()
-        plan, _ = plan_for_model(s.model_path, Request(ctx=s.ctx, n_gpu_layers=s.n_gpu_layers),
+        hardware = load_hardware(s.hardware_file) if s.hardware_file else None
+        plan, _ = plan_for_model(s.model_path, Request(ctx=s.ctx, n_gpu_layers=s.n_gpu_layers), hardware,
                                  profile_name=s.profile)
         load = LoadSettings.from_plan(plan)
         if s.threads:
