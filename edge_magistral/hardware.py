@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from edge_magistral.errors import BadInputError
+from edge_magistral.errors import BackendError, BadInputError
 
 SCHEMA_VERSION = 1
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -922,6 +922,14 @@ def _match_device(
 
 
 # ---------------------------------------------------------------------------------------- detect
+
+
+def require_usable(hw: Hardware) -> None:
+    """Refuse a box whose GPU the installed llama.cpp cannot drive (an error-level finding), with
+    the fix: never a silent CPU fallback."""
+    errors = [f for f in hw.findings if f.level == "error"]
+    if errors:
+        raise BackendError("; ".join(f"{f.message} (fix: {f.fix})" if f.fix else f.message for f in errors))
 
 
 def default_store_dir() -> str:

@@ -260,3 +260,16 @@ def test_a_cancel_during_the_prompt_reports_cancelled(tiny_gguf_quants) -> None:
         e.close()
     assert done.finish_reason == "cancelled" and done.stop_reason == "cancelled"
     assert done.usage.completion_tokens == 0
+
+
+def test_run_refuses_a_gpu_the_build_cannot_drive(tiny_gguf_quants, monkeypatch) -> None:
+    """No silent CPU fallback: on a box with a GPU but a CPU-only llama.cpp, `run` stops with the fix."""
+    from edge_magistral import hardware
+    from edge_magistral.cli import cli, run_cmds  # noqa: F401
+
+    recorded = hardware.detect(hardware.RecordedReader(Path(__file__).parent / "data" / "hardware" /
+                                                       "rtx3090-cpu-build"))
+    monkeypatch.setattr(hardware, "detect", lambda *a, **k: recorded)
+    r = CliRunner().invoke(cli, ["run", "--model", str(tiny_gguf_quants["Q8_0"]), "hi"])
+    assert r.exit_code == 8, r.output
+    assert "RTX 3090" in r.output and "GGML_CUDA=on" in r.output

@@ -30,10 +30,13 @@ def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile:
           yes: bool = False):
     """Plan, then load with a spinner; the first line says what the planner decided."""
     from edge_magistral.engine import Engine, LoadSettings
+    from edge_magistral.hardware import detect, require_usable
     from edge_magistral.planner import Request, plan_for_model
 
     path = _model_path(model, yes, profile)
-    p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), profile_name=profile)
+    hw = detect()
+    require_usable(hw)  # a GPU llama.cpp cannot drive is an error with the fix, not a silent CPU run
+    p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), hw, profile_name=profile)
     if not quiet:
         err_console().print(f"[bold]{escape(Path(path).name)}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
                             f"context {p.n_ctx}, KV {p.type_k}, profile {p.profile}")

@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 
 from edge_magistral import log_limit
-from edge_magistral.errors import BackendError, BadInputError, EdgeMagistralError
+from edge_magistral.errors import BadInputError, EdgeMagistralError
 from edge_magistral.server.app import ServerConfig, build_service
 from edge_magistral.server.connections import ConnectionLimits, protocol_class
 
@@ -106,13 +106,11 @@ def preflight(config: ServerConfig) -> None:
     GPU the installed llama.cpp cannot drive, or a model that does not fit, stops the start here
     with what to do, instead of a worker that loads on the wrong device or dies in a restart loop.
     The worker plans again when it loads (free memory may have changed by then)."""
-    from edge_magistral.hardware import detect, load_hardware
+    from edge_magistral.hardware import detect, load_hardware, require_usable
     from edge_magistral.planner import Request, plan_for_model
 
     hw = load_hardware(config.hardware_file) if config.hardware_file else detect()
-    errors = [f for f in hw.findings if f.level == "error"]
-    if errors:
-        raise BackendError("; ".join(f"{f.message} (fix: {f.fix})" if f.fix else f.message for f in errors))
+    require_usable(hw)
     plan_for_model(config.model_path, Request(ctx=config.ctx, n_gpu_layers=config.n_gpu_layers), hw,
                    config.profile)  # DoesNotFitError says by how much and what to change
 
