@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from edge_magistral.catalog import QUALITY_ORDER
 from edge_magistral.errors import BadInputError
 from edge_magistral.hardware import GiB, Hardware
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+def _builtin_dir() -> Path:
+    """The repository's profiles/ (a checkout or an editable install); else the copy a wheel
+    installs under ``<prefix>/share/edge-magistral/profiles`` (pyproject's data-files)."""
+    src = Path(__file__).resolve().parent.parent / "profiles"
+    return src if src.is_dir() else Path(sys.prefix) / "share" / "edge-magistral" / "profiles"
+
+
+BUILTIN_DIR = _builtin_dir()
 KV_TYPES = ("f16", "q8_0", "q4_0")
 QUANTS = tuple(QUALITY_ORDER)  # the quant names a profile may list
 GPU_KINDS = ("none", "discrete", "unified", "any")

@@ -151,3 +151,18 @@ def test_threads_policy() -> None:
         load_profiles([BUILTIN_DIR])["cpu-only"].threads_for(detect(RecordedReader(DATA / "cpu-only-32gb")))
         == 8
     )
+
+
+def test_a_wheel_carries_the_builtin_profiles(tmp_path: Path) -> None:
+    """A non-editable install (an air-gap wheelhouse) must still find the profiles: the wheel puts
+    them under <prefix>/share/edge-magistral/profiles, where profiles.py looks outside a checkout."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path), str(root)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("edge_magistral-*.whl"))).namelist()
+    carried = {Path(n).name for n in names if "/data/share/edge-magistral/profiles/" in n}
+    assert carried == {p.name for p in (root / "profiles").glob("*.yaml")}
