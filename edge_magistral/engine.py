@@ -272,12 +272,13 @@ class LoadedModel:
             self._pieces[token] = b
         return b
 
-    def _llama_piece(self, token: int) -> bytes:
+    def _llama_piece(self, token: int, special: bool = False) -> bytes:
+        """llama.cpp's bytes for a token, growing the buffer when a piece is longer than 256 bytes."""
         buf = ctypes.create_string_buffer(256)
-        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:max(n, 0)]
 
     def encode_text(self, text: str) -> list[int]:
@@ -302,11 +303,7 @@ class LoadedModel:
         return ids
 
     def piece_text(self, token: int, special: bool = False) -> str:
-        if token < 0:
-            return ""
-        buf = ctypes.create_string_buffer(256)
-        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+        return self._llama_piece(token, special).decode("utf-8", "replace") if token >= 0 else ""
 
     def _sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
         lc = self._lc

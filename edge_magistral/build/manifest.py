@@ -93,13 +93,7 @@ def versions() -> dict[str, str]:
 def _llama_build() -> str:
     import llama_cpp
 
-    fn = getattr(llama_cpp, "llama_version", None)
-    if fn is not None:
-        try:
-            return fn().decode()
-        except Exception:
-            pass
-    return "vendored by llama-cpp-python " + llama_cpp.__version__
+    return f"{llama_cpp.llama_version().decode()} (vendored by llama-cpp-python {llama_cpp.__version__})"
 
 
 def load(directory: Path) -> Manifest:

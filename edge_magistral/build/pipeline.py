@@ -22,7 +22,7 @@ from edge_magistral.build.checkpoint import Checkpoint, open_checkpoint
 from edge_magistral.build.convert import OUT_TYPES, convert
 from edge_magistral.build.quantize import estimated_size, parse_quants, quantize
 from edge_magistral.errors import BadInputError, ModelNotFoundError, StorageError
-from edge_magistral.gguf_info import GGUFInfo, check_gguf, read_info
+from edge_magistral.gguf_info import GGUFInfo, read_info
 
 DISK_MARGIN = 256 * 1024 * 1024
 
@@ -182,7 +182,6 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
 
 def _quantize_one(req: BuildRequest, m: mf.Manifest, base: Path, stem: str, q: str, progress: Progress) -> None:
     file = f"{stem}-{q}.gguf"
-    check_gguf(base)
     task: dict[str, Callable[[int], None]] = {}
 
     def on_tensor(i: int, n: int, name: str) -> None:

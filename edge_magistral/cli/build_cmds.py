@@ -25,6 +25,8 @@ def build(src: Path, out: Path, quants: str, base_type: str, name: str | None, i
           threads: int | None) -> None:
     """Convert SRC (a Mistral-native or HF checkpoint directory, or a BF16/F16 GGUF) into GGUF
     quantizations in OUT, with a verified manifest.json. Reruns skip finished outputs."""
+    import llama_cpp  # noqa: F401  before numpy (the pipeline's): the other order broke CUDA loads
+
     from edge_magistral.build.pipeline import BuildRequest
     from edge_magistral.build.pipeline import build as run_build
 

@@ -85,7 +85,7 @@ def _stream(engine, messages, limits, show_thinking: bool, echo: bool):
     return "".join(answer), "".join(reasoning), done
 
 
-def _audit(path: str | None, redact: str, engine, plan, messages, reasoning, answer, done, sha: str) -> None:
+def _audit(path: str | None, redact: str, plan, messages, reasoning, answer, done, sha: str) -> None:
     if not path:
         return
     from edge_magistral.audit import AuditLog, AuditRecord
@@ -173,7 +173,7 @@ def run(prompt, files, as_json, json_schema, yes, model, think_budget, max_token
     finally:
         engine.close()
     sha = model_sha256(engine.settings.model_path) if (as_json or audit_log) else ""
-    _audit(audit_log, redact, engine, plan, messages, reasoning, answer, done, sha)
+    _audit(audit_log, redact, plan, messages, reasoning, answer, done, sha)
     if as_json:
         click.echo(json.dumps({
             "answer": answer, "reasoning": reasoning, "finish_reason": done.finish_reason,
@@ -236,7 +236,7 @@ def chat(model, think_budget, max_tokens, system, system_mode, temperature, seed
                 err_console().print(f"error: {e}", style="red", markup=False)
                 continue
             history.append(Message("assistant", answer))
-            _audit(audit_log, redact, engine, plan, history[:-1], reasoning, answer, done, sha)
+            _audit(audit_log, redact, plan, history[:-1], reasoning, answer, done, sha)
             if done.finish_reason == "length":
                 err_console().print(f"[answer cut: {done.stop_reason}]", style="yellow", markup=False)
     finally:
