@@ -226,6 +226,11 @@ class BatchEngine(LoadedModel):
             self._batch = None
         super().close()
 
+    @property
+    def tokens_evaluated(self) -> int:
+        """Every token evaluated so far (prompt chunks and generated): progress for a heartbeat."""
+        return self.stats.tokens_evaluated
+
     # --------------------------------------------------------------------------- API
     def submit(self, request: Sequence[int] | Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Stream:
         """Queue a request (prompt ids, or messages to render); bad input raises here, at once."""
