@@ -1,0 +1,229 @@
+"""The pure parts of the issue-7 comparison scripts (benchmarks/compare_llama.py,
+compare_batched.py, bandwidth.py, results_md.py): parsing the llama.cpp tools' output, the
+statistics, the bandwidth floor and the markdown tables, on small fixtures (no model loads)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = Path("/tmp/m/tiny/tiny-Q8_0.gguf")
+SMOL = Path(__file__).resolve().parent.parent / ".cache/test-models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def mods():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {n: importlib.import_module(n) for n in ("bandwidth", "compare_llama", "results_md")}
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def batched():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("compare_batched")  # imports the engine (llama_cpp), loads no model
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+# ------------------------------------------------------------------------------ llama-bench
+
+LLAMA_BENCH_OUT = """ggml_cuda_init: found 1 CUDA devices
+[
+  {"n_prompt": 512, "n_gen": 0, "avg_ts": 100.0, "stddev_ts": 1.0, "samples_ts": [99.0, 101.0], "n_threads": 2},
+  {"n_prompt": 0, "n_gen": 128, "avg_ts": 10.0, "stddev_ts": 0.1, "samples_ts": [9.9, 10.1], "n_threads": 2}
+]
+"""
+
+
+def test_llama_bench_json_parsed_past_log_lines(mods):
+    cl = mods["compare_llama"]
+    rows = cl.parse_json_out(LLAMA_BENCH_OUT)
+    assert cl.llama_bench_samples(rows) == {"pp": [99.0, 101.0], "tg": [9.9, 10.1]}
+    with pytest.raises(ValueError):
+        cl.parse_json_out("no json here\n")
+
+
+def test_llama_bench_command_matches_our_settings(mods):
+    cmd = mods["compare_llama"].llama_bench_cmd("lb", "m.gguf", 512, 128, 3, 2, 0)
+    s = " ".join(cmd)
+    for part in ("-p 512", "-n 128", "-fa 1", "-b 2048", "-ub 512", "-r 3", "-o json", "-t 2", "-ngl 0"):
+        assert part in s
+    ours = " ".join(mods["compare_llama"].our_bench_cmd("py", "m.gguf", 512, 128, 3, 2, None, "1024", None))
+    assert "-m edge_magistral bench" in ours and "--threads 2" in ours and "--n-gpu-layers" not in ours
+
+
+def test_compare_ratio_and_paired_rounds(mods):
+    c = mods["compare_llama"].compare([[9.0, 11.0], [10.0]], [[10.0, 10.0], [20.0]])
+    assert c["ours"]["mean"] == pytest.approx(10.0) and c["llama"]["mean"] == pytest.approx(40 / 3)
+    assert c["ratio"] == pytest.approx(0.75)
+    assert c["ratio_rounds"] == [1.0, 0.5] and c["ratio_median_of_rounds"] == pytest.approx(0.75)
+
+
+def test_abba_order(mods):
+    assert mods["compare_llama"].order(3) == ["ours", "llama", "llama", "ours", "ours", "llama"]
+
+
+# ---------------------------------------------------------------------- llama-batched-bench
+
+BATCHED_MD = """
+main: n_kv_max = 2048, n_batch = 2048, n_ubatch = 512, flash_attn = 1, is_pp_shared = 0
+
+|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
+|-------|--------|------|--------|----------|----------|----------|----------|----------|----------|
+|   128 |    128 |    1 |    256 |    0.050 |  2560.00 |    1.000 |   128.00 |    1.050 |   243.81 |
+|   128 |    128 |    2 |    512 |    0.090 |  2844.44 |    1.280 |   200.00 |    1.370 |   373.72 |
+"""
+
+BATCHED_JSONL = ('{"n_kv_max": 2048, "n_batch": 2048, "n_ubatch": 512, "flash_attn": 1, "is_pp_shared": 0, '
+                 '"n_gpu_layers": 0, "n_threads": 2, "n_threads_batch": 2, "pp": 128, "tg": 128, "pl": 4, '
+                 '"n_kv": 1024, "t_pp": 0.2, "speed_pp": 2560.0, "t_tg": 2.0, "speed_tg": 256.0, "t": 2.2, '
+                 '"speed": 465.45}\n')
+
+
+def test_batched_bench_table_and_jsonl(batched):
+    rows = batched.parse_batched_bench(BATCHED_MD)
+    assert [(r["pl"], r["speed_tg"], r["speed_pp"]) for r in rows] == [(1, 128.0, 2560.0), (2, 200.0, 2844.44)]
+    (r,) = batched.parse_batched_bench("llama_perf...\n" + BATCHED_JSONL)
+    assert (r["pl"], r["speed_tg"], r["t_tg"]) == (4, 256.0, 2.0)
+
+
+def test_batched_command_context_holds_every_sequence(batched):
+    cmd = batched.batched_bench_cmd("bb", "m.gguf", [1, 2, 4, 8], 128, 128, 2, 0)
+    c = int(cmd[cmd.index("-c") + 1])
+    assert c == 8 * 512 and c // 8 >= 128 + 128 + 2  # one KV stream per sequence, as ours
+    assert cmd[cmd.index("-npl") + 1] == "1,2,4,8" and "-pps" not in cmd
+
+
+def test_our_rates_follow_batched_bench_definitions(batched):
+    # two streams submitted at t=0 and 0.001, first tokens at 0.1 and 0.101 (the prefill step's end),
+    # last tokens both at 1.1; 11 tokens each: 10 decode steps after the prefill
+    r = batched.rates([(0.0, 0.1, 1.0, 11), (0.001, 0.1, 0.999, 11)], npp=100, ntg=10)
+    assert r["t_pp"] == pytest.approx(0.101) and r["speed_pp"] == pytest.approx(200 / 0.101)
+    assert r["t_tg"] == pytest.approx(0.999) and r["speed_tg"] == pytest.approx(20 / 0.999)
+    assert r["complete"]
+    assert not batched.rates([(0.0, 0.1, 1.0, 7)], 100, 10)["complete"]
+
+
+def test_batched_table_ratios(batched):
+    ours = {1: [{"speed_tg": 90.0, "speed_pp": 1000.0}], 2: [{"speed_tg": 170.0, "speed_pp": 1800.0}]}
+    theirs = {1: [{"speed_tg": 100.0, "speed_pp": 1000.0}], 2: [{"speed_tg": 200.0, "speed_pp": 2000.0}]}
+    rows = batched.table(ours, theirs, [{"speed_tg": 95.0, "speed_pp": 1000.0}])
+    assert rows[0]["speed_tg"]["ratio"] == pytest.approx(0.9) and rows[1]["speed_tg"]["ratio"] == pytest.approx(0.85)
+    assert rows[0]["batch_vs_engine_tg"] == pytest.approx(90 / 95) and rows[0]["engine_ratio_tg"] == pytest.approx(0.95)
+
+
+# --------------------------------------------------------------------------------- bandwidth
+
+@pytest.mark.skipif(not TINY.exists(), reason="the tiny Magistral GGUF is not built")
+def test_floor_of_the_tiny_model(mods):
+    from edge_magistral.gguf_info import read_info
+
+    bw = mods["bandwidth"]
+    info = read_info(TINY)
+    b = bw.bytes_per_token(TINY)
+    assert not b["tied_output"]
+    embd = b["token_embd_bytes"]
+    # everything but the gathered embedding (one row of it is read)
+    assert b["weights_read_bytes"] == info.tensor_bytes - embd + embd // info.n_vocab
+    f = bw.bandwidth_floor(TINY, 10.0)
+    assert f["max_tokens_per_s"] == pytest.approx(10e9 / b["weights_read_bytes"])
+    assert bw.percent_of_floor(f["max_tokens_per_s"] / 2, b["weights_read_bytes"], 10.0) == pytest.approx(50.0)
+    deep = bw.bandwidth_floor(TINY, 10.0, depth=64)
+    assert deep["kv_read_bytes"] == 64 * 2 * info.n_layers * info.n_head_kv * info.head_dim * 2
+
+
+@pytest.mark.skipif(not SMOL.exists(), reason="the SmolLM2 test model is not downloaded")
+def test_tied_embeddings_are_read_whole(mods):
+    b = mods["bandwidth"].bytes_per_token(SMOL)
+    assert b["tied_output"] and b["weights_read_bytes"] == b["tensor_bytes"]
+
+
+# ------------------------------------------------------------------------------- results_md
+
+def _llama_result(pp_ratio: float, tg_ratio: float) -> dict:
+    def test(ratio, theirs):
+        return {"ours": {"mean": theirs * ratio, "sd": 0.0}, "llama": {"mean": theirs, "sd": 0.0}, "ratio": ratio}
+    return {"kind": "compare_llama", "model_name": "tiny-Q8_0.gguf", "quant": "Q8_0", "file_size": 80 << 20,
+            "weights_read_bytes": 50_000_000, "command": "python benchmarks/compare_llama.py --model tiny",
+            "settings": {"threads": 2, "n_gpu_layers": 0},
+            "tests": {"pp512": test(pp_ratio, 1000.0), "tg128": test(tg_ratio, 100.0)},
+            "ours": {"ttft_s": {"1024": {"mean": 0.5, "sd": 0.0}, "8192": None}, "load_s": {"mean": 1.0, "sd": 0},
+                     "peak_rss_bytes": {"mean": 300 << 20, "sd": 0}, "gpu_bytes": None},
+            "system": {"host": "box", "cpu_name": "Xeon", "cpu_count": 2, "gpu": None},
+            "runs": [{"side": "ours", "cmd": "edge-magistral bench", "loadavg_before": [1.0]},
+                     {"side": "llama", "cmd": "llama-bench -m tiny", "loadavg_before": [1.5]}]}
+
+
+BANDWIDTH = {"kind": "bandwidth", "host": "box", "cpu_name": "Xeon",
+             "cpu": {"copy_gbps": 10.0, "read_gbps": 12.0, "threads": 2, "method": "numpy"}}
+
+BATCHED = {"kind": "compare_batched", "model_name": "tiny-Q8_0.gguf", "command": "python compare_batched.py",
+           "llama_batched_bench_command": "llama-batched-bench -npl 1,2",
+           "settings": {"npp": 128, "ntg": 128, "rounds": 3, "threads": 2, "n_gpu_layers": 0, "eos": "banned"},
+           "system": {"host": "box", "cpu_name": "Xeon", "cpu_count": 2, "gpu": None},
+           "rows": [{"npl": 1,
+                     "speed_tg": {"ours": {"mean": 90, "sd": 1}, "llama": {"mean": 100, "sd": 1}, "ratio": 0.9},
+                     "speed_pp": {"ours": {"mean": 900, "sd": 1}, "llama": {"mean": 1000, "sd": 1}, "ratio": 0.9},
+                     "engine_speed_tg": {"mean": 95, "sd": 1}, "batch_vs_engine_tg": 90 / 95, "engine_ratio_tg": 0.95},
+                    {"npl": 2,
+                     "speed_tg": {"ours": {"mean": 170, "sd": 1}, "llama": {"mean": 200, "sd": 1}, "ratio": 0.85},
+                     "speed_pp": {"ours": {"mean": 900, "sd": 1}, "llama": {"mean": 1000, "sd": 1}, "ratio": 0.9}}]}
+
+PLAN = [{"scenario": "h200", "profile": "datacenter-80gb", "fits": True, "quant": "Q8_0", "n_ctx": 40960,
+         "type_k": "f16", "type_v": "f16", "n_gpu_layers": 41, "predicted_gpu": {"total": 1030},
+         "llama_cpp_gpu": {"process_gpu_used": 1000}},
+        {"scenario": "8gb", "profile": "nvidia-8gb", "fits": True, "quant": "Q4_K_M", "n_ctx": 16384,
+         "type_k": "q8_0", "type_v": "q8_0", "n_gpu_layers": 14, "predicted_gpu": {"total": 1100},
+         "llama_cpp_gpu": {"process_gpu_used": 1000}, "error_total_vs_process": 0.1}]
+
+
+def test_verdicts(mods):
+    md = mods["results_md"]
+    assert md.verdict(0.97, 0.97) == "PASS" and md.verdict(0.969, 0.97) == "MISS" and md.verdict(None, 0.9) == "n/a"
+    assert md.memory_verdict(-0.05) == "PASS" and md.memory_verdict(0.051) == "MISS"
+
+
+def test_classify(mods):
+    md = mods["results_md"]
+    assert md.classify(BATCHED) == "compare_batched" and md.classify(PLAN) == "plan_vs_gpu"
+    assert md.classify({"kind": "other"}) is None and md.classify([]) is None
+
+
+def test_llama_rows_floor_and_verdicts(mods):
+    md = mods["results_md"]
+    (r,) = md.llama_rows([_llama_result(0.96, 0.95)], [BANDWIDTH])
+    assert (r["pp_verdict"], r["tg_verdict"]) == ("PASS", "MISS")
+    assert r["floor_tokens_per_s"] == pytest.approx(200.0)  # 10 GB/s ÷ 50 MB
+    assert r["llama_tg_of_floor"] == pytest.approx(0.5) and r["memory_kind"] == "peak RSS"
+
+
+def test_plan_rows(mods):
+    rows = mods["results_md"].plan_rows(PLAN)
+    assert rows[0]["error"] == pytest.approx(0.03) and rows[0]["verdict"] == "PASS"
+    assert rows[1]["verdict"] == "MISS"
+
+
+def test_render_and_load(mods, tmp_path):
+    md = mods["results_md"]
+    for name, obj in (("cpu_llama.json", _llama_result(0.99, 0.98)), ("cpu_batched.json", BATCHED),
+                      ("bw.json", BANDWIDTH), ("plan_vs_gpu.json", PLAN), ("junk.json", {"x": 1})):
+        (tmp_path / name).write_text(json.dumps(obj))
+    (tmp_path / "broken.json").write_text("{")
+    data = md.load([str(tmp_path)])
+    assert [len(data[k]) for k in ("compare_llama", "compare_batched", "bandwidth", "plan_vs_gpu")] == [1, 1, 1, 1]
+    text = md.render(data)
+    assert "| tiny-Q8_0.gguf | Q8_0 | CPU, 2 threads |" in text
+    assert "99.0% | PASS" in text and "98.0% | PASS" in text and "50.0%" in text  # llama-bench at half the floor
+    assert "| 2 | 170.0 ± 1.0 | 200.0 ± 1.0 | 85.0% | MISS |" in text
+    assert "| 1 |" in text and "95.0% of llama-batched-bench" in text
+    assert "| h200 | datacenter-80gb | Q8_0 |" in text and "3.00% | PASS" in text
+    assert "llama-bench -m tiny" in text and "llama-batched-bench -npl 1,2" in text
