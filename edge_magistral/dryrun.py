@@ -5,6 +5,10 @@ mmap mode asserts and aborts), llama.cpp reads only the GGUF header, simulates e
 and logs the buffer sizes it would have made: weights per buffer, the KV cache, the compute
 buffers. This is the same dry run llama.cpp's ``--fit`` relies on. The load runs in a child
 process that streams llama.cpp's log back, so an abort inside llama.cpp costs only the child.
+
+``n_slots > 1`` simulates the context :class:`edge_magistral.batch.BatchEngine` creates:
+``n_seq_max = n_slots + 1`` per-sequence KV streams (``kv_unified`` off) of ``n_ctx`` cells each,
+so the planner's prediction for parallel slots is checked against llama.cpp too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class DryRunRequest:
     n_batch: int = 512
     n_ubatch: int = 512
     n_threads: int = 1
+    n_slots: int = 1  # >1: BatchEngine's context, n_slots + 1 KV streams of n_ctx cells
 
 
 @dataclass
@@ -47,7 +52,8 @@ class DryRunResult:
     kv_bytes: int = 0
     kv_k_bytes: int = 0
     kv_v_bytes: int = 0
-    kv_cells: int = 0
+    kv_cells: int = 0  # per KV stream
+    kv_streams: int = 1
     compute_buffers: dict[str, int] = field(default_factory=dict)
     output_buffers: dict[str, int] = field(default_factory=dict)
     n_ctx: int = 0
@@ -75,6 +81,7 @@ _RE_MODEL = re.compile(rf"load_tensors:\s+(\S+) model buffer size =\s+{_MIB}")
 _RE_KV = re.compile(
     rf"llama_kv_cache: size =\s+{_MIB} \(\s*(\d+) cells.*?K \(\S+\):\s+{_MIB}, V \(\S+\):\s+{_MIB}"
 )
+_RE_KV_STREAMS = re.compile(r"llama_kv_cache: size =.*?\(.*?(\d+)/(\d+) seqs\)")
 _RE_COMPUTE = re.compile(rf"(\S+) compute buffer size =\s+{_MIB}")
 _RE_OUTPUT = re.compile(rf"(\S+)\s+output buffer size =\s+{_MIB}")
 _RE_NCTX = re.compile(r"llama_context: n_ctx\s+=\s+(\d+)")
@@ -96,6 +103,9 @@ def parse_log(log: str) -> DryRunResult:
             _b(m.group(3)),
             _b(m.group(4)),
         )
+    m = _RE_KV_STREAMS.search(log)
+    if m:
+        r.kv_streams = int(m.group(2))
     for name, mib in _RE_COMPUTE.findall(log):
         r.compute_buffers[name] = _b(mib)  # the last reservation is the one kept
     for name, mib in _RE_OUTPUT.findall(log):
@@ -196,7 +206,8 @@ def compare(req: DryRunRequest, timeout_s: float = 300.0) -> Comparison:
         raise BackendError(f"compare() covers CPU-only builds; llama.cpp placed buffers on {sorted(actual)}")
     a = actual["CPU"]
     s = Settings(
-        req.n_ctx, req.n_gpu_layers, req.type_k, req.type_v, req.flash_attn, req.n_batch, req.n_ubatch
+        req.n_ctx, req.n_gpu_layers, req.type_k, req.type_v, req.flash_attn, req.n_batch, req.n_ubatch,
+        req.n_slots,
     )
     cpu = predict(from_gguf_info(info), s, gpus=[])[0]  # the devices this llama.cpp has: the CPU only
     predicted = {"weights": cpu.weights, "kv_cache": cpu.kv_cache, "compute": cpu.compute}
@@ -228,10 +239,16 @@ def _simulate(llama_cpp, req: DryRunRequest) -> int:  # noqa: ANN001 (the llama_
         return 3
     os.write(1, f"edge_magistral: model_size = {llama_cpp.llama_model_size(model)}\n".encode())
     cp = llama_cpp.llama_context_default_params()
-    cp.n_ctx = req.n_ctx
-    cp.n_batch = min(req.n_ctx, req.n_batch)  # as llama_cpp.Llama does
+    if req.n_slots > 1:  # as BatchEngine._load: one stream of n_ctx cells per slot and the prefix
+        cp.n_ctx = (req.n_slots + 1) * req.n_ctx
+        cp.n_batch = req.n_batch
+        cp.n_seq_max = req.n_slots + 1
+        cp.kv_unified = False
+    else:
+        cp.n_ctx = req.n_ctx
+        cp.n_batch = min(req.n_ctx, req.n_batch)  # as llama_cpp.Llama does
+        cp.n_seq_max = 1
     cp.n_ubatch = min(cp.n_batch, req.n_ubatch)
-    cp.n_seq_max = 1
     cp.n_threads = cp.n_threads_batch = req.n_threads
     cp.type_k = KV_TYPES[req.type_k]
     cp.type_v = KV_TYPES[req.type_v]

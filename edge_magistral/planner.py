@@ -7,6 +7,14 @@ llama.cpp's own rules and is checked against llama.cpp's dry-run numbers (tests/
 :func:`plan` is policy on top: the best quality that fully fits at the profile's target context;
 else the context traded down to the profile's minimum; else a partial offload chosen by predicted
 tokens/s; else a refusal that says how much memory is missing. Both are pure functions.
+
+Parallel slots (:class:`edge_magistral.batch.BatchEngine`) are planned last, on top of the
+single-request plan: quality and context for one request come first, throughput second. With N
+slots llama.cpp keeps N + 1 KV streams of n_ctx cells (the extra one is the prefix cache), one
+logits row per stream, and a compute buffer reserved for a ubatch split across the streams. A
+profile's default slot count is reduced (down to 1) until it fits at the planned context; an
+explicit ``Request.parallel`` keeps its slots and gives up context instead (down to the
+minimum), and is refused when even that does not fit.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from edge_magistral.catalog import ModelCandidate
 from edge_magistral.errors import BadInputError, DoesNotFitError
 from edge_magistral.hardware import GiB, Hardware, MiB
-from edge_magistral.profiles import Profile
+from edge_magistral.profiles import MAX_PARALLEL, Profile
 
 KV_BYTES = {
     "f32": (1, 4),
@@ -35,6 +43,7 @@ HOST_OVERHEAD = 400 * MiB  # Python, llama.cpp's code and the tokenizer
 OP_OFFLOAD_MIN_BATCH = 32  # ubatches this large run CPU-resident matmuls on the GPU (weights copied over)
 CPU_EFFICIENCY = 0.6  # share of host memory bandwidth a CPU decode achieves
 DEFAULT_GPU_GBS = 300.0
+BATCH_LOAD_CTX = 256  # the context BatchEngine loads the Llama object with (batch._LOAD_CTX)
 
 
 class NoFitError(DoesNotFitError):
@@ -58,6 +67,7 @@ class Request:
     quant: str | None = None
     kv_type: str | None = None
     flash_attn: bool | None = None
+    parallel: int | None = None  # decoding slots (None: the profile's default)
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class Settings:
     flash_attn: bool = True
     n_batch: int = 512
     n_ubatch: int = 512
+    n_slots: int = 1  # >1: BatchEngine's context (n_slots + 1 KV streams); 1: the single-sequence Engine
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,7 @@ class Plan:
     flash_attn: bool
     n_batch: int
     n_ubatch: int
+    n_slots: int  # requests decoded at once; 1: the single-sequence Engine
     n_threads: int
     n_threads_batch: int
     tensor_split: list[float]
@@ -175,6 +187,7 @@ class Plan:
             self.flash_attn,
             self.n_batch,
             self.n_ubatch,
+            self.n_slots,
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -201,6 +214,31 @@ def _row_bytes(n: int, t: str) -> int:
 def kv_cells(n_ctx: int) -> int:
     """llama.cpp pads the context to a multiple of 256 cells."""
     return -(-n_ctx // 256) * 256
+
+
+def kv_streams(s: Settings) -> tuple[int, int]:
+    """(KV streams, cells per stream). One stream for the Engine; n_slots + 1 for BatchEngine,
+    padded as llama_context's constructor does: the total to 256, then each stream to 256."""
+    if s.n_slots <= 1:
+        return 1, kv_cells(s.n_ctx)
+    n = s.n_slots + 1
+    return n, kv_cells(kv_cells(n * s.n_ctx) // n)
+
+
+def ubatch_tokens(s: Settings) -> int:
+    """Tokens of the worst-case ubatch llama.cpp reserves its compute buffer for; with several
+    streams, graph_reserve rounds it up to a multiple of the streams."""
+    streams, _ = kv_streams(s)
+    if streams == 1:
+        return min(s.n_ctx, s.n_batch, s.n_ubatch)
+    ub = min(streams * s.n_ctx, s.n_batch, s.n_ubatch)
+    return -(-ub // streams) * streams
+
+
+def _host_logits_rows(s: Settings) -> int:
+    """Rows of llama-cpp-python's scores array: n_batch of the Llama object, which BatchEngine
+    loads with a throwaway 256-cell context."""
+    return min(s.n_ctx if s.n_slots <= 1 else BATCH_LOAD_CTX, s.n_batch)
 
 
 def layer_devices(n_layers: int, n_gpu_layers: int, splits: list[int]) -> list[int | None]:
@@ -240,9 +278,8 @@ class _Stages:
 
 def compute_stages(m: ModelCandidate, s: Settings) -> _Stages:
     """Compute-buffer stages of llama.cpp's llama graph, fitted to its dry runs on Magistral's shape."""
-    n_batch = min(s.n_ctx, s.n_batch)
-    n_ub = min(n_batch, s.n_ubatch)
-    n_kv = kv_cells(s.n_ctx)
+    n_ub = ubatch_tokens(s)
+    n_kv = kv_streams(s)[1]  # each stream attends to its own cells
     per_tok = 4 * n_ub  # one f32 value per token
     n_q, n_kvd = m.n_head * m.head_dim, m.n_head_kv * m.head_dim
     mask = n_kv * n_ub * (2 if s.flash_attn else 4)
@@ -259,7 +296,7 @@ def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMe
     """Bytes llama.cpp will allocate per device (CPU first, then each GPU) for these settings."""
     devs = layer_devices(m.n_layers, s.n_gpu_layers, [g.split_bytes for g in gpus])
     cpu = DeviceMemory(
-        "CPU", weights=m.token_embd_bytes, overhead=HOST_OVERHEAD + min(s.n_ctx, s.n_batch) * m.n_vocab * 4
+        "CPU", weights=m.token_embd_bytes, overhead=HOST_OVERHEAD + _host_logits_rows(s) * m.n_vocab * 4
     )
     out = {
         None: cpu,
@@ -268,7 +305,8 @@ def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMe
             for i, g in enumerate(gpus)
         },
     }
-    kv_layer = kv_cells(s.n_ctx) * kv_bytes_per_cell(m, s.type_k, s.type_v) // max(1, m.n_layers)
+    streams, cells = kv_streams(s)
+    kv_layer = streams * cells * kv_bytes_per_cell(m, s.type_k, s.type_v) // max(1, m.n_layers)
     for il in range(m.n_layers):
         d = out[devs[il]]
         d.weights += m.bytes_per_layer[il] if il < len(m.bytes_per_layer) else 0
@@ -276,6 +314,7 @@ def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMe
         d.layers += 1
     out[devs[m.n_layers]].weights += m.output_bytes
     _add_compute(m, s, gpus, devs, out)
+    cpu.compute += (streams - 1) * m.n_vocab * 4  # llama.cpp's host output buffer: a logits row per stream
     return list(out.values())
 
 
@@ -290,7 +329,7 @@ def _add_compute(
     if not gpus:
         out[None].compute = max(st.logits, st.layer) + st.slack
         return
-    n_ub = min(s.n_ctx, s.n_batch, s.n_ubatch)
+    n_ub = ubatch_tokens(s)
     op_offload = n_ub >= OP_OFFLOAD_MIN_BATCH
     cpu_layers = sum(1 for d in devs[:-1] if d is None)
     output_on_cpu = devs[-1] is None
@@ -380,6 +419,8 @@ class _Box:
     target_ctx: int
     min_ctx: int
     fixed_ngl: int | None
+    parallel: int = 1  # the slots wanted
+    fixed_parallel: bool = False  # asked for explicitly: kept at the cost of context, or refused
 
 
 def _box(hw: Hardware, profile: Profile, request: Request) -> _Box:
@@ -407,7 +448,11 @@ def _box(hw: Hardware, profile: Profile, request: Request) -> _Box:
     minimum = request.ctx or min(profile.min_ctx, target)
     if request.ctx is not None and request.ctx < 256:
         raise BadInputError(f"--ctx {request.ctx} is too small; use at least 256")
-    return _Box(hw, profile, gpus, reserved, kvs, fa, target, minimum, request.n_gpu_layers)
+    if request.parallel is not None and not 1 <= request.parallel <= MAX_PARALLEL:
+        raise BadInputError(f"--parallel {request.parallel} is out of range; use 1 to {MAX_PARALLEL}")
+    parallel = request.parallel or profile.parallel
+    return _Box(hw, profile, gpus, reserved, kvs, fa, target, minimum, request.n_gpu_layers, parallel,
+                request.parallel is not None)
 
 
 def _reserve(pool: str, profile: Profile) -> int:
@@ -417,8 +462,8 @@ def _reserve(pool: str, profile: Profile) -> int:
     return 0 if pool.endswith("(unified)") else profile.reserve_gpu_mib * MiB
 
 
-def _settings(b: _Box, ctx: int, ngl: int, kv: str) -> Settings:
-    return Settings(ctx, ngl, kv, kv, b.flash_attn, b.profile.n_batch, b.profile.n_ubatch)
+def _settings(b: _Box, ctx: int, ngl: int, kv: str, n_slots: int = 1) -> Settings:
+    return Settings(ctx, ngl, kv, kv, b.flash_attn, b.profile.n_batch, b.profile.n_ubatch, n_slots)
 
 
 def _evaluate(b: _Box, m: ModelCandidate, s: Settings) -> tuple[bool, list[DeviceMemory], list[PoolUse]]:
@@ -433,19 +478,22 @@ def _full_ngl(b: _Box, m: ModelCandidate) -> int:
     return m.n_layers + 1 if b.gpus else 0
 
 
-def _max_ctx(b: _Box, m: ModelCandidate, ngl: int, kv: str) -> int | None:
-    """The largest context in [min, target] (a multiple of CTX_STEP, or exactly target) that fits."""
-    hi = min(b.target_ctx, m.context_length or b.target_ctx)
+def _max_ctx(
+    b: _Box, m: ModelCandidate, ngl: int, kv: str, n_slots: int = 1, upto: int | None = None
+) -> int | None:
+    """The largest context in [min, target or ``upto``] (a multiple of CTX_STEP, or exactly the
+    upper end) that fits."""
+    hi = upto or min(b.target_ctx, m.context_length or b.target_ctx)
     lo = min(b.min_ctx, hi)
-    if _evaluate(b, m, _settings(b, hi, ngl, kv))[0]:
+    if _evaluate(b, m, _settings(b, hi, ngl, kv, n_slots))[0]:
         return hi
-    if not _evaluate(b, m, _settings(b, lo, ngl, kv))[0]:
+    if not _evaluate(b, m, _settings(b, lo, ngl, kv, n_slots))[0]:
         return None
     lo_k, hi_k = -(-lo // CTX_STEP), hi // CTX_STEP  # search in steps; lo itself is known to fit
     best = lo
     while lo_k <= hi_k:
         mid = (lo_k + hi_k) // 2
-        if mid * CTX_STEP >= lo and _evaluate(b, m, _settings(b, mid * CTX_STEP, ngl, kv))[0]:
+        if mid * CTX_STEP >= lo and _evaluate(b, m, _settings(b, mid * CTX_STEP, ngl, kv, n_slots))[0]:
             best, lo_k = max(best, mid * CTX_STEP), mid + 1
         else:
             hi_k = mid - 1
@@ -557,7 +605,52 @@ def plan(
         raise _refusal(b, cands, alternatives, request)
     first = min(i for i, _, _ in found)
     m, o = _pick(steps[first][0], [(m, o) for i, m, o in found if i == first], profile)
-    return _make_plan(b, m, o, steps[first][0], alternatives, cands)
+    o, why_slots = _with_slots(b, m, o)
+    return _make_plan(b, m, o, steps[first][0], alternatives, cands, why_slots)
+
+
+# ------------------------------------------------------------------------------- parallel slots
+
+
+def _with_slots(b: _Box, m: ModelCandidate, o: Option) -> tuple[Option, str]:
+    """The single-request option with the slots the policy allows (module docstring), and why."""
+    s = o.settings
+    assert s is not None
+    whose = "requested" if b.fixed_parallel else "the profile's"
+    if b.parallel == 1:
+        return o, f"1: one request at a time ({whose})"
+    if b.fixed_parallel:
+        ctx = _max_ctx(b, m, s.n_gpu_layers, s.type_k, b.parallel, upto=s.n_ctx)
+        if ctx is None:
+            raise _slots_refusal(b, m, s)
+        o = _option(b, m, replace(s, n_ctx=ctx, n_slots=b.parallel), o.note)
+        less = f"; context reduced from {s.n_ctx} to make room for their KV cache" if ctx < s.n_ctx else ""
+        return o, f"{b.parallel}: as requested, {b.parallel + 1} KV streams of {ctx} cells{less}"
+    n = _max_slots(b, m, s, b.parallel)
+    if n == 1:
+        return o, f"1: the profile's {b.parallel} slots do not fit at context {s.n_ctx}; one request at a time"
+    o = _option(b, m, replace(s, n_slots=n), o.note)
+    fewer = "" if n == b.parallel else f" (of the profile's {b.parallel}: the most that fit)"
+    return o, (
+        f"{n}{fewer}: requests decoded at once, {n + 1} KV streams of {s.n_ctx} cells "
+        "(one holds the shared prefix); slots are given up before context"
+    )
+
+
+def _max_slots(b: _Box, m: ModelCandidate, s: Settings, most: int) -> int:
+    """The most slots, up to ``most``, that fit with these settings (1 when none more do)."""
+    return next((n for n in range(most, 1, -1) if _evaluate(b, m, replace(s, n_slots=n))[0]), 1)
+
+
+def _slots_refusal(b: _Box, m: ModelCandidate, s: Settings) -> DoesNotFitError:
+    low = replace(s, n_ctx=min(b.min_ctx, s.n_ctx), n_slots=b.parallel)
+    short = "; ".join(f"{u.pool} needs {_gib(u.need)} of {_gib(u.budget)}" for u in _evaluate(b, m, low)[2]
+                      if not u.fits)
+    fit = _max_slots(b, m, replace(low, n_slots=1), b.parallel)
+    return DoesNotFitError(
+        f"--parallel {b.parallel} cannot fit: {b.parallel} slots of {m.quant} at context {low.n_ctx} "
+        f"({short}); use at most --parallel {fit}, or a smaller --ctx"
+    )
 
 
 def _pick(
@@ -629,7 +722,13 @@ def _gib(n: int) -> str:
 
 
 def _make_plan(
-    b: _Box, m: ModelCandidate, o: Option, step: str, alts: list[Option], cands: list[ModelCandidate]
+    b: _Box,
+    m: ModelCandidate,
+    o: Option,
+    step: str,
+    alts: list[Option],
+    cands: list[ModelCandidate],
+    why_slots: str,
 ) -> Plan:
     s = o.settings
     assert s is not None
@@ -648,6 +747,7 @@ def _make_plan(
         flash_attn=s.flash_attn,
         n_batch=s.n_batch,
         n_ubatch=s.n_ubatch,
+        n_slots=s.n_slots,
         n_threads=threads,
         n_threads_batch=max(threads, b.hw.cpu.cores_logical or threads),
         tensor_split=[round(g.split_bytes / total, 4) for g in b.gpus] if len(b.gpus) > 1 else [],
@@ -655,7 +755,7 @@ def _make_plan(
         memory=mem,
         pools=o.pools,
         tokens_per_s=round(o.tokens_per_s, 1),
-        reasons=_reasons(b, m, o, step, alts, cands),
+        reasons={**_reasons(b, m, o, step, alts, cands), "parallel": why_slots},
         alternatives=alts,
     )
 

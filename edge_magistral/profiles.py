@@ -1,10 +1,12 @@
 """Hardware profiles: policy for a class of box, kept apart from the planner's arithmetic.
 
 A profile says how it recognises a box (``match``), how much memory to leave free, which quants
-to prefer, the context to aim for and the least it accepts, the KV cache type, the think budget
-and threads. Profiles live in ``profiles/*.yaml`` (built in) and in a user directory
-(``$EDGE_MAGISTRAL_PROFILES`` or ``~/.config/edge-magistral/profiles``) whose files add profiles or
-replace built-in ones of the same name. Every file is validated on load; a broken one is an error
+to prefer, the context to aim for and the least it accepts, the KV cache type, the think budget,
+threads, and ``parallel``: how many requests the service decodes at once by default (the planner
+lowers it to what fits; 1 on small boxes, where every byte goes to context). Profiles live in
+``profiles/*.yaml`` (built in) and in a user directory (``$EDGE_MAGISTRAL_PROFILES`` or
+``~/.config/edge-magistral/profiles``) whose files add profiles or replace built-in ones of the
+same name. Every file is validated on load; a broken one is an error
 naming the file and the field.
 """
 
@@ -35,6 +37,7 @@ BUILTIN_DIR = _builtin_dir()
 KV_TYPES = ("f16", "q8_0", "q4_0")
 QUANTS = tuple(QUALITY_ORDER)  # the quant names a profile may list
 GPU_KINDS = ("none", "discrete", "unified", "any")
+MAX_PARALLEL = 64  # decoding slots; llama.cpp allows 255 sequences, one is the prefix cache
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Profile:
     threads: str | int = "physical"  # physical | logical | a number
     n_batch: int = 512
     n_ubatch: int = 512
+    parallel: int = 1  # default decoding slots for the service (the planner lowers it to what fits)
     min_tokens_per_s: float = 3.0  # partial offloads slower than this are a last resort
     gpu_efficiency: float = 0.6  # share of memory bandwidth decoding achieves
     cpu_bandwidth_gbs: float = 40.0  # host memory bandwidth, for predicted tokens/s
@@ -245,6 +249,7 @@ def parse_profile(data: Any, source: str) -> Profile:
         threads=threads,
         n_batch=f.int("n_batch", 512, 32, 8192),
         n_ubatch=f.int("n_ubatch", 512, 32, 8192),
+        parallel=f.int("parallel", 1, 1, MAX_PARALLEL),
         min_tokens_per_s=f.float("min_tokens_per_s", 3.0, 0, 10000),
         gpu_efficiency=f.float("gpu_efficiency", 0.6, 0.01, 1.0),
         cpu_bandwidth_gbs=f.float("cpu_bandwidth_gbs", 40.0, 0.1, 10000),

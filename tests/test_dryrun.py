@@ -1,4 +1,5 @@
-"""The planner's memory model against llama.cpp's own dry run (no_alloc) on Magistral-shaped GGUFs.
+"""The planner's memory model against llama.cpp's own dry run (no_alloc) on Magistral-shaped GGUFs,
+and for parallel slots (BatchEngine's n_slots + 1 KV streams) on the tiny model too.
 
 The GGUFs carry Magistral Small 1.1's real tensor shapes and each quant's real tensor types (the
 header is exact) but sparse, all-zero data, so a "14 GB" file costs a few MB and llama.cpp's dry
@@ -109,3 +110,42 @@ def test_parse_log_reads_gpu_buffer_lines() -> None:
     assert r.compute_buffers == {"CUDA0": 266 * mib, "CUDA_Host": round(74.01 * mib)}
     assert r.output_buffers == {"CUDA_Host": mib // 2}
     assert r.layer_devices == ["CUDA0", "CUDA0"] and r.kv_devices == ["CUDA0"]
+
+
+# ------------------------------------------------------------------------------ parallel slots
+
+def _slot_rows(shaped: dict[str, Path], tiny: Path) -> list[DryRunRequest]:
+    rows = [DryRunRequest(str(tiny), ctx, n_slots=n, flash_attn=fa)
+            for ctx, n, fa in itertools.product([1000, 4096], [1, 2, 4], [True, False])]
+    rows += [DryRunRequest(str(shaped["Q4_K_M"]), ctx, type_k=kv, type_v=kv, n_slots=n)
+             for ctx, n, kv in [(4096, 2, "f16"), (32768, 4, "f16"), (32768, 4, "q8_0")]]
+    return rows  # Magistral's shape at 1 slot: the grid above
+
+
+def test_slots_prediction_within_5_percent_of_llama_cpp_dry_run(shaped: dict[str, Path], tiny_gguf_f16: Path
+                                                                 ) -> None:
+    """N slots: llama.cpp allocates N + 1 KV streams (each padded to 256 cells), one logits row per
+    stream and a compute buffer for a ubatch split across the streams; the plan must say the same."""
+    reqs = _slot_rows(shaped, tiny_gguf_f16)
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        results = list(ex.map(compare, reqs))
+    worst = {k: max(abs(c.errors()[k]) for c in results) for k in results[0].predicted}
+    print(f"\n{len(reqs)} slot dry runs; worst error {worst}")
+    for c in results:
+        for k, v in c.errors().items():
+            assert abs(v) <= TOLERANCE, f"{c.request}: {k} predicted {v:+.1%} off llama.cpp's dry run"
+    assert worst["weights"] == 0 and worst["kv_cache"] < 1e-4
+    by = {(c.request.model_path, c.request.n_ctx, c.request.type_k, c.request.flash_attn, c.request.n_slots): c
+          for c in results}
+    for (path, ctx, kv, fa, n), c in by.items():  # the KV cache grows by whole streams, as predicted
+        one = by.get((path, ctx, kv, fa, 1))
+        if one is not None:
+            assert c.llama_cpp["kv_cache"] == (n + 1 if n > 1 else 1) * one.llama_cpp["kv_cache"]
+
+
+def test_dry_run_of_slots_builds_batch_engines_context(tiny_gguf_f16: Path) -> None:
+    r = dry_run(DryRunRequest(str(tiny_gguf_f16), 1000, n_slots=2))
+    assert (r.kv_streams, r.kv_cells, r.n_ctx) == (3, 1024, 3072)  # 3000 padded to 3072, 1024 per stream
+    one = dry_run(DryRunRequest(str(tiny_gguf_f16), 1000))
+    assert (one.kv_streams, one.kv_cells) == (1, 1024)
+    assert r.output_buffers["CPU"] == 3 * one.output_buffers["CPU"]  # one logits row per stream

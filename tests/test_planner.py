@@ -27,6 +27,7 @@ from edge_magistral.planner import (
     Settings,
     devices_of,
     kv_bytes_per_cell,
+    kv_streams,
     layer_devices,
     plan,
     pool_use,
@@ -354,3 +355,84 @@ def test_cli_plan_with_a_broken_hardware_file(tmp_path: Path) -> None:
     bad.write_text('{"os": "linux", "machine": "x86_64", "cpu": {"model": "x"}}')
     r = CliRunner().invoke(cli, ["plan", "--hardware", str(bad)])
     assert r.exit_code == 2 and "error:" in r.output and "hw.json" in r.output
+
+
+# ------------------------------------------------------------------------------ parallel slots
+
+
+def test_kv_streams_are_padded_as_llama_cpp_pads_them() -> None:
+    """llama_context: the total context padded to 256, split across the streams, each padded to 256."""
+    assert kv_streams(Settings(4096, 0)) == (1, 4096)
+    assert kv_streams(Settings(1000, 0)) == (1, 1024)
+    assert kv_streams(Settings(4096, 0, n_slots=2)) == (3, 4096)
+    assert kv_streams(Settings(1000, 0, n_slots=2)) == (3, 1024)  # 3000 -> 3072 -> 1024
+    assert kv_streams(Settings(300, 0, n_slots=2)) == (3, 512)  # 900 -> 1024 -> 341 -> 512
+
+
+def test_n_slots_costs_n_plus_one_kv_streams_and_a_logits_row_each() -> None:
+    m = next(c for c in catalog() if c.quant == "Q4_K_M")
+    one = predict(m, Settings(8192, 0), [])[0]
+    four = predict(m, Settings(8192, 0, n_slots=4), [])[0]
+    assert four.kv_cache == 5 * one.kv_cache and four.weights == one.weights
+    rows = 4 * m.n_vocab * 4  # one logits row per extra stream; the rest: the ubatch rounded 512 -> 515
+    assert one.compute + rows < four.compute < one.compute + rows + 5 * MiB
+    assert four.overhead < one.overhead  # BatchEngine's Llama object keeps 256 rows of scores, not 512
+
+
+def test_one_slot_plans_exactly_as_before_slots_existed() -> None:
+    """n_slots=1 is the single-sequence Engine: same settings, same memory, whatever the profile says."""
+    for name in ("rtx4090-desktop", "h200-nvml", "cpu-only-32gb", "rtx4060-laptop-8gb", "macbook-m2-max-32gb"):
+        p = plan_for(name, Request(parallel=1))
+        d = p.to_dict()
+        assert p.n_slots == 1 and p.reasons["parallel"] == "1: one request at a time (requested)"
+        m = next(c for c in catalog() if c.quant == p.quant)
+        s = Settings(p.n_ctx, p.n_gpu_layers, p.type_k, p.type_v, p.flash_attn, p.n_batch, p.n_ubatch)
+        assert [x.total for x in predict(m, s, devices_of(box(name))[0])] == [x["total"] for x in d["memory"]]
+
+
+def test_profile_slots_fit_on_top_of_the_single_request_plan() -> None:
+    """The datacenter profile's 4 slots fit beside Q8_0 at 40k; quant and context are unchanged."""
+    single, p = plan_for("h200-nvml", Request(parallel=1)), plan_for("h200-nvml")
+    assert p.n_slots == 4 and (p.quant, p.n_ctx) == (single.quant, single.n_ctx) == ("Q8_0", 40960)
+    gpu = next(d for d in p.memory if d.device != "CPU")
+    assert gpu.kv_cache == 5 * next(d for d in single.memory if d.device != "CPU").kv_cache
+    assert_accepted(p, "h200-nvml")
+    assert p.to_dict()["n_slots"] == 4 and "5 KV streams of 40960 cells" in p.reasons["parallel"]
+
+
+def test_profile_slots_are_given_up_before_context() -> None:
+    """rtx-24gb asks for 2 slots; at its 32k target only 1 fits, so it serves one at a time at 32k."""
+    p = plan_for("rtx4090-desktop")
+    assert p.n_slots == 1 and p.n_ctx == 32768
+    assert "the profile's 2 slots do not fit at context 32768" in p.reasons["parallel"]
+    small = plan_for("rtx4090-desktop", Request(ctx=8192))
+    assert small.n_slots == 2 and small.n_ctx == 8192  # where they fit, the profile's slots are used
+
+
+def test_explicit_slots_trade_context_down_to_the_minimum_or_are_refused() -> None:
+    p = plan_for("amd-7900xtx-sysfs", Request(parallel=4))
+    assert p.n_slots == 4 and 8192 <= p.n_ctx < 32768
+    assert "context reduced from 32768" in p.reasons["parallel"]
+    assert_accepted(p, "amd-7900xtx-sysfs")
+    with pytest.raises(DoesNotFitError, match=r"^--parallel 8 cannot fit: 8 slots of Q5_K_M at context 8192 "
+                       r"\(ROCm0 needs .* GiB of .* GiB\); use at most --parallel 4, or a smaller --ctx$"):
+        plan_for("amd-7900xtx-sysfs", Request(parallel=8))
+    with pytest.raises(BadInputError, match="--parallel 0 is out of range"):
+        plan_for("cpu-only-32gb", Request(parallel=0))
+
+
+def test_cli_plan_parallel(tmp_path: Path) -> None:
+    from edge_magistral.cli import (
+        cli,
+        plan_cmds,  # noqa: F401
+    )
+
+    hw_file = tmp_path / "h200.json"
+    hw_file.write_text(box("h200-nvml").to_json())
+    r = CliRunner().invoke(cli, ["plan", "--json", "--hardware", str(hw_file), "--parallel", "2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n_slots"] == 2
+    r = CliRunner().invoke(cli, ["plan", "--hardware", str(hw_file), "--parallel", "3"])
+    assert "slots        3 (requests decoded at once)" in r.output and "40960 per slot" in r.output
+    r = CliRunner().invoke(cli, ["plan", "--hardware", str(hw_file), "--parallel", "64", "--ctx", "131072"])
+    assert r.exit_code == 5 and r.output.count("\n") == 1 and "use at most --parallel 4" in r.output

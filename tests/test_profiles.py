@@ -103,6 +103,8 @@ context:
         (GOOD + "threads: all\n", "'threads' must be physical, logical or a number"),
         (GOOD + "flash_attn: maybe\n", "'flash_attn' must be true or false"),
         (GOOD + "n_batch: 256\nn_ubatch: 512\n", "'n_ubatch' (512) is larger than n_batch"),
+        (GOOD + "parallel: 0\n", "'parallel' must be an integer from 1 to 64"),
+        (GOOD + "parallel: four\n", "'parallel' must be an integer from 1 to 64"),
     ],
 )
 def test_broken_profile_names_file_and_field(tmp_path: Path, text: str, field: str) -> None:
@@ -166,3 +168,13 @@ def test_a_wheel_carries_the_builtin_profiles(tmp_path: Path) -> None:
     names = zipfile.ZipFile(next(tmp_path.glob("edge_magistral-*.whl"))).namelist()
     carried = {Path(n).name for n in names if "/data/share/edge-magistral/profiles/" in n}
     assert carried == {p.name for p in (root / "profiles").glob("*.yaml")}
+
+
+def test_parallel_slots_default_to_one_on_small_boxes(tmp_path: Path) -> None:
+    """Slots cost a KV cache each: only the big-GPU profiles ask for more than one by default."""
+    profiles = load_profiles([BUILTIN_DIR])
+    assert profiles["datacenter-80gb"].parallel == 4 and profiles["rtx-24gb"].parallel == 2
+    small = ("cpu-only", "generic", "jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb",
+             "nvidia-8gb", "nvidia-12gb", "nvidia-16gb")
+    assert all(profiles[name].parallel == 1 for name in small)
+    assert load_profile_file(_write(tmp_path, "p.yaml", GOOD + "parallel: 3\n")).parallel == 3

@@ -12,7 +12,7 @@ from edge_magistral.cli import cli
 from edge_magistral.errors import BackendError
 from edge_magistral.hardware import GiB, Hardware, detect, load_hardware
 from edge_magistral.planner import NoFitError, Option, Plan, Request, plan
-from edge_magistral.profiles import choose_profile, load_profiles
+from edge_magistral.profiles import MAX_PARALLEL, choose_profile, load_profiles
 
 
 @cli.command("detect")
@@ -56,6 +56,12 @@ def detect_cmd(as_json: bool, store_dir: str | None) -> None:
 @click.option(
     "--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default=None, help="Require this KV type."
 )
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, MAX_PARALLEL),
+    default=None,
+    help="Requests decoded at once by `serve` (default: the profile's, lowered to what fits).",
+)
 def plan_cmd(
     as_json: bool,
     ctx: int | None,
@@ -65,12 +71,13 @@ def plan_cmd(
     quant: str | None,
     n_gpu_layers: int | None,
     kv_type: str | None,
+    parallel: int | None,
 ) -> None:
     """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons."""
     hw = load_hardware(hardware_file) if hardware_file else detect()
     profile = choose_profile(hw, load_profiles(), profile_name)
     candidates = _candidates(models)
-    request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, quant=quant, kv_type=kv_type)
+    request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, quant=quant, kv_type=kv_type, parallel=parallel)
     try:
         p = plan(hw, profile, candidates, request)
     except NoFitError as e:
@@ -156,7 +163,8 @@ def _render_plan(p: Plan, hw: Hardware) -> str:
         f"plan for {hw.cpu.model} + {', '.join(g.name for g in hw.runnable_gpus()) or 'no GPU'}",
         f"  model        {p.quant} ({p.source}: {p.model_path})",
         f"  gpu layers   {p.n_gpu_layers}",
-        f"  context      {p.n_ctx}",
+        f"  context      {p.n_ctx}" + (f" per slot, {p.n_slots} slots" if p.n_slots > 1 else ""),
+        f"  slots        {p.n_slots} (requests decoded at once)",
         f"  kv cache     {p.type_k}/{p.type_v}, flash attention {'on' if p.flash_attn else 'off'}",
         f"  batch        {p.n_batch}/{p.n_ubatch}, threads {p.n_threads}/{p.n_threads_batch}",
         f"  think budget {p.think_budget} tokens",
