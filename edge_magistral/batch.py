@@ -326,6 +326,7 @@ class BatchEngine(LoadedModel):
             prompt, events = turn.open()
             stream._put(events)
             seq = self._free.pop()
+            self.set_backend_topk(seq, turn.backend_k())
             n = self._prefix.reusable(prompt)
             if n > 0:
                 self._copy_kv(PREFIX_SEQ, seq, n)

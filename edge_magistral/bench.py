@@ -1,9 +1,10 @@
 """Speed of the engine on this box, measured the way llama-bench measures llama.cpp.
 
 Figures are comparable with ``llama-bench`` run on the same file and settings: prompt processing
-(pp) is one batch of random ids decoded from an empty KV cache; generation (tg) decodes one token
-at a time from an empty cache and times every decode. Unlike llama-bench, each generated token
-also goes through the engine's native sampler (what a real turn pays). Time to first token runs a
+(pp) is one batch of random ids decoded from an empty KV cache; generation (tg) is a real engine
+turn from a one-token prompt, timed from its first token to its last. Unlike llama-bench, each
+generated token also goes through the sampler, the watchdog and the detokenizer (what a real turn
+pays). Both run after a short warm-up, as llama-bench's do. Time to first token runs a
 whole engine turn (``generate_ids``) on a random prompt from an empty cache. Every figure is the
 mean and standard deviation over ``reps`` fresh loads of the model.
 """
@@ -120,33 +121,41 @@ def prompt_rate(e: Engine, n: int, rng: random.Random) -> float:
 
 
 def generation_rate(e: Engine, n: int, rng: random.Random, seed: int) -> float:
-    """tg: tokens/s of n single-token decodes from an empty cache, each followed by the engine's
-    default sampler (the sample call waits for the logits). EOS is banned so all n run."""
-    limits = Limits(seed=seed)
-    sampler = e._sampler(limits, limits.temperature, frozenset({e.eos_id}), None)
-    try:
-        e._reset_kv()
-        before = e.tokens_evaluated
-        token = _random_ids(rng, e.n_vocab, 1)[0]
-        t0 = time.perf_counter()
-        for _ in range(n):
-            e._decode([token])
-            token = e._lc.llama_sampler_sample(sampler, e.ctx, -1)
-        dt = time.perf_counter() - t0
-    finally:
-        e._lc.llama_sampler_free(sampler)
-    _evaluated(e, n, before, "tg")
-    return n / dt
+    """tg: n tokens of a real engine turn (raw, EOS ignored, the default sampler) after a
+    one-token prompt, timed from its first token to its last: every step pays what a user's turn
+    pays (the sampler, the watchdog, the detokenizer, the events), as llama-bench's does not."""
+    e._reset_kv()
+    before = e.tokens_evaluated
+    limits = Limits(raw=True, max_tokens=n + 1, seed=seed, ignore_eos=True)
+    done = _last_done(e.generate_ids(_random_ids(rng, e.n_vocab, 1), limits))
+    _evaluated(e, n + 1, before, "tg")  # the prompt token and the n generated tokens fed back
+    if done.usage.completion_tokens != n + 1 or done.timings.generation_s <= 0:
+        raise BackendError(f"tg: the turn generated {done.usage.completion_tokens} tokens, expected {n + 1}")
+    return n / done.timings.generation_s
+
+
+def _last_done(events: Any) -> Done:
+    done = None
+    for ev in events:
+        if isinstance(ev, Done):
+            done = ev
+    if done is None:
+        raise BackendError("the turn ended without a result")
+    return done
+
+
+def warm_up(e: Engine, rng: random.Random, seed: int) -> None:
+    """One short prompt and a few tokens before timing, as llama-bench warms up: the first
+    decodes on a GPU pay for kernel loading and graph capture."""
+    e._reset_kv()
+    _last_done(e.generate_ids(_random_ids(rng, e.n_vocab, 32), Limits(raw=True, max_tokens=4, seed=seed)))
 
 
 def time_to_first_token(e: Engine, n: int, rng: random.Random, seed: int) -> float:
     """Seconds from a turn's start to its first token, for a random n-token raw prompt."""
     e._reset_kv()
-    done = None
-    for ev in e.generate_ids(_random_ids(rng, e.n_vocab, n), Limits(raw=True, max_tokens=1, seed=seed)):
-        if isinstance(ev, Done):
-            done = ev
-    if done is None or done.timings.ttft_s is None or done.timings.cached_prompt_tokens:
+    done = _last_done(e.generate_ids(_random_ids(rng, e.n_vocab, n), Limits(raw=True, max_tokens=1, seed=seed)))
+    if done.timings.ttft_s is None or done.timings.cached_prompt_tokens:
         raise BackendError(f"ttft {n}: the turn produced no first token from an empty cache")
     return done.timings.ttft_s
 
@@ -241,6 +250,7 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
         e = Engine(settings)
         try:
             system_info = e._lc.llama_print_system_info().decode("utf-8", "replace").strip()
+            warm_up(e, rng, seed)
             figures = {"load_s": e.load_s, "pp": prompt_rate(e, sizes.pp, rng),
                        "tg": generation_rate(e, sizes.tg, rng, seed + rep)}
             figures |= {f"ttft{n}": time_to_first_token(e, n, rng, seed + rep) for n in fits}
