@@ -298,6 +298,27 @@ def _kv_on(logged, dev: str) -> int:  # noqa: ANN001 (DryRunResult)
     return round(sum(float(x) for x in m) * MiB)
 
 
+BRIEF = ("scenario", "profile", "fits", "quant", "n_gpu_layers", "n_ctx", "type_k", "ran_full_context",
+         "error_total_vs_process", "seconds")
+
+
+def per_model(models: list[str], ctxs: list[int], out: Path) -> None:
+    """Each model alone, each context required: predicted vs measured on the whole GPU."""
+    results = []
+    for m in models:
+        info = read_info(m)
+        for ctx in ctxs:
+            t0 = time.time()
+            r = scenario(f"{info.file_type_name}-{ctx}", None, None, {info.file_type_name: Path(m)}, ctx)
+            r["seconds"] = round(time.time() - t0, 1)
+            r["model_bytes"] = info.file_size
+            results.append(r)
+            print(json.dumps({k: r.get(k) for k in BRIEF}), flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            name = f"plan_vs_gpu_{Path(m).stem}.json" if len(models) == 1 else "plan_vs_gpu_models.json"
+            (out / name).write_text(json.dumps(results, indent=1, default=str))
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--ballast":
         ballast_main(int(sys.argv[2]))
@@ -311,7 +332,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=None, help="require this context (smoke tests)")
     ap.add_argument("--vocab-from", default=None, help="copy the tokenizer of this GGUF (a real Tekken vocab)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model of Magistral's width (smoke tests)")
+    ap.add_argument("--models", default="", help="comma-separated GGUFs (e.g. the build pipeline's quants): plan "
+                    "each alone on the whole GPU at every --ctxs context instead of the scenarios")
+    ap.add_argument("--ctxs", default="8192,40960", help="contexts for --models")
     args = ap.parse_args()
+    if args.models:
+        per_model(args.models.split(","), [int(c) for c in args.ctxs.split(",")], Path(args.out))
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     arch = replace(MAGISTRAL_SMALL_1_1, n_layers=2) if args.tiny else MAGISTRAL_SMALL_1_1
@@ -328,22 +355,7 @@ def main() -> None:
         r = scenario(name, prof, leave, files, args.ctx)
         r["seconds"] = round(time.time() - t0, 1)
         results.append(r)
-        brief = {
-            k: r.get(k)
-            for k in (
-                "scenario",
-                "profile",
-                "fits",
-                "quant",
-                "n_gpu_layers",
-                "n_ctx",
-                "type_k",
-                "ran_full_context",
-                "error_total_vs_process",
-                "seconds",
-            )
-        }
-        print(json.dumps(brief), flush=True)
+        print(json.dumps({k: r.get(k) for k in BRIEF}), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan_vs_gpu.json").write_text(json.dumps(results, indent=1, default=str))

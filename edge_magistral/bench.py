@@ -70,6 +70,7 @@ class BenchResult:
     peak_rss_bytes: Stat | None  # VmHWM, reset before each load where the kernel allows
     gpu_bytes: Stat | None  # device memory this process holds at the end of a rep (None: no NVIDIA GPU seen)
     notes: list[str] = field(default_factory=list)
+    backend_sampling: bool = False  # whether top-k ran on the device (settings.backend_sampling resolved)
 
 
 # ----------------------------------------------------------------------------------- planning
@@ -244,12 +245,13 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
     fits = [n for n in sizes.ttft if n < settings.n_ctx]  # a prompt needs one free cell for its token
     rng = random.Random(seed)
     runs: dict[str, list[float]] = {}
-    system_info = ""
+    system_info, on_device = "", False
     for rep in range(reps):
         _reset_peak_rss()
         e = Engine(settings)
         try:
             system_info = e._lc.llama_print_system_info().decode("utf-8", "replace").strip()
+            on_device = e.backend_sampling
             warm_up(e, rng, seed)
             figures = {"load_s": e.load_s, "pp": prompt_rate(e, sizes.pp, rng),
                        "tg": generation_rate(e, sizes.tg, rng, seed + rep)}
@@ -268,4 +270,4 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
         model_path=settings.model_path, settings=settings, reps=reps, system_info=system_info,
         load_s=stat(runs["load_s"]), pp_tokens=sizes.pp, pp_tokens_per_s=stat(runs["pp"]),
         tg_tokens=sizes.tg, tg_tokens_per_s=stat(runs["tg"]), ttft=ttft,
-        peak_rss_bytes=maybe["rss"], gpu_bytes=maybe["gpu"], notes=list(notes or []))
+        peak_rss_bytes=maybe["rss"], gpu_bytes=maybe["gpu"], notes=list(notes or []), backend_sampling=on_device)

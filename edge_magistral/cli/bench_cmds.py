@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -28,7 +28,8 @@ def _lines(r) -> list[str]:
     s = r.settings
     out = [f"{Path(r.model_path).name}: {s.n_gpu_layers} layers on GPU, context {s.n_ctx}, "
            f"batch {s.n_batch}/{s.n_ubatch}, threads {s.n_threads}/{s.n_threads_batch}, "
-           f"flash attention {'on' if s.flash_attn else 'off'}, KV {s.type_k}, {r.reps} reps",
+           f"flash attention {'on' if s.flash_attn else 'off'}, KV {s.type_k}, "
+           f"top-k on {'the device' if r.backend_sampling else 'the host'}, {r.reps} reps",
            f"{'load':<14}{_pm(r.load_s, fmt='.3f')} s",
            f"{'pp' + str(r.pp_tokens):<14}{_pm(r.pp_tokens_per_s)} tokens/s",
            f"{'tg' + str(r.tg_tokens):<14}{_pm(r.tg_tokens_per_s)} tokens/s"]
@@ -54,7 +55,9 @@ def _lines(r) -> list[str]:
 @click.option("--ttft", default="1024,8192", show_default=True, help="Prompt lengths for time to first token.")
 @click.option("--n-batch", type=click.IntRange(min=1), default=2048, show_default=True, help="As llama-bench's -b.")
 @click.option("--n-ubatch", type=click.IntRange(min=1), default=512, show_default=True, help="As llama-bench's -ub.")
-def bench(model, as_json, n_gpu_layers, threads, reps, ctx, pp, tg, ttft, n_batch, n_ubatch) -> None:
+@click.option("--backend-sampling", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Top-k on the device holding the logits (auto: when the output layer is on a GPU).")
+def bench(model, as_json, n_gpu_layers, threads, reps, ctx, pp, tg, ttft, n_batch, n_ubatch, backend_sampling) -> None:
     """Prompt processing (pp512) and generation (tg128) like llama-bench, time to first token,
     load time and peak memory; each figure is the mean ± stddev over --reps loads."""
     from edge_magistral import bench as b  # imports the engine (llama_cpp) before numpy
@@ -63,6 +66,7 @@ def bench(model, as_json, n_gpu_layers, threads, reps, ctx, pp, tg, ttft, n_batc
     path = _model_path(model)
     plan, note = b.plan_for_bench(path, ctx, n_gpu_layers)
     settings = b.bench_settings(plan, threads, n_batch, n_ubatch)
+    settings = replace(settings, backend_sampling={"auto": None, "on": True, "off": False}[backend_sampling])
     sizes = b.Sizes(pp, tg, _sizes(ttft))
     if as_json:
         result = b.run_bench(settings, sizes, reps, notes=[note] if note else [])
