@@ -291,8 +291,8 @@ SYSTEM_PREFIXES = ("/etc", "/usr", "/lib", "/run", "/var", "/opt", "/srv")
 class ServiceConfig:
     """What ``edge-magistral serve --config FILE`` reads: the model and how to serve it.
 
-    ``ctx``, ``n_gpu_layers`` and ``profile`` pin the plan made at install time (None lets the
-    planner choose at start); a pinned plan that stops fitting fails at start with the reason.
+    ``ctx``, ``n_gpu_layers``, ``profile`` and ``parallel`` pin the plan made at install time (None
+    lets the planner choose at start); a pinned plan that stops fitting fails at start with the reason.
     """
 
     model: str
@@ -301,6 +301,7 @@ class ServiceConfig:
     ctx: int | None = None
     n_gpu_layers: int | None = None
     profile: str | None = None
+    parallel: int | None = None  # decoding slots (serve --parallel)
     think_budget: int | None = None
     audit_log: str | None = "/var/log/edge-magistral/audit.jsonl"
     stall_timeout_s: float = 120.0  # busy without progress this long: restart the worker, withhold pings
@@ -309,7 +310,7 @@ class ServiceConfig:
     def from_plan(cls, plan: Plan) -> ServiceConfig:
         """The plan's model path and load settings (other fields at their defaults)."""
         return cls(model=plan.model_path, ctx=plan.n_ctx, n_gpu_layers=plan.n_gpu_layers,
-                   profile=plan.profile, think_budget=plan.think_budget)
+                   profile=plan.profile, parallel=plan.n_slots, think_budget=plan.think_budget)
 
     def to_yaml(self) -> str:
         """The config file, commented; values are JSON scalars (valid YAML) so paths need no quoting rules."""
@@ -328,6 +329,8 @@ class ServiceConfig:
             f"ctx: {v(self.ctx)}",
             f"n_gpu_layers: {v(self.n_gpu_layers)}",
             f"profile: {v(self.profile)}",
+            "# Requests decoded at once; each slot keeps its own KV cache of ctx cells (plus one shared).",
+            f"parallel: {v(self.parallel)}",
             "# Default maximum thinking tokens per request (a request may ask for fewer).",
             f"think_budget: {v(self.think_budget)}",
             "# Append-only, hash-chained record of every request (null: none).",
@@ -367,11 +370,12 @@ def read_service_config(path: str | os.PathLike[str]) -> ServiceConfig:
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "host": (str,), "port": (int,), "ctx": (int,), "n_gpu_layers": (int,),
-    "profile": (str,), "think_budget": (int,), "audit_log": (str,), "stall_timeout_s": (int, float),
+    "profile": (str,), "parallel": (int,), "think_budget": (int,), "audit_log": (str,),
+    "stall_timeout_s": (int, float),
 }
-_NULLABLE = {"ctx", "n_gpu_layers", "profile", "think_budget", "audit_log"}
-_RANGES = {"port": (1, 65535), "ctx": (256, None), "n_gpu_layers": (0, None), "think_budget": (0, None),
-           "stall_timeout_s": (1, None)}
+_NULLABLE = {"ctx", "n_gpu_layers", "profile", "parallel", "think_budget", "audit_log"}
+_RANGES = {"port": (1, 65535), "ctx": (256, None), "n_gpu_layers": (0, None), "parallel": (1, 64),
+           "think_budget": (0, None), "stall_timeout_s": (1, None)}
 
 
 def _check_value(p: Path, key: str, value: object) -> None:

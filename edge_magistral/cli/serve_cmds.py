@@ -33,7 +33,7 @@ def _from_file(config_file: str | None) -> dict:
 
     c = read_service_config(config_file)
     return {"model": c.model, "host": c.host, "port": c.port, "ctx": c.ctx, "n_gpu_layers": c.n_gpu_layers,
-            "profile": c.profile, "think_budget": c.think_budget, "audit_log": c.audit_log,
+            "profile": c.profile, "parallel": c.parallel, "think_budget": c.think_budget, "audit_log": c.audit_log,
             "hang_timeout": c.stall_timeout_s}
 
 
@@ -50,6 +50,10 @@ def _from_file(config_file: str | None) -> dict:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Override the planned CPU threads.")
 @click.option("--think-budget", type=click.IntRange(min=0), default=None,
               help="Default think budget per request (default: the plan's).")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
+              help="Requests decoded at once (default: the plan's, from the profile; 1 on small boxes). Each "
+                   "slot keeps its own KV cache of --ctx cells, and one more holds the shared prefix: N slots "
+                   "cost (N + 1) times the KV memory of one. If they cannot fit, the start is refused.")
 @click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
               help="API keys, one per line. Also read: $EDGE_MAGISTRAL_API_KEY and the systemd credential "
                    "'api-key'. Keys are never taken on the command line.")
@@ -60,7 +64,7 @@ def _from_file(config_file: str | None) -> dict:
 @click.option("--cors-origin", multiple=True, help="Allow browser requests from this origin (repeatable; "
                                                    "default: CORS off).")
 @click.option("--queue-size", type=click.IntRange(min=0, max=1024), default=8, show_default=True,
-              help="Requests that may wait while one generates; beyond that, 429.")
+              help="Requests that may wait while every slot generates; beyond that, 429.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=2 * 1024 * 1024, show_default=True,
               help="Largest request body (413 above it, before parsing).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
@@ -84,14 +88,14 @@ def _from_file(config_file: str | None) -> dict:
               show_default=True, help="What the audit record stores only as a sha256.")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None, hidden=True,
               help="Plan for this recorded box (detect --json) instead of detecting this one (tests).")
-def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
+def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget, parallel,
           api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes, max_tokens,
           request_timeout, client_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact,
           hardware_file) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
-    /health, /metrics), one generation at a time, the engine in a supervised worker process.
+    /health, /metrics), --parallel generations at once, the engine in a supervised worker process.
 
-    Binds 127.0.0.1:8080 by default. SIGTERM drains: no new requests, the one in flight finishes
+    Binds 127.0.0.1:8080 by default. SIGTERM drains: no new requests, those in flight finish
     (or is cancelled after --drain-timeout), exit 0. Under systemd (Type=notify) it reports
     READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 while the engine
     is healthy, and STOPPING=1. A model listed in a manifest.json beside it is checked against its
@@ -111,7 +115,7 @@ def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile
         model_path=_resolve_model(pick(model, "model", os.environ.get(MODEL_ENV))),
         model_name=model_name or "", host=pick(host, "host", "127.0.0.1"), port=pick(port, "port", 8080),
         ctx=pick(ctx, "ctx"), n_gpu_layers=pick(n_gpu_layers, "n_gpu_layers"), profile=pick(profile, "profile"),
-        threads=threads, think_budget=pick(think_budget, "think_budget"),
+        threads=threads, think_budget=pick(think_budget, "think_budget"), parallel=pick(parallel, "parallel"),
         api_keys=tuple(load_api_keys(api_key_file)), insecure_no_auth=insecure_no_auth,
         allowed_hosts=tuple(allowed_host), cors_origins=tuple(cors_origin), queue_size=queue_size,
         max_body_bytes=max_body_bytes, max_tokens=max_tokens, request_timeout_s=request_timeout,

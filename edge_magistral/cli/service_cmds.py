@@ -36,6 +36,8 @@ from edge_magistral.systemd import (
 @click.option("--ctx", type=click.IntRange(min=256), default=None, help="Require this context.")
 @click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Require these GPU layers.")
 @click.option("--profile", default=None, help="Plan with this hardware profile.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=None,
+              help="Require this many requests decoded at once (default: the profile's, lowered to what fits).")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None,
               help="Plan for the box described by this `detect --json` file instead of this one.")
 @click.option("--think-budget", type=click.IntRange(min=0), default=None,
@@ -58,7 +60,7 @@ from edge_magistral.systemd import (
 @click.option("--devices", type=click.Choice(["auto", "all"]), default="auto", show_default=True,
               help="auto: the GPU device rules this box needs; all: every known GPU's.")
 @click.option("--print", "print_only", is_flag=True, help="Print the unit and the config; write nothing.")
-def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, hardware_file, think_budget, audit_log,
+def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, parallel, hardware_file, think_budget, audit_log,
                         stall_timeout, exec_path, unit_dir, config_dir, watchdog_sec, allow_from, no_api_key,
                         devices, print_only) -> None:
     """Install edge-magistral as a systemd service (hardened unit, API key credential, config).
@@ -67,7 +69,7 @@ def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, hardware_
     config_path = Path(config_dir) / "config.yaml"
     overrides = {"host": host, "port": port, "think_budget": think_budget, "stall_timeout_s": stall_timeout}
     if model is not None:
-        service = _apply(_planned(model, ctx, n_gpu_layers, profile, hardware_file), overrides, audit_log)
+        service = _apply(_planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel), overrides, audit_log)
         effective = service
     else:
         existing = _existing(config_path)
@@ -97,7 +99,7 @@ def _apply(s: ServiceConfig, overrides: dict, audit_log: str | None) -> ServiceC
     return s
 
 
-def _planned(model, ctx, n_gpu_layers, profile, hardware_file) -> ServiceConfig:
+def _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel=None) -> ServiceConfig:
     from edge_magistral.hardware import load_hardware
     from edge_magistral.planner import Request, plan_for_model
 
@@ -105,7 +107,8 @@ def _planned(model, ctx, n_gpu_layers, profile, hardware_file) -> ServiceConfig:
     if not Path(path).is_file():
         raise ModelNotFoundError(f"{model}: no such model file")
     hardware = load_hardware(hardware_file) if hardware_file else None
-    plan, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), hardware, profile)
+    request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=parallel)
+    plan, _ = plan_for_model(path, request, hardware, profile)
     return ServiceConfig.from_plan(plan)
 
 

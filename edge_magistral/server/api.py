@@ -391,10 +391,12 @@ async def health(request: Request) -> JSONResponse:
     sup: Supervisor = request.app.state.supervisor
     if sup.state is State.READY:
         plan = sup.info.get("plan", {})
-        keys = ("quant", "profile", "n_ctx", "n_gpu_layers", "type_k", "type_v", "flash_attn", "think_budget")
+        keys = ("quant", "profile", "n_ctx", "n_gpu_layers", "type_k", "type_v", "flash_attn", "think_budget",
+                "n_slots")
         return JSONResponse({"status": "ok", "model": sup.info.get("model"),
                              "plan": {k: plan.get(k) for k in keys}, "queue": len(sup.queue),
-                             "generating": sup.current is not None})
+                             "generating": bool(sup.running),
+                             "slots": {"busy": len(sup.running), "total": sup.n_slots}})
     return JSONResponse({"status": sup.state.value}, status_code=503, headers={"Retry-After": "5"})
 
 

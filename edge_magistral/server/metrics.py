@@ -30,6 +30,8 @@ class Metrics:
                                   buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting for the engine", registry=r)
         self.generating = Gauge(f"{PREFIX}_generating", "1 while the engine runs a request", registry=r)
+        self.slots_busy = Gauge(f"{PREFIX}_slots_busy", "Decoding slots running a request", registry=r)
+        self.slots = Gauge(f"{PREFIX}_slots", "Decoding slots of the loaded engine (--parallel)", registry=r)
         self.watchdog = Counter(f"{PREFIX}_watchdog_interventions", "Watchdog interventions by action and reason",
                                 ["action", "reason"], registry=r)
         self.model_memory = Gauge(f"{PREFIX}_model_memory_bytes", "Model memory per device as planned",
@@ -64,7 +66,9 @@ class Metrics:
         self.worker_restarts.labels(reason).inc()
 
     def observe_supervisor(self, sup: Any) -> None:
-        self.generating.set(1 if sup.current is not None else 0)
+        self.generating.set(1 if sup.running else 0)
+        self.slots_busy.set(len(sup.running))
+        self.slots.set(sup.n_slots)
         now = time.monotonic()
         if now - self._rss_at < 5 or sup.worker_pid is None:
             return

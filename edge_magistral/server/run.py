@@ -14,7 +14,7 @@ import logging
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -22,6 +22,9 @@ from edge_magistral import log_limit
 from edge_magistral.errors import BadInputError, EdgeMagistralError
 from edge_magistral.server.app import ServerConfig, build_service
 from edge_magistral.server.connections import ConnectionLimits, protocol_class
+
+if TYPE_CHECKING:
+    from edge_magistral.planner import Plan
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +88,15 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
     server = _Server(uv, on_signal)
     sock = bind(config.host, config.port)
     try:
-        preflight(config)
+        n_slots = preflight(config).n_slots
     except EdgeMagistralError as e:
         sock.close()
         notifier.status(f"failed: cannot load the model: {e}")
         raise ServiceFailed(f"cannot load the model: {e}", e.exit_code) from None
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
-    print(f"edge-magistral: listening on http://{url_host}:{port} ({config.model_name})", file=sys.stderr, flush=True)
+    print(f"edge-magistral: listening on http://{url_host}:{port} ({config.model_name}, "
+          f"{n_slots} slot{'s' if n_slots > 1 else ''})", file=sys.stderr, flush=True)
     try:
         server.run(sockets=[sock])
     finally:
@@ -101,7 +105,7 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
         raise ServiceFailed(failure[0][1], failure[0][0])
 
 
-def preflight(config: ServerConfig) -> None:
+def preflight(config: ServerConfig) -> Plan:
     """Detect the box and plan the model before anything listens or loads (RELIABILITY.md 5): a
     GPU the installed llama.cpp cannot drive, or a model that does not fit, stops the start here
     with what to do, instead of a worker that loads on the wrong device or dies in a restart loop.
@@ -111,8 +115,8 @@ def preflight(config: ServerConfig) -> None:
 
     hw = load_hardware(config.hardware_file) if config.hardware_file else detect()
     require_usable(hw)
-    plan_for_model(config.model_path, Request(ctx=config.ctx, n_gpu_layers=config.n_gpu_layers), hw,
-                   config.profile)  # DoesNotFitError says by how much and what to change
+    request = Request(ctx=config.ctx, n_gpu_layers=config.n_gpu_layers, parallel=config.parallel)
+    return plan_for_model(config.model_path, request, hw, config.profile)[0]  # DoesNotFitError says what to change
 
 
 def bind(host: str, port: int) -> socket.socket:

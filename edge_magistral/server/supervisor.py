@@ -1,10 +1,12 @@
 """The front side of the worker: spawn, feed, watch and restart it; queue the requests.
 
-One generation at a time: requests wait in a bounded FIFO (429 with Retry-After when it is full)
-and the next one is sent the moment the worker finishes the previous one. The worker is watched
-by its heartbeat: a crash (pipe closed), a frozen process (no beats) or a hung engine (busy with
-no progress for ``hang_timeout_s``) kills it; the request in flight gets a 503 with Retry-After,
-queued ones wait for the new worker, restarts back off, and after ``max_restarts`` crashes
+The worker runs up to ``n_slots`` generations at once (what its plan chose and its ready message
+says; 1 unless ``--parallel`` or the profile asks for more): requests beyond that wait in a
+bounded FIFO (429 with Retry-After when it is full) and the next one is sent the moment a slot
+frees, so at most ``n_slots + queue_size`` are admitted. The worker is watched by its heartbeat:
+a crash (pipe closed), a frozen process (no beats) or a hung engine (busy with no progress for
+``hang_timeout_s``) kills it; every request in flight gets a 503 with Retry-After, queued ones
+wait for the new worker, restarts back off, and after ``max_restarts`` crashes
 within ``restart_window_s`` the service gives up (exit status 1) so that systemd takes over.
 
 Everything here runs on the event loop thread except two small threads per worker that do the
@@ -50,7 +52,7 @@ class State(str, Enum):
 
 @dataclass(frozen=True)
 class SupervisorConfig:
-    queue_size: int = 8  # requests waiting, not counting the one generating
+    queue_size: int = 8  # requests waiting, not counting those generating
     hang_timeout_s: float = 120.0  # busy with no progress (or no beats) this long: restart
     beat_timeout_s: float = 5.0  # no heartbeat this long: unhealthy (no systemd watchdog pings)
     load_timeout_s: float = 900.0
@@ -148,7 +150,8 @@ class Supervisor:
         self.state = State.LOADING
         self.info: dict[str, Any] = {}
         self.queue: collections.deque[Job] = collections.deque()
-        self.current: Job | None = None
+        self.running: dict[str, Job] = {}  # sent to the worker, not finished: at most n_slots
+        self.n_slots = 1  # the loaded worker's, from its ready message
         self.link: _Link | None = None
         self.crashes: collections.deque[float] = collections.deque()
         self.last_progress = clock()
@@ -161,6 +164,15 @@ class Supervisor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ever_ready = False
         self._last_ping = 0.0
+
+    @property
+    def current(self) -> Job | None:
+        """The running job (the oldest one when several slots are busy)."""
+        return next(iter(self.running.values()), None)
+
+    @current.setter
+    def current(self, job: Job | None) -> None:
+        self.running = {} if job is None else {job.id: job}
 
     # ------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -183,7 +195,7 @@ class Supervisor:
         if self.state in (State.DRAINING, State.STOPPED, State.FAILED):
             return
         self.state = State.DRAINING
-        self._status("stopping: finishing the request in flight" if self.current else "stopping")
+        self._status("stopping: finishing the requests in flight" if self.running else "stopping")
         while self.queue:
             self._fail(self.queue.popleft(), unavailable("the server is shutting down", 5, "shutting_down"))
 
@@ -194,9 +206,7 @@ class Supervisor:
             t.cancel()
         link, self.link = self.link, None
         self.state = State.STOPPED
-        if self.current is not None:
-            self._fail(self.current, unavailable("the server is shutting down", 5, "shutting_down"))
-            self.current = None
+        self._fail_running(unavailable("the server is shutting down", 5, "shutting_down"))
         if link is None:
             return
         if link.ready:  # a loading worker reads no messages: it is simply killed
@@ -237,7 +247,7 @@ class Supervisor:
         if job.finished or job.cancelled:
             return
         job.cancelled = True
-        if job is self.current:
+        if self.running.get(job.id) is job:
             stage = "generating" if job.produced else "prompt"
             if self.link is not None:
                 self.link.send(("cancel", job.id))
@@ -252,8 +262,8 @@ class Supervisor:
             self.metrics.cancelled.labels(stage).inc()
 
     def _pump(self) -> None:
-        """Start the next queued job if the worker is free."""
-        while self.state is State.READY and self.current is None and self.queue:
+        """Start queued jobs while the worker has free slots."""
+        while self.state is State.READY and len(self.running) < self.n_slots and self.queue:
             job = self.queue.popleft()
             self._update_queue_metric()
             now = self.clock()
@@ -265,13 +275,21 @@ class Supervisor:
                                                 "queue_timeout"))
                     continue
                 limits["deadline_s"] = min(limits.get("deadline_s") or left, left)
-            job.started = self.last_progress = now
-            self.current = job
+            if not self.running:  # busy from now: progress is measured from here
+                self.last_progress = now
+            job.started = now
+            self.running[job.id] = job
             self.link.send(("job", job.id, replace(job.spec, limits=limits)))
 
     def _fail(self, job: Job, err: ApiError) -> None:
         job.finished = True
         job.events.put_nowait(("error", err.status, err.code, err.message, err.headers))
+
+    def _fail_running(self, err: ApiError) -> None:
+        """Every job in flight gets ``err`` (the worker died, or the service stops)."""
+        running, self.running = list(self.running.values()), {}
+        for job in running:
+            self._fail(job, err)
 
     # ----------------------------------------------------------------- worker messages
     def _from_thread(self, gen: int, msg: tuple | None) -> None:
@@ -309,6 +327,7 @@ class Supervisor:
         if self.state is not State.LOADING:  # shutting down meanwhile
             return
         self.info, self.state, first = info, State.READY, not self._ever_ready
+        self.n_slots = max(1, int(info.get("n_slots", 1)))
         self._ever_ready = True
         admission = info.get("admission", {})
         self.verified_file = admission.get("file_id")
@@ -316,21 +335,25 @@ class Supervisor:
             self.metrics.worker_ready(info)
         plan = info.get("plan", {})
         self._status(f"ready: {info.get('model')} ({plan.get('quant')}, {plan.get('n_gpu_layers')} layers on GPU, "
-                     f"context {info.get('n_ctx')}; {admission.get('note', 'not verified')})")
+                     f"context {info.get('n_ctx')}, {self.n_slots} slot{'s' if self.n_slots > 1 else ''}; "
+                     f"{admission.get('note', 'not verified')})")
+        log.info("model worker ready: %d slot%s, context %s per slot", self.n_slots,
+                    "s" if self.n_slots > 1 else "", info.get("n_ctx"))
         if first and self.notifier is not None:
             self.notifier.ready()
         self._pump()
 
     def _on_job_event(self, job_id: str, ev: tuple) -> None:
-        job = self.current
-        if job is None or job.id != job_id:
+        job = self.running.get(job_id)
+        if job is None:
             return
         now = self.clock()
         self.last_progress = now
         job.produced = job.produced or ev[0] in ("thinking", "answer")
         job.events.put_nowait(ev)
         if ev[0] in ("done", "error"):
-            job.finished, self.current = True, None
+            job.finished = True
+            del self.running[job_id]
             self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * (now - (job.started or now))
             self._pump()
         elif job.events.qsize() > self.config.max_buffered_events and not job.cancelled:
@@ -345,9 +368,7 @@ class Supervisor:
         link.close()
         self.link = None
         if self.state in (State.DRAINING, State.STOPPED, State.FAILED):
-            if self.current is not None:
-                self._fail(self.current, unavailable("the server is shutting down", 5, "shutting_down"))
-                self.current = None
+            self._fail_running(unavailable("the server is shutting down", 5, "shutting_down"))
             return
         desc = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         if code == -signal.SIGKILL and link.kill_reason is None:
@@ -358,10 +379,8 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.worker_down(why)
         backoff = self._note_crash()
-        if self.current is not None:
-            self._fail(self.current, unavailable(f"the model worker failed ({desc}) during this request; it is "
-                                                 "being restarted, retry shortly", backoff + 5, "worker_crashed"))
-            self.current = None
+        self._fail_running(unavailable(f"the model worker failed ({desc}) during this request; it is "
+                                       "being restarted, retry shortly", backoff + 5, "worker_crashed"))
         if self.state is State.FAILED:
             return
         self.state = State.RESTARTING
@@ -390,10 +409,11 @@ class Supervisor:
             log.error("%s; stopping the service", message)
         self.state, self.fatal = State.FAILED, (exit_code, message)
         self._status(f"failed: {message}")
-        for job in [*self.queue, *([self.current] if self.current else [])]:
-            self._fail(job, unavailable(f"the service is stopping: {message}", 30, "service_failed"))
+        err = unavailable(f"the service is stopping: {message}", 30, "service_failed")
+        for job in self.queue:
+            self._fail(job, err)
         self.queue.clear()
-        self.current = None
+        self._fail_running(err)
         if self.link is not None:
             self.link.kill()
         if self.on_fatal is not None:
@@ -414,7 +434,7 @@ class Supervisor:
         if self.link is None:
             return float("inf")
         silent = now - self.link.last_beat
-        return max(silent, now - self.last_progress) if self.current is not None else silent
+        return max(silent, now - self.last_progress) if self.running else silent
 
     def healthy(self) -> bool:
         """Worker alive and beating, and idle or advancing: what systemd's watchdog pings mean."""
@@ -423,7 +443,7 @@ class Supervisor:
         now = self.clock()
         if now - self.link.last_beat > self.config.beat_timeout_s:
             return False
-        return self.current is None or now - self.last_progress < self.config.hang_timeout_s
+        return not self.running or now - self.last_progress < self.config.hang_timeout_s
 
     async def _monitor(self) -> None:
         interval = self._watchdog_interval()
@@ -467,8 +487,8 @@ class Supervisor:
         return self.link.proc.pid if self.link is not None else None
 
     def expected_wait_s(self) -> float:
-        """Until a new request would start: the queue ahead, at the recent pace."""
-        return self.avg_job_s * (len(self.queue) + 1)
+        """Until a new request would start: the queue ahead, at the recent pace, n_slots at a time."""
+        return self.avg_job_s * (len(self.queue) + 1) / self.n_slots
 
 
 # ------------------------------------------------------------------- OOM evidence

@@ -1,4 +1,9 @@
-"""The worker process: owns the Engine and runs one generation at a time for the front process.
+"""The worker process: owns the engine and runs the front process's generations.
+
+With one slot (the plan's ``n_slots``) it owns the single-sequence ``Engine`` and runs one job at
+a time on its main thread. With more it owns a ``BatchEngine``: the main thread submits each job
+(the engine queues beyond its slots and decodes the running ones together) and one thread per job
+forwards that job's stream of events over the pipe; a cancel maps to ``engine.cancel(stream)``.
 
 Why a process: llama.cpp aborts its process on CUDA errors and failed assertions, and a bad
 grammar can segfault it; Python can catch neither. With the model in a child, such a crash
@@ -14,7 +19,8 @@ worker → front
     ``progress`` changes whenever the engine makes progress (a token, or a prefill batch), so the
     front can tell "busy and advancing" from "hung inside a llama.cpp call".
     ``("status", text)`` for the STATUS line while loading (the model's sha256 being verified).
-    ``("ready", info)`` after the admission check, the plan, the load and a one-token warm-up.
+    ``("ready", info)`` after the admission check, the plan, the load and a one-token warm-up;
+    ``info["n_slots"]`` is how many jobs the front may have in flight at once.
     ``("fatal", error_type, message, exit_code)`` when the model cannot be loaded at all (a
     missing file, a model that does not fit): retrying would not help.
     ``("event", job_id, event)`` with ``event`` one of ``("thinking", text)``,
@@ -57,6 +63,7 @@ class WorkerSettings:
     log_level: int = logging.WARNING
     verified_file: tuple | None = None  # the model file's identity an earlier worker verified (admission)
     hardware_file: str | None = None  # plan for this recorded box (detect --json) instead of detecting
+    parallel: int | None = None  # decoding slots (None: the plan's)
 
 
 @dataclass(frozen=True)
@@ -103,9 +110,11 @@ class _Worker:
         self.send_lock = threading.Lock()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.engine: Any = None
-        self.current: str | None = None
+        self.n_slots = 1
+        self.current: str | None = None  # the job of the single-sequence Engine
+        self.streams: dict[str, Any] = {}  # the jobs submitted to a BatchEngine, by id
         self.cancelled: set[str] = set()
-        self.turn_lock = threading.Lock()  # orders cancels against the switch from one job to the next
+        self.turn_lock = threading.Lock()  # orders cancels against the start of a job's turn
         self.events = 0
 
     # ------------------------------------------------------------------------ plumbing
@@ -126,11 +135,23 @@ class _Worker:
             time.sleep(BEAT_INTERVAL_S)
 
     def _cancel_current(self) -> None:
-        """Stop the turn in progress if its job was cancelled. Under the lock, so that a cancel
+        """Stop the turns in progress whose jobs were cancelled. Under the lock, so that a cancel
         meant for one job can never stop the next one's turn."""
         with self.turn_lock:
             if self.current is not None and self.current in self.cancelled:
                 self.engine.cancel()
+            for job_id in self.cancelled & self.streams.keys():
+                self.engine.cancel(self.streams[job_id])
+
+    def _cancel_all(self) -> None:
+        if self.engine is None:
+            return
+        if self.n_slots == 1:
+            self.engine.cancel()
+            return
+        with self.turn_lock:
+            for stream in self.streams.values():
+                self.engine.cancel(stream)
 
     def _control(self) -> None:
         """Reads the pipe: jobs go to the main thread, cancels act at once (engine.cancel is
@@ -139,8 +160,7 @@ class _Worker:
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
-                if self.engine is not None:
-                    self.engine.cancel()
+                self._cancel_all()
                 os._exit(0)
             if msg[0] == "job":
                 self.jobs.put((msg[1], msg[2]))
@@ -148,8 +168,7 @@ class _Worker:
                 self.cancelled.add(msg[1])
                 self._cancel_current()
             elif msg[0] == "stop":
-                if self.engine is not None:
-                    self.engine.cancel()
+                self._cancel_all()
                 self.jobs.put(None)
 
     # -------------------------------------------------------------------------- life
@@ -164,8 +183,9 @@ class _Worker:
             return
         threading.Thread(target=self._control, name="control", daemon=True).start()
         self.send(("ready", info))
+        run_job = self._run_job if self.n_slots == 1 else self._submit_job
         while (item := self.jobs.get()) is not None:
-            self._run_job(*item)
+            run_job(*item)
         self.engine.close()
 
     def _load(self) -> dict[str, Any]:
@@ -174,7 +194,7 @@ class _Worker:
         from dataclasses import replace
 
         from edge_magistral.chat import Message
-        from edge_magistral.engine import Engine, Limits, LoadSettings
+        from edge_magistral.engine import Limits, LoadSettings
         from edge_magistral.errors import CorruptModelError
         from edge_magistral.hardware import load_hardware
         from edge_magistral.planner import Request, plan_for_model
@@ -184,14 +204,14 @@ class _Worker:
         admitted = admit(s.model_path, s.verified_file, on_hashing=self._say_hashing)
         t0 = time.monotonic()
         hardware = load_hardware(s.hardware_file) if s.hardware_file else None
-        plan, _ = plan_for_model(s.model_path, Request(ctx=s.ctx, n_gpu_layers=s.n_gpu_layers), hardware,
-                                 profile_name=s.profile)
+        request = Request(ctx=s.ctx, n_gpu_layers=s.n_gpu_layers, parallel=s.parallel)
+        plan, _ = plan_for_model(s.model_path, request, hardware, profile_name=s.profile)
         load = LoadSettings.from_plan(plan)
         if s.threads:
             load = replace(load, n_threads=s.threads, n_threads_batch=s.threads)
         if s.think_budget is not None:
             load = replace(load, think_budget=s.think_budget)
-        self.engine = Engine(load)
+        self.engine, self.n_slots = _load_engine(load, plan.n_slots), plan.n_slots
         t1 = time.monotonic()
         for _ in self.engine.generate([Message("user", "Hi")], Limits(think_budget=0, max_tokens=1)):
             pass
@@ -200,7 +220,7 @@ class _Worker:
                                     "to verify the new file")
         return {
             "model": s.model_name, "model_path": s.model_path, "plan": plan.to_dict(), "pid": os.getpid(),
-            "n_ctx": self.engine.n_ctx, "is_magistral": self.engine.is_magistral,
+            "n_ctx": self.engine.n_ctx, "n_slots": self.n_slots, "is_magistral": self.engine.is_magistral,
             "think_budget": load.think_budget if self.engine.is_magistral else 0,
             "n_threads": load.n_threads, "load_s": round(t1 - t0, 3), "warmup_s": round(time.monotonic() - t1, 3),
             "admission": {"file_id": admitted.file_id, "note": admitted.note, "hash_s": round(admitted.hash_s, 3)},
@@ -213,7 +233,6 @@ class _Worker:
     # -------------------------------------------------------------------------- jobs
     def _run_job(self, job_id: str, spec: JobSpec) -> None:
         from edge_magistral.engine import Limits
-        from edge_magistral.errors import BackendError, BadInputError
 
         with self.turn_lock:
             self.current = job_id
@@ -228,18 +247,45 @@ class _Worker:
                 self.send(("event", job_id, encode_event(ev)))
                 if job_id in self.cancelled:  # a cancel that raced the start of the turn
                     self.engine.cancel()
-        except _PromptTooLong as e:
-            self.send(("event", job_id, ("error", 400, "context_length_exceeded", str(e))))
-        except BadInputError as e:
-            self.send(("event", job_id, ("error", 400, None, str(e))))
-        except BackendError as e:
-            self.send(("event", job_id, ("error", 503, "backend_error", str(e))))
-        except Exception as e:  # a bug: answer 500, keep serving
-            print(scrubbed_traceback(e), file=sys.stderr, flush=True)
-            self.send(("event", job_id, ("error", 500, "internal_error", f"internal error: {type(e).__name__}")))
+        except Exception as e:
+            self.send(("event", job_id, error_event(e)))
         finally:
             with self.turn_lock:
                 self.current = None
+                self.cancelled.discard(job_id)
+
+    def _submit_job(self, job_id: str, spec: JobSpec) -> None:
+        """BatchEngine: submit the job (it waits inside the engine when every slot is busy) and
+        forward its events from a thread of its own, so the next job can be submitted at once."""
+        from edge_magistral.engine import Limits
+
+        try:
+            ids = self._prompt_ids(spec)
+            limits = Limits(**spec.limits, raw=spec.kind == "raw")
+            with self.turn_lock:  # a cancel either sees the stream or is seen here
+                if job_id in self.cancelled:  # the client left before the job was submitted: never run it
+                    self.cancelled.discard(job_id)
+                    self.send(("event", job_id, ("error", 499, "client_closed", "the client closed the request")))
+                    return
+                self.streams[job_id] = stream = self.engine.submit(ids, limits)
+        except Exception as e:
+            self.send(("event", job_id, error_event(e)))
+            with self.turn_lock:
+                self.cancelled.discard(job_id)
+            return
+        threading.Thread(target=self._forward, args=(job_id, stream), name=f"job-{job_id[:8]}", daemon=True).start()
+
+    def _forward(self, job_id: str, stream: Any) -> None:
+        """One job's events to the front, until its Done (or its error)."""
+        try:
+            for ev in stream:
+                self.events += 1
+                self.send(("event", job_id, encode_event(ev)))
+        except Exception as e:
+            self.send(("event", job_id, error_event(e)))
+        finally:
+            with self.turn_lock:
+                self.streams.pop(job_id, None)
                 self.cancelled.discard(job_id)
 
     def _prompt_ids(self, spec: JobSpec) -> list[int]:
@@ -262,6 +308,32 @@ class _Worker:
 
 class _PromptTooLong(Exception):
     pass
+
+
+def _load_engine(load: Any, n_slots: int) -> Any:
+    """The single-sequence Engine for one slot (as before slots existed), else a BatchEngine."""
+    if n_slots == 1:
+        from edge_magistral.engine import Engine
+
+        return Engine(load)
+    from edge_magistral.batch import BatchEngine
+
+    return BatchEngine(load, n_slots)
+
+
+def error_event(e: Exception) -> tuple:
+    """A job's failure as its last event: 400 for bad input, 503 for a backend failure, 500 (and
+    a scrubbed traceback) for a bug; the worker keeps serving either way."""
+    from edge_magistral.errors import BackendError, BadInputError
+
+    if isinstance(e, _PromptTooLong):
+        return ("error", 400, "context_length_exceeded", str(e))
+    if isinstance(e, BadInputError):
+        return ("error", 400, None, str(e))
+    if isinstance(e, BackendError):
+        return ("error", 503, "backend_error", str(e))
+    print(scrubbed_traceback(e), file=sys.stderr, flush=True)
+    return ("error", 500, "internal_error", f"internal error: {type(e).__name__}")
 
 
 def scrubbed_traceback(e: BaseException) -> str:
