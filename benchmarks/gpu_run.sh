@@ -1,49 +1,89 @@
 #!/bin/bash
 # One GPU-machine session (see benchmarks/README.md): build llama.cpp with CUDA from the sources
-# llama-cpp-python vendors, then run the GPU measurements, writing everything under $OUT.
+# llama-cpp-python vendors (with llama-bench, llama-batched-bench, llama-quantize from the same
+# tree), then run the issue-7 measurements. Everything lands in $RES and is packed after every step
+# into $OUT/results.tgz (the device tool returns at most 8 files), with the console in $OUT/log.
 #   prepared here first: bash ../shared/gpu/prepare.sh nvidia-ml-py; the Tekken vocab donor
 #   .gpu/tekken-vocab.gguf and .gpu/extra/*.whl (tiktoken, regex) — see benchmarks/README.md.
-# Usage on the GPU machine: bash benchmarks/gpu_run.sh [plan] [engine] [bench]
+# Usage there:  OUT=$OUT [QUANTS="Q4_K_M Q8_0"] bash benchmarks/gpu_run.sh STEP...
+#   bandwidth   device-to-device copy bandwidth (torch, its own process)
+#   quants      per quant in $QUANTS: the build pipeline makes it from a Magistral-shaped BF16 GGUF,
+#               then ours vs llama-bench (compare_llama.py), planner vs measured memory at 8k and
+#               40k (plan_vs_gpu.py --models); the file is deleted afterwards unless KEEP=1
+#   parallel    ours vs llama-batched-bench at 1/2/4/8 streams (compare_batched.py) on Q4_K_M
+#   sampling    our bench with top-k on the host instead of the device (Q4_K_M), for the difference
+#   plan        the profile scenarios of plan_vs_gpu.py (simulated smaller cards)
+# Locally (CPU, a small shape, no build): SHAPE=small NO_BUILD=1 NGL=0 PATH=.llama-tools/bin:$PATH ...
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${*:-plan engine bench}
-(time bash .gpu/build.sh) > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-source /tmp/llama-env.sh
-python3 -m pip install -q --no-index --no-deps --target /tmp/site-extra .gpu/extra/*.whl
-export PYTHONPATH=/tmp/site-extra:$PYTHONPATH
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-M=/tmp/shaped; mkdir -p $M
-shaped() {  # a Magistral-shaped GGUF of quant $1 (real header and Tekken vocab, zero weights, sparse)
-  python3 - "$1" <<'PY'
-import sys
+OUT=${OUT:-/tmp/out}; RES=${RES:-/tmp/res}; M=${MODELS:-/tmp/shaped}
+mkdir -p "$OUT" "$RES" "$M"
+QUANTS=${QUANTS:-Q4_K_M Q8_0 Q6_K Q5_K_M}
+REPS=${REPS:-2}; ROUNDS=${ROUNDS:-2}; NGL=${NGL:-99}; SHAPE=${SHAPE:-full}
+exec > >(tee -a "$OUT/log") 2>&1
+pack() { tar czf "$OUT/results.tgz.partial" -C "$RES" . && mv "$OUT/results.tgz.partial" "$OUT/results.tgz"; }
+stamp() { echo "== $(date +%T) $*"; }
+if [ -z "${NO_BUILD:-}" ]; then
+  stamp build
+  (time bash .gpu/build.sh) > "$RES/build.log" 2>&1 || { tail -30 "$RES/build.log"; pack; exit 1; }
+  source /tmp/llama-env.sh
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site-extra .gpu/extra/*.whl
+  export PYTHONPATH=/tmp/site-extra:$PYTHONPATH
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv,noheader | tee "$RES/gpu.txt"
+fi
+BF16=$M/Magistral-shaped-BF16.gguf
+shaped_bf16() {  # Magistral Small 1.1's exact shapes, real Tekken vocab, zero weights in a sparse file
+  [ -f "$BF16" ] && return
+  python3 - "$BF16" "$SHAPE" <<'PY'
+import dataclasses, sys
 from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, tensor_specs
 from edge_magistral.shaped_gguf import write_shaped_gguf
-q = sys.argv[1]
-write_shaped_gguf(f"/tmp/shaped/{q}.gguf", MAGISTRAL_SMALL_1_1, tensor_specs(MAGISTRAL_SMALL_1_1, q), q,
-                  vocab_from=".gpu/tekken-vocab.gguf")
+arch = MAGISTRAL_SMALL_1_1
+if sys.argv[2] == "small":  # a local dry run of this script: Magistral's layout, tiny sizes
+    arch = dataclasses.replace(arch, n_layers=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=512)
+write_shaped_gguf(sys.argv[1], arch, tensor_specs(arch, "BF16"), "BF16", vocab_from=".gpu/tekken-vocab.gguf")
 PY
 }
-for step in $STEPS; do case $step in
-  diag)  # which part of a Python-side load fails on CUDA: bare Llama, with our log callback, the engine
-    [ -f $M/Q4_K_M.gguf ] || shaped Q4_K_M
-    for how in numpyfirst engine; do
-      echo "== $how"; EDGE_MAGISTRAL_LLAMA_VERBOSE=1 timeout 120 python3 -X faulthandler benchmarks/gpu_diag.py $how $M/Q4_K_M.gguf 2>&1 | tail -25
-    done 2>&1 | tee "$OUT/diag.log" ;;
+quant_file() { echo "$M/q/magistral-shaped-$1.gguf"; }
+build_quant() {  # the project's own build pipeline: BF16 GGUF → quant, sha256 manifest
+  local f; f=$(quant_file "$1")
+  [ -f "$f" ] && return
+  shaped_bf16
+  local t0=$SECONDS
+  timeout 600 python3 -m edge_magistral build "$BF16" --out "$M/q" --quants "$1" --name magistral-shaped --threads "$(nproc)" \
+    > "$RES/build_$1.log" 2>&1 || { tail -20 "$RES/build_$1.log"; return 1; }
+  echo "build_pipeline $1 $((SECONDS - t0)) s $(stat -c %s "$f") bytes" | tee -a "$RES/timings.txt"
+  cp "$M/q/manifest.json" "$RES/manifest_$1.json"
+}
+for step in "$@"; do stamp "$step"; case $step in
+  bandwidth)
+    timeout 120 python3 benchmarks/bandwidth.py --out "$RES/bandwidth.json" ;;
+  quants)
+    for q in $QUANTS; do
+      stamp "quant $q"
+      build_quant "$q" || continue
+      f=$(quant_file "$q")
+      timeout 400 python3 benchmarks/compare_llama.py --model "$f" --llama-bench "$(command -v llama-bench)" \
+        --n-gpu-layers "$NGL" --reps "$REPS" --rounds "$ROUNDS" --out "$RES/compare_llama_$q.json"; pack
+      if [ "$NGL" -gt 0 ]; then
+        timeout 300 python3 benchmarks/plan_vs_gpu.py --models "$f" --ctxs 8192,40960 --out "$RES"; pack
+      fi
+      [ -n "${KEEP:-}" ] || [ "$q" = Q4_K_M ] || rm -f "$f"
+    done ;;
+  parallel)
+    build_quant Q4_K_M || exit 1
+    timeout 500 python3 benchmarks/compare_batched.py --model "$(quant_file Q4_K_M)" \
+      --llama-batched-bench "$(command -v llama-batched-bench)" --n-gpu-layers "$NGL" --rounds "$ROUNDS" \
+      --out "$RES/compare_batched_Q4_K_M.json" ;;
+  sampling)
+    build_quant Q4_K_M || exit 1
+    for how in off on; do
+      timeout 200 python3 -m edge_magistral bench --model "$(quant_file Q4_K_M)" --n-gpu-layers "$NGL" --reps "$REPS" \
+        --ttft 1024 --backend-sampling $how --json > "$RES/bench_sampling_$how.json"
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('top-k on device' if r['backend_sampling'] else 'top-k on host', r['tg_tokens_per_s']['mean'], 'tg t/s')" "$RES/bench_sampling_$how.json"
+    done ;;
   plan)
-    timeout 300 python3 benchmarks/plan_vs_gpu.py --out "$OUT" --vocab-from .gpu/tekken-vocab.gguf 2>&1 | tee "$OUT/plan.log" ;;
-  engine)
-    shaped Q4_K_M
-    timeout 240 python3 -X faulthandler benchmarks/engine_overhead.py --model $M/Q4_K_M.gguf --n-gpu-layers 99 \
-      --lengths 128,2048 --repeats 1 --out "$OUT/engine_overhead_gpu.json" 2>&1 | tee "$OUT/engine.log" ;;
-  bench)
-    [ -f $M/Q4_K_M.gguf ] || shaped Q4_K_M
-    timeout 120 llama-bench -m $M/Q4_K_M.gguf -p 512 -n 128 -fa 1 -o json > "$OUT/llama_bench_q4km.json" 2> "$OUT/llama_bench.err"
-    cat "$OUT/llama_bench_q4km.json" ;;
-  parallel)  # issue 7: aggregate generation at 1/2/4/8 streams, ours vs llama-batched-bench
-    [ -f $M/Q4_K_M.gguf ] || shaped Q4_K_M
-    timeout 60 llama-batched-bench -m $M/Q4_K_M.gguf -c 8192 -b 2048 -ub 512 -npp 128 -ntg 128 -npl 1,2,4,8 \
-      -fa 1 -ngl 99 2>&1 | tail -12 | tee "$OUT/batched_bench.txt"
-    timeout 120 python3 benchmarks/parallel_decode.py --model $M/Q4_K_M.gguf --n-gpu-layers 99 \
-      --out "$OUT/parallel_decode_gpu.json" 2>&1 | tee "$OUT/parallel.log" ;;
-esac; done
+    timeout 300 python3 benchmarks/plan_vs_gpu.py --out "$RES" --vocab-from .gpu/tekken-vocab.gguf ;;
+  *) echo "unknown step $step" ;;
+esac; pack; done
+stamp done
