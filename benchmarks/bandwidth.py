@@ -18,7 +18,8 @@ Bandwidth (:func:`measure`):
   the same buffer as float32). Uses torch (or cupy) in a subprocess of its own, never in a process
   that loads llama_cpp.
 - CPU: numpy ``copyto`` of 1 GiB arrays (read + write), one thread and all threads (the array split
-  into per-thread chunks; numpy releases the GIL while copying), best of N; and a read-only sum.
+  into per-thread chunks; numpy releases the GIL while copying), best of N, the better of the two;
+  and a read-only sum. Other processes on the box lower it: run it when the box is quiet.
 
     python benchmarks/bandwidth.py [--out benchmarks/out/bandwidth.json] [--no-gpu] [--model M ...]
 
@@ -126,10 +127,11 @@ def cpu_bandwidth(size_bytes: int = 1 << 30, repeats: int = 10, threads: int | N
     out["copy_gbps_1thread"] = 2 * src.nbytes / best(lambda: np.copyto(dst, src)) / GB
     out["read_gbps_1thread"] = src.nbytes / best(lambda: src.sum()) / GB
     if threads > 1:
-        out["copy_gbps"] = 2 * src.nbytes / best(parallel(copy, threads)) / GB
-        out["read_gbps"] = src.nbytes / best(parallel(read, threads)) / GB
-    else:
-        out["copy_gbps"], out["read_gbps"] = out["copy_gbps_1thread"], out["read_gbps_1thread"]
+        out[f"copy_gbps_{threads}threads"] = 2 * src.nbytes / best(parallel(copy, threads)) / GB
+        out[f"read_gbps_{threads}threads"] = src.nbytes / best(parallel(read, threads)) / GB
+    # what the box delivers: the better of one thread and all (a busy neighbour can spoil either)
+    out["copy_gbps"] = max(v for k, v in out.items() if k.startswith("copy_gbps_"))
+    out["read_gbps"] = max(v for k, v in out.items() if k.startswith("read_gbps_"))
     return out
 
 
@@ -234,8 +236,9 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], help="also give the floor of this GGUF (repeatable)")
     a = ap.parse_args()
     r = measure(False if a.no_gpu else None, a.cpu_mib << 20, a.gpu_mib << 20, a.repeats)
-    print(f"CPU ({r['cpu_name']}): copy {r['cpu']['copy_gbps']:.1f} GB/s ({r['cpu']['threads']} threads), "
-          f"{r['cpu']['copy_gbps_1thread']:.1f} GB/s (1 thread); read {r['cpu']['read_gbps']:.1f} GB/s")
+    c = r["cpu"]
+    print(f"CPU ({r['cpu_name']}, {c['threads']} threads): copy {c['copy_gbps']:.1f} GB/s, "
+          f"read {c['read_gbps']:.1f} GB/s; " + ", ".join(f"{k} {v:.1f}" for k, v in c.items() if "gbps_" in k))
     if "gpu" in r:
         g = r["gpu"]
         print(f"GPU: {g}" if "error" in g else

@@ -13,8 +13,10 @@ cache and tg as 128 single-token decodes; llama-bench warms up and reuses one co
 our bench loads the model afresh for every rep and also samples each generated token with the
 engine's sampler (what a real turn pays).
 
-Writes JSON: per test (pp512, tg128) our mean/sd, llama-bench's mean/sd over all samples, the ratio
-of the means and the median of the per-round ratios; our TTFT, load time and memory; the model's
+Writes JSON: per test (pp512, tg128) our mean/sd, llama-bench's mean/sd over all samples, the median
+of the per-round (paired) ratios, over the rounds no other process disturbed where there are
+enough of them (each run records how much of the machine's CPU other processes took meanwhile,
+from /proc/stat), and the ratio of the means; our TTFT, load time and memory; the model's
 file size, quant and bytes read per token (for the bandwidth floor); the machine and its load.
 
     python benchmarks/compare_llama.py --model M --llama-bench .llama-tools/bin/llama-bench \
@@ -101,15 +103,51 @@ def summarize(values: list[float]) -> dict:
             "n": len(values), "values": [round(v, 3) for v in values]}
 
 
-def compare(ours: list[list[float]], theirs: list[list[float]]) -> dict:
-    """Per-round sample lists of both sides → both summaries, the ratio of the means and the
-    median of the per-round ratios (paired: rounds ran back to back)."""
+QUIET = 0.15  # a round is quiet when other processes kept less than this share of the box's CPUs busy
+
+
+def compare(ours: list[list[float]], theirs: list[list[float]], others: list[float] | None = None) -> dict:
+    """Per-round sample lists of both sides → both summaries and the ratio ours ÷ theirs.
+
+    Rounds ran back to back, so their ratios are paired: ``ratio`` is the median of the per-round
+    ratios over the quiet rounds (``others``: per round, the largest share of the box's CPUs other
+    processes used during either side's run; quiet below QUIET) when at least two were quiet, else
+    over all rounds. ``ratio_of_means`` compares the means of all samples."""
     o = summarize([v for r in ours for v in r])
     t = summarize([v for r in theirs for v in r])
     paired = [statistics.fmean(a) / statistics.fmean(b) for a, b in zip(ours, theirs) if a and b]
-    return {"ours": o, "llama": t, "ratio": o["mean"] / t["mean"],
-            "ratio_rounds": [round(x, 4) for x in paired],
-            "ratio_median_of_rounds": statistics.median(paired) if paired else None}
+    quiet = [x for x, busy in zip(paired, others or []) if busy < QUIET]
+    use_quiet = len(quiet) >= 2
+    return {"ours": o, "llama": t, "ratio": statistics.median(quiet if use_quiet else paired) if paired else None,
+            "ratio_basis": f"median of {len(quiet)} quiet rounds" if use_quiet else f"median of {len(paired)} rounds",
+            "ratio_of_means": o["mean"] / t["mean"], "ratio_rounds": [round(x, 4) for x in paired],
+            "others_busy_rounds": [round(x, 3) for x in others or []], "quiet_rounds": len(quiet)}
+
+
+# -------------------------------------------------------------- what else ran on the machine
+
+def cpu_snapshot() -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds the whole machine was busy, CPU seconds of this process and its
+    waited-for children): two snapshots tell how much CPU other processes took meanwhile."""
+    import resource
+
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(v[:3]) + sum(v[5:8])) / tick  # user nice system (idle iowait) irq softirq steal
+    except (OSError, ValueError):
+        busy = float("nan")
+    own = sum(getattr(resource.getrusage(w), k) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for k in ("ru_utime", "ru_stime"))
+    return time.monotonic(), busy, own
+
+
+def others_busy(before: tuple[float, float, float], after: tuple[float, float, float], ncpu: int) -> float:
+    """The share of the machine's CPUs (0..1) that other processes kept busy between two snapshots."""
+    wall = after[0] - before[0]
+    other = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, other / (wall * ncpu)) if wall > 0 else 0.0
 
 
 def order(rounds: int) -> list[str]:
@@ -160,8 +198,10 @@ def main() -> None:
     llama_rows: list[dict] = []
     runs: list[dict] = []
     t_start = time.time()
+    busy: list[float] = []
     for i, side in enumerate(order(a.rounds)):
         load = os.getloadavg()
+        snap = cpu_snapshot()
         if side == "ours":
             cmd = our_bench_cmd(a.python, model, a.pp, a.tg, a.reps, threads, ngl, a.ttft, a.ctx)
             out, _, dt = run(cmd, a.timeout)
@@ -178,12 +218,15 @@ def main() -> None:
             got = llama_bench_samples(rows)
         for t in TESTS:
             samples[side][t].append(got.get(t, []))
+        busy.append(others_busy(snap, cpu_snapshot(), os.cpu_count() or 1))
         runs.append({"i": i, "side": side, "cmd": shlex.join(cmd), "seconds": round(dt, 1),
-                     "loadavg_before": [round(x, 2) for x in load],
+                     "loadavg_before": [round(x, 2) for x in load], "others_busy": round(busy[-1], 3),
                      **{f"{t}_tokens_per_s": [round(x, 2) for x in got.get(t, [])] for t in TESTS}})
         print(f"[{i + 1}/{2 * a.rounds}] {side:5s} pp {statistics.fmean(got['pp']):9.1f} t/s  "
-              f"tg {statistics.fmean(got['tg']):8.2f} t/s  ({dt:.0f}s, load {load[0]:.2f})", flush=True)
+              f"tg {statistics.fmean(got['tg']):8.2f} t/s  ({dt:.0f}s, load {load[0]:.2f}, "
+              f"others {100 * busy[-1]:.0f}% of the CPUs)", flush=True)
     last = ours[-1]
+    per_round = [max(busy[2 * k], busy[2 * k + 1]) for k in range(a.rounds)]
 
     def stat_of(key: str):
         vals = [v for r in ours if r.get(key) for v in r[key]["values"]]
@@ -208,8 +251,8 @@ def main() -> None:
                      "pp": a.pp, "tg": a.tg, "reps": a.reps, "rounds": a.rounds,
                      "ours": last["settings"], "llama_bench_n_gpu_layers": lb.get("n_gpu_layers"),
                      "llama_bench_n_threads": lb.get("n_threads")},
-        "tests": {f"pp{a.pp}": compare(samples["ours"]["pp"], samples["llama"]["pp"]),
-                  f"tg{a.tg}": compare(samples["ours"]["tg"], samples["llama"]["tg"])},
+        "tests": {f"pp{a.pp}": compare(samples["ours"]["pp"], samples["llama"]["pp"], per_round),
+                  f"tg{a.tg}": compare(samples["ours"]["tg"], samples["llama"]["tg"], per_round)},
         "ours": {"load_s": stat_of("load_s"), "peak_rss_bytes": stat_of("peak_rss_bytes"),
                  "gpu_bytes": stat_of("gpu_bytes"),
                  "ttft_s": {k: summarize(v["values"]) if v else None for k, v in ttft.items()},
@@ -226,7 +269,7 @@ def main() -> None:
     for name, c in result["tests"].items():
         print(f"{name}: ours {c['ours']['mean']:.2f} ± {c['ours']['sd']:.2f}, llama-bench "
               f"{c['llama']['mean']:.2f} ± {c['llama']['sd']:.2f} t/s → {100 * c['ratio']:.1f}% "
-              f"(median of rounds {100 * (c['ratio_median_of_rounds'] or 0):.1f}%)")
+              f"({c['ratio_basis']}; ratio of the means {100 * c['ratio_of_means']:.1f}%)")
     print(f"wrote {a.out}")
 
 

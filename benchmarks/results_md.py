@@ -99,7 +99,8 @@ def device_label(r: dict) -> str:
     if device_of(r) == "gpu":
         gpus = (sysinfo.get("gpu") or {}).get("gpus") or [{}]
         return f"{gpus[0].get('name', 'GPU')} (ngl {s.get('n_gpu_layers')})"
-    return f"CPU, {s.get('threads')} threads"
+    n = s.get("threads")
+    return f"CPU, {n} thread{'' if n == 1 else 's'}"
 
 
 def bandwidth_for(r: dict, bws: list[dict]) -> float | None:
@@ -142,16 +143,23 @@ def llama_rows(results: list[dict], bws: list[dict]) -> list[dict]:
             "ttft": ours.get("ttft_s") or {}, "load_s": ours.get("load_s"),
             "memory": mem["mean"] if mem else None,
             "memory_kind": "GPU" if device_of(r) == "gpu" else "peak RSS",
-            "loadavg": [run.get("loadavg_before", [None])[0] for run in r.get("runs", [])],
+            "rounds": _rounds(tg),
         })
     return rows
+
+
+def _rounds(test: dict | None) -> str:
+    """"quiet/all" rounds behind a ratio (the rest had other processes busy on the machine)."""
+    if not test or "ratio_rounds" not in test:
+        return "–"
+    return f"{test.get('quiet_rounds', '?')}/{len(test['ratio_rounds'])}"
 
 
 def batched_rows(result: dict) -> list[dict]:
     rows = []
     for row in result["rows"]:
         tg, pp = row["speed_tg"], row["speed_pp"]
-        rows.append({"npl": row["npl"], "tg": tg, "pp": pp,
+        rows.append({"npl": row["npl"], "tg": tg, "pp": pp, "rounds": _rounds(tg),
                      "verdict": verdict(tg["ratio"], TARGETS["batched"]) if row["npl"] >= 2 else "–",
                      "engine_tg": row.get("engine_speed_tg"), "batch_vs_engine": row.get("batch_vs_engine_tg"),
                      "engine_ratio": row.get("engine_ratio_tg")})
@@ -189,8 +197,8 @@ def render(data: dict[str, list]) -> str:
         out += ["## Single stream: ours vs llama-bench", "",
                 "| model | quant | device | file | pp ours t/s | pp llama-bench t/s | pp ratio | | "
                 "tg ours t/s | tg llama-bench t/s | tg ratio | | llama-bench tg % of floor | ours % of floor | "
-                "TTFT | load | memory (measured) |",
-                "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|"]
+                "TTFT | load | memory (measured) | quiet rounds |",
+                "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|---:|"]
         for r in lr:
             ttft = ", ".join(f"{k}: {seconds(v)}" if v else f"{k}: skipped" for k, v in r["ttft"].items()) or "–"
             out.append(
@@ -200,8 +208,10 @@ def render(data: dict[str, list]) -> str:
                 f"{rate(r['tg'] and r['tg']['ours'])} | {rate(r['tg'] and r['tg']['llama'])} | "
                 f"{pct(r['tg'] and r['tg']['ratio'])} | {r['tg_verdict']} | {pct(r['llama_tg_of_floor'])} | "
                 f"{pct(r['ours_tg_of_floor'])} | {ttft} | {seconds(r['load_s'])} | "
-                f"{size(r['memory'])} {r['memory_kind'] if r['memory'] else ''} |")
-        out += ["", "pp/tg: mean ± sd over every rep of every round; ratio = ours ÷ llama-bench (means). "
+                f"{size(r['memory'])} {r['memory_kind'] if r['memory'] else ''} | {r['rounds']} |")
+        out += ["", "pp/tg: mean ± sd over every rep of every round. Ratio: ours ÷ llama-bench, the median of the "
+                "per-round ratios (each round runs both back to back), over the quiet rounds (other processes "
+                "used < 15% of the CPUs during both runs) when at least two were quiet, else over all. "
                 "Floor: the bandwidth ceiling, weights read per token (all tensors but the gathered token "
                 "embedding; KV at tg128 depths left out, < 0.1%) ÷ measured copy bandwidth "
                 "(benchmarks/bandwidth.py).", ""]
@@ -215,18 +225,18 @@ def render(data: dict[str, list]) -> str:
         s = res["settings"]
         where = f"GPU (ngl {s['n_gpu_layers']})" if s["n_gpu_layers"] else "CPU"
         out += [f"## Parallel streams: ours vs llama-batched-bench — {res['model_name']}, "
-                f"{where}, {s['threads']} threads", "",
+                f"{where}, {s['threads']} thread{'' if s['threads'] == 1 else 's'}", "",
                 f"npp {s['npp']} (per sequence, not shared), ntg {s['ntg']}, {s['rounds']} rounds; "
                 f"S_TG = npl × ntg ÷ T_TG and S_PP = npl × npp ÷ T_PP, as llama-batched-bench defines them. "
                 f"EOS {s.get('eos', '')}.", "",
                 "| npl | S_TG ours t/s | S_TG llama-batched-bench t/s | ratio | ≥ 90% | S_PP ours t/s | "
-                "S_PP llama-batched-bench t/s | ratio |",
-                "|---:|---:|---:|---:|---|---:|---:|---:|"]
+                "S_PP llama-batched-bench t/s | ratio | quiet rounds |",
+                "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         brs = batched_rows(res)
         for r in brs:
             out.append(f"| {r['npl']} | {rate(r['tg']['ours'])} | {rate(r['tg']['llama'])} | {pct(r['tg']['ratio'])} | "
                        f"{r['verdict']} | {rate(r['pp']['ours'])} | {rate(r['pp']['llama'])} | "
-                       f"{pct(r['pp']['ratio'])} |")
+                       f"{pct(r['pp']['ratio'])} | {r['rounds']} |")
         for r in brs:
             if r["engine_tg"]:
                 out += ["", f"npl 1 through the single-sequence Engine: {rate(r['engine_tg'])} t/s "

@@ -64,8 +64,22 @@ def test_llama_bench_command_matches_our_settings(mods):
 def test_compare_ratio_and_paired_rounds(mods):
     c = mods["compare_llama"].compare([[9.0, 11.0], [10.0]], [[10.0, 10.0], [20.0]])
     assert c["ours"]["mean"] == pytest.approx(10.0) and c["llama"]["mean"] == pytest.approx(40 / 3)
-    assert c["ratio"] == pytest.approx(0.75)
-    assert c["ratio_rounds"] == [1.0, 0.5] and c["ratio_median_of_rounds"] == pytest.approx(0.75)
+    assert c["ratio_of_means"] == pytest.approx(0.75)
+    assert c["ratio_rounds"] == [1.0, 0.5] and c["ratio"] == pytest.approx(0.75)
+    # with the share of the CPUs others used per round, only the quiet rounds count (two at least)
+    c = mods["compare_llama"].compare([[10.0], [5.0], [9.8], [1.0]], [[10.0]] * 4, [0.0, 0.6, 0.05, 0.9])
+    assert c["ratio"] == pytest.approx(0.99) and c["quiet_rounds"] == 2 and "quiet" in c["ratio_basis"]
+    c = mods["compare_llama"].compare([[10.0], [5.0], [9.0]], [[10.0]] * 3, [0.0, 0.6, 0.9])
+    assert c["ratio"] == pytest.approx(0.9) and c["ratio_basis"] == "median of 3 rounds"
+
+
+def test_others_busy(mods):
+    cl = mods["compare_llama"]
+    # 10 s on 2 CPUs; the machine was busy 14 CPU-seconds, 8 of them ours: others used 30% of it
+    assert cl.others_busy((0.0, 100.0, 5.0), (10.0, 114.0, 13.0), 2) == pytest.approx(0.3)
+    assert cl.others_busy((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), 2) == 0.0
+    wall, busy, own = cl.cpu_snapshot()
+    assert wall > 0 and own > 0
 
 
 def test_abba_order(mods):
@@ -118,6 +132,7 @@ def test_batched_table_ratios(batched):
     theirs = {1: [{"speed_tg": 100.0, "speed_pp": 1000.0}], 2: [{"speed_tg": 200.0, "speed_pp": 2000.0}]}
     rows = batched.table(ours, theirs, [{"speed_tg": 95.0, "speed_pp": 1000.0}])
     assert rows[0]["speed_tg"]["ratio"] == pytest.approx(0.9) and rows[1]["speed_tg"]["ratio"] == pytest.approx(0.85)
+    assert rows[1]["speed_pp"]["ratio_of_means"] == pytest.approx(0.9)
     assert rows[0]["batch_vs_engine_tg"] == pytest.approx(90 / 95) and rows[0]["engine_ratio_tg"] == pytest.approx(0.95)
 
 
@@ -223,7 +238,7 @@ def test_render_and_load(mods, tmp_path):
     text = md.render(data)
     assert "| tiny-Q8_0.gguf | Q8_0 | CPU, 2 threads |" in text
     assert "99.0% | PASS" in text and "98.0% | PASS" in text and "50.0%" in text  # llama-bench at half the floor
-    assert "| 2 | 170.0 ± 1.0 | 200.0 ± 1.0 | 85.0% | MISS |" in text
+    assert "| 2 | 170.0 ± 1.0 | 200.0 ± 1.0 | 85.0% | MISS |" in text and "| 90.0% | – |" in text
     assert "| 1 |" in text and "95.0% of llama-batched-bench" in text
     assert "| h200 | datacenter-80gb | Q8_0 |" in text and "3.00% | PASS" in text
     assert "llama-bench -m tiny" in text and "llama-batched-bench -npl 1,2" in text
