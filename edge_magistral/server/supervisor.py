@@ -338,7 +338,7 @@ class Supervisor:
                      f"context {info.get('n_ctx')}, {self.n_slots} slot{'s' if self.n_slots > 1 else ''}; "
                      f"{admission.get('note', 'not verified')})")
         log.info("model worker ready: %d slot%s, context %s per slot", self.n_slots,
-                    "s" if self.n_slots > 1 else "", info.get("n_ctx"))
+                 "s" if self.n_slots > 1 else "", info.get("n_ctx"))
         if first and self.notifier is not None:
             self.notifier.ready()
         self._pump()
