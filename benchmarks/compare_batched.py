@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--no-engine", action="store_true", help="skip npl=1 through the single-sequence Engine")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--backend-sampling", choices=["auto", "on", "off"], default="auto",
+                    help="our top-k on the device holding the logits (auto: when they are on a GPU)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     model = str(Path(a.model).resolve())
@@ -262,7 +264,8 @@ def main() -> None:
     threads = a.threads or os.cpu_count() or 1
     ngl = a.n_gpu_layers if a.n_gpu_layers is not None else (99 if shutil.which("nvidia-smi") and gpu_info() else 0)
     settings = LoadSettings(model, n_ctx=per_seq_ctx(a.npp, a.ntg), n_gpu_layers=ngl, n_threads=threads,
-                            n_threads_batch=threads, n_batch=2048, n_ubatch=512, flash_attn=True)
+                            n_threads_batch=threads, n_batch=2048, n_ubatch=512, flash_attn=True,
+                            backend_sampling={"auto": None, "on": True, "off": False}[a.backend_sampling])
     rng = random.Random(a.seed)
     cmd = batched_bench_cmd(exe, model, npls, a.npp, a.ntg, threads, ngl)
     ours: dict[int, list[dict]] = {}
@@ -312,7 +315,8 @@ def main() -> None:
         "settings": {"npl": npls, "npp": a.npp, "ntg": a.ntg, "is_pp_shared": False, "threads": threads,
                      "n_gpu_layers": ngl, "n_batch": 2048, "n_ubatch": 512, "flash_attn": True,
                      "ctx_per_seq": settings.n_ctx, "rounds": a.rounds,
-                     "eos": "banned (Limits.ignore_eos)" if HAS_IGNORE_EOS else "not banned: short runs repeated",
+                     "backend_sampling": a.backend_sampling,
+        "eos": "banned (Limits.ignore_eos)" if HAS_IGNORE_EOS else "not banned: short runs repeated",
                      "ours": our_info},
         "rows": rows,
         "others_busy_rounds": [round(x, 3) for x in per_round],

@@ -70,11 +70,23 @@ for step in "$@"; do stamp "$step"; case $step in
       fi
       [ -n "${KEEP:-}" ] || [ "$q" = Q4_K_M ] || rm -f "$f"
     done ;;
-  parallel)
+  direct)  # the quants in $QUANTS written straight in their final layout (seconds, not minutes)
+    for q in $QUANTS; do
+      mkdir -p "$M/q"; [ -f "$(quant_file "$q")" ] || python3 - "$(quant_file "$q")" "$q" <<'PY'
+import sys
+from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, tensor_specs
+from edge_magistral.shaped_gguf import write_shaped_gguf
+write_shaped_gguf(sys.argv[1], MAGISTRAL_SMALL_1_1, tensor_specs(MAGISTRAL_SMALL_1_1, sys.argv[2]), sys.argv[2],
+                  vocab_from=".gpu/tekken-vocab.gguf")
+PY
+    done ;;
+  parallel)  # BATCHED_SAMPLING=off also runs ours with top-k on the host
     build_quant Q4_K_M || exit 1
-    timeout 500 python3 benchmarks/compare_batched.py --model "$(quant_file Q4_K_M)" \
-      --llama-batched-bench "$(command -v llama-batched-bench)" --n-gpu-layers "$NGL" --rounds "$ROUNDS" \
-      --out "$RES/compare_batched_Q4_K_M.json" ;;
+    for how in auto ${BATCHED_SAMPLING:-}; do
+      timeout 300 python3 benchmarks/compare_batched.py --model "$(quant_file Q4_K_M)" \
+        --llama-batched-bench "$(command -v llama-batched-bench)" --n-gpu-layers "$NGL" --rounds "$ROUNDS" \
+        --backend-sampling $how --out "$RES/compare_batched_Q4_K_M${how/auto/}.json"; pack
+    done ;;
   sampling)
     build_quant Q4_K_M || exit 1
     for how in off on; do

@@ -232,7 +232,7 @@ def scenario(
         profile = choose_profile(hw, profiles, profile_name)
         cands = [from_gguf_info(read_info(p)) for p in files.values()]
         try:
-            p = plan(hw, profile, cands, Request(ctx=ctx))
+            p = plan(hw, profile, cands, Request(ctx=ctx, parallel=1))
         except NoFitError as e:
             return {"scenario": name, "profile": profile.name, "fits": False, "refusal": str(e)}
         settings = {

@@ -116,6 +116,24 @@ def test_cancel_frees_the_slot_and_the_others_continue(single, batch) -> None:
     assert all(llama_cpp.llama_memory_seq_pos_max(mem, seq) == -1 for seq in range(1, SLOTS + 1))  # KV freed
 
 
+def test_an_ended_slot_below_the_others_is_filled_by_moving_the_highest(single, batch) -> None:
+    """Busy sequence ids stay 1..k (llama.cpp puts only consecutive ids of a multi-stream KV cache
+    in one ubatch): when the lowest ends first, the highest slot's KV moves into its stream, and
+    its text is unchanged by the move."""
+    short, long = Limits(think_budget=0, max_tokens=8, seed=5, ignore_eos=True), \
+        Limits(think_budget=0, max_tokens=120, seed=5, ignore_eos=True)
+    prompts = [single.prompt_ids(ask(50 + i)) for i in range(SLOTS)]
+    moves = batch.stats.moves
+    streams = [batch.submit(p, short if i == 0 else long) for i, p in enumerate(prompts)]
+    texts(streams[0])  # the first (sequence 1) ends while the others decode
+    seen = batch.busy_seqs()
+    got = [texts(s)[0] for s in streams[1:]]
+    assert seen == list(range(1, len(seen) + 1))  # no hole below a busy slot
+    assert batch.stats.moves > moves
+    for p, text in zip(prompts[1:], got):
+        assert text == reference(single, p, long)[0]
+
+
 def test_the_system_prompt_is_taken_from_the_prefix_cache(single, settings) -> None:
     b = BatchEngine(settings, n_slots=2)
     try:
