@@ -224,8 +224,11 @@ def render(data: dict[str, list]) -> str:
     for _, res in data["compare_batched"]:
         s = res["settings"]
         where = f"GPU (ngl {s['n_gpu_layers']})" if s["n_gpu_layers"] else "CPU"
+        bs = s.get("backend_sampling")
+        on_device = bs == "on" or (bs == "auto" and s["n_gpu_layers"])
+        topk = "" if bs is None else f", our top-k on the {'device' if on_device else 'host'}"
         out += [f"## Parallel streams: ours vs llama-batched-bench — {res['model_name']}, "
-                f"{where}, {s['threads']} thread{'' if s['threads'] == 1 else 's'}", "",
+                f"{where}, {s['threads']} thread{'' if s['threads'] == 1 else 's'}{topk}", "",
                 f"npp {s['npp']} (per sequence, not shared), ntg {s['ntg']}, {s['rounds']} rounds; "
                 f"S_TG = npl × ntg ÷ T_TG and S_PP = npl × npp ÷ T_PP, as llama-batched-bench defines them. "
                 f"EOS {s.get('eos', '')}.", "",
@@ -301,8 +304,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", help="JSON files or directories of them")
     ap.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
+    ap.add_argument("--preamble", type=Path, default=None, help="markdown put before the generated tables")
     a = ap.parse_args()
     text = render(load(a.paths))
+    if a.preamble:
+        text = a.preamble.read_text().rstrip() + "\n\n" + text
     if a.out:
         a.out.write_text(text)
         print(f"wrote {a.out}", file=sys.stderr)

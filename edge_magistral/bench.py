@@ -81,11 +81,11 @@ def plan_for_bench(model_path: str, ctx: int | None = None, n_gpu_layers: int | 
     from edge_magistral.planner import Request, plan_for_model
 
     if ctx is not None:
-        return plan_for_model(model_path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers))[0], ""
+        return plan_for_model(model_path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1))[0], ""
     try:
-        return plan_for_model(model_path, Request(ctx=DEFAULT_CTX, n_gpu_layers=n_gpu_layers))[0], ""
+        return plan_for_model(model_path, Request(ctx=DEFAULT_CTX, n_gpu_layers=n_gpu_layers, parallel=1))[0], ""
     except (BadInputError, DoesNotFitError) as e:
-        p = plan_for_model(model_path, Request(n_gpu_layers=n_gpu_layers))[0]
+        p = plan_for_model(model_path, Request(n_gpu_layers=n_gpu_layers, parallel=1))[0]
         return p, f"context {p.n_ctx}, not {DEFAULT_CTX}: {e}"
 
 

@@ -36,7 +36,7 @@ def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile:
     path = _model_path(model, yes, profile)
     hw = detect()
     require_usable(hw)  # a GPU llama.cpp cannot drive is an error with the fix, not a silent CPU run
-    p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers), hw, profile_name=profile)
+    p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1), hw, profile_name=profile)
     if not quiet:
         err_console().print(f"[bold]{escape(Path(path).name)}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
                             f"context {p.n_ctx}, KV {p.type_k}, profile {p.profile}")
