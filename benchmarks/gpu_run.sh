@@ -13,6 +13,8 @@
 #   parallel    ours vs llama-batched-bench at 1/2/4/8 streams (compare_batched.py) on Q4_K_M
 #   sampling    our bench with top-k on the host instead of the device (Q4_K_M), for the difference
 #   plan        the profile scenarios of plan_vs_gpu.py (simulated smaller cards)
+#   direct      write the $QUANTS files straight in their final layout (no pipeline; seconds)
+#   engine      the engine against a bare llama-cpp-python loop; diag: the CUDA import-order check
 # Locally (CPU, a small shape, no build): SHAPE=small NO_BUILD=1 NGL=0 PATH=.llama-tools/bin:$PATH ...
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -96,6 +98,16 @@ PY
     done ;;
   plan)
     timeout 300 python3 benchmarks/plan_vs_gpu.py --out "$RES" --vocab-from .gpu/tekken-vocab.gguf ;;
+  engine)  # the engine against a bare llama-cpp-python generate loop (results/engine_overhead_h200*.json)
+    build_quant Q4_K_M || exit 1
+    timeout 240 python3 -X faulthandler benchmarks/engine_overhead.py --model "$(quant_file Q4_K_M)" \
+      --n-gpu-layers "$NGL" --lengths 128,2048 --repeats 1 --out "$RES/engine_overhead_gpu.json" ;;
+  diag)  # which part of a Python-side load fails on CUDA (the numpy-before-llama_cpp segfault)
+    build_quant Q4_K_M || exit 1
+    for how in numpyfirst engine; do
+      echo "== $how"; EDGE_MAGISTRAL_LLAMA_VERBOSE=1 timeout 120 python3 -X faulthandler benchmarks/gpu_diag.py $how \
+        "$(quant_file Q4_K_M)" 2>&1 | tail -25
+    done | tee "$RES/diag.log" ;;
   *) echo "unknown step $step" ;;
 esac; pack; done
 stamp done
