@@ -334,6 +334,24 @@ def test_a_job_cancelled_before_its_turn_never_runs():
     assert fake.cancels == 1
 
 
+def test_a_cancel_after_its_job_ended_is_not_kept():
+    """A cancel that crosses its job's end on the pipe must not stay in the worker for good."""
+    from edge_magistral.server.worker import JobSpec, WorkerSettings, _Worker
+
+    fake = _Recorder()
+    w = _Worker(fake, WorkerSettings("m.gguf"))
+    w.engine = fake
+    w._on_job("a", JobSpec("chat", messages=(("user", "hi"),)))
+    w._run_job(*w.jobs.get())
+    assert fake.turns == 1 and not w.known
+    w._on_cancel("a")  # too late: the job has ended
+    assert not w.cancelled
+    w._on_job("b", JobSpec("chat", messages=(("user", "hi"),)))
+    w._on_cancel("b")  # in time: b never runs
+    w._run_job(*w.jobs.get())
+    assert fake.turns == 1 and not w.cancelled and not w.known
+
+
 def test_tracebacks_withhold_the_exception_message():
     """RELIABILITY.md 30: a bug's traceback is printed, but its message may quote the prompt."""
     from edge_magistral.server.worker import scrubbed_traceback

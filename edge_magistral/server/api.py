@@ -404,7 +404,9 @@ async def health(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    m = request.app.state.metrics
+    m.observe_supervisor(request.app.state.supervisor)  # now, not as of the last tick: /health agrees
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/openapi.json", include_in_schema=False)

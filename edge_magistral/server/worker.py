@@ -114,6 +114,7 @@ class _Worker:
         self.current: str | None = None  # the job of the single-sequence Engine
         self.streams: dict[str, Any] = {}  # the jobs submitted to a BatchEngine, by id
         self.cancelled: set[str] = set()
+        self.known: set[str] = set()  # jobs received and not ended: only their cancels are kept
         self.turn_lock = threading.Lock()  # orders cancels against the start of a job's turn
         self.events = 0
 
@@ -143,6 +144,19 @@ class _Worker:
             for job_id in self.cancelled & self.streams.keys():
                 self.engine.cancel(self.streams[job_id])
 
+    def _on_job(self, job_id: str, spec: JobSpec) -> None:
+        with self.turn_lock:
+            self.known.add(job_id)
+        self.jobs.put((job_id, spec))
+
+    def _on_cancel(self, job_id: str) -> None:
+        """Mark a job cancelled and stop its turn if it runs. A cancel that crossed its job's end
+        on the pipe is dropped (kept, it would stay in the set for the life of the worker)."""
+        with self.turn_lock:
+            if job_id in self.known:
+                self.cancelled.add(job_id)
+        self._cancel_current()
+
     def _cancel_all(self) -> None:
         if self.engine is None:
             return
@@ -163,10 +177,9 @@ class _Worker:
                 self._cancel_all()
                 os._exit(0)
             if msg[0] == "job":
-                self.jobs.put((msg[1], msg[2]))
+                self._on_job(msg[1], msg[2])
             elif msg[0] == "cancel":
-                self.cancelled.add(msg[1])
-                self._cancel_current()
+                self._on_cancel(msg[1])
             elif msg[0] == "stop":
                 self._cancel_all()
                 self.jobs.put(None)
@@ -252,7 +265,7 @@ class _Worker:
         finally:
             with self.turn_lock:
                 self.current = None
-                self.cancelled.discard(job_id)
+                self._ended(job_id)
 
     def _submit_job(self, job_id: str, spec: JobSpec) -> None:
         """BatchEngine: submit the job (it waits inside the engine when every slot is busy) and
@@ -264,14 +277,14 @@ class _Worker:
             limits = Limits(**spec.limits, raw=spec.kind == "raw")
             with self.turn_lock:  # a cancel either sees the stream or is seen here
                 if job_id in self.cancelled:  # the client left before the job was submitted: never run it
-                    self.cancelled.discard(job_id)
+                    self._ended(job_id)
                     self.send(("event", job_id, ("error", 499, "client_closed", "the client closed the request")))
                     return
                 self.streams[job_id] = stream = self.engine.submit(ids, limits)
         except Exception as e:
             self.send(("event", job_id, error_event(e)))
             with self.turn_lock:
-                self.cancelled.discard(job_id)
+                self._ended(job_id)
             return
         threading.Thread(target=self._forward, args=(job_id, stream), name=f"job-{job_id[:8]}", daemon=True).start()
 
@@ -286,7 +299,12 @@ class _Worker:
         finally:
             with self.turn_lock:
                 self.streams.pop(job_id, None)
-                self.cancelled.discard(job_id)
+                self._ended(job_id)
+
+    def _ended(self, job_id: str) -> None:
+        """Forget a job that ended (call with turn_lock held)."""
+        self.cancelled.discard(job_id)
+        self.known.discard(job_id)
 
     def _prompt_ids(self, spec: JobSpec) -> list[int]:
         """Chat: the model's own prompt format. Raw: BOS (when the model wants one) + the text,
