@@ -228,7 +228,7 @@ class BatchEngine(LoadedModel):
         super().close()
 
     def busy_seqs(self) -> list[int]:
-        """The sequence ids of the slots decoding now (a snapshot, for tests and /health)."""
+        """The sequence ids of the slots decoding now (a snapshot; tests check they stay 1..k)."""
         return sorted(s.seq for s in list(self._active))
 
     @property

@@ -37,10 +37,10 @@ log = logging.getLogger(__name__)
 
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
 # Candidates a device-side top-k keeps beyond the request's top-k: room for the ids the watchdog
 # bans (at most [THINK], [/THINK] and </s>) and ignore_eos, so the host's choice stays exact.
 BACKEND_TOPK_MARGIN = 8
-MAX_SCHEMA_DEPTH = 32
 
 
 # ------------------------------------------------------------------------------------- data

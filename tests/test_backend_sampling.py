@@ -99,14 +99,18 @@ def test_which_turns_can_sample_on_the_device(tiny_gguf_quants) -> None:
         e.close()
 
 
-def test_auto_samples_on_the_host_without_a_gpu(tiny_gguf_quants) -> None:
-    e = Engine(LoadSettings(str(tiny_gguf_quants["Q8_0"]), n_ctx=256, n_threads=2, n_gpu_layers=99))
-    try:
-        assert not e.backend_sampling  # a CPU-only build: nothing is offloaded, the host samples
-        e.set_backend_topk(0, 48)
-        assert e._backend_topk == {}
-    finally:
-        e.close()
+def test_auto_samples_on_the_device_only_when_the_logits_are_on_a_gpu(tiny_gguf_quants) -> None:
+    import llama_cpp
+
+    gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
+    for ngl, on_device in ((99, gpu_build), (2, False)):  # the tiny model has 2 layers + the output layer
+        e = Engine(LoadSettings(str(tiny_gguf_quants["Q8_0"]), n_ctx=256, n_threads=2, n_gpu_layers=ngl))
+        try:
+            assert e.backend_sampling is on_device, ngl
+            e.set_backend_topk(0, 48)
+            assert bool(e._backend_topk) is on_device  # nothing attached when the host samples
+        finally:
+            e.close()
 
 
 def test_ignore_eos_bans_end_of_sequence(tiny_gguf_quants) -> None:
