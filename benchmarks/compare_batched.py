@@ -15,12 +15,11 @@ Ours: one BatchEngine with max(npl) slots per round (llama-batched-bench too all
 sequences for every npl), n_batch 2048, n_ubatch 512, flash attention; npl requests of npp random
 token ids (ids below 1000 left out: the Tekken control tokens) are submitted at once (under the
 engine's lock, so one step admits them all), each a raw completion with the engine's default
-sampler, ``max_tokens = ntg + 1``, EOS banned (``Limits.ignore_eos``; where this engine version
-lacks it, a stream that ends early makes the run count as short and it is repeated with another
-seed) and the watchdog's loop detectors unable to fire (a real model fed random prompts repeats
-itself; the detectors still run on every token). The first token is sampled from the prefill's
-logits, so ntg + 1 tokens mean exactly ntg decode steps after the prefill, as
-llama-batched-bench's tg. From each stream's Done timings:
+sampler, ``max_tokens = ntg + 1``, EOS banned (``Limits.ignore_eos``) and the watchdog's loop
+detectors unable to fire (a real model fed random prompts repeats itself; the detectors still
+run on every token). The first token is sampled from the prefill's logits, so ntg + 1 tokens
+mean exactly ntg decode steps after the prefill, as llama-batched-bench's tg. From each stream's
+Done timings:
 T_PP = last first-token time − first submit, T_TG = last token − last first token (the end of the
 prefill step); S_PP and S_TG as above. Every stream must generate exactly ntg + 1 tokens (checked).
 Unlike llama-batched-bench, each step also samples npl tokens and runs the per-token logic
@@ -62,7 +61,6 @@ from compare_llama import QUIET, cpu_snapshot, order, others_busy, summarize  # 
 OUT = Path(__file__).resolve().parent / "out" / "compare_batched.json"
 CELLS = 256  # llama.cpp pads KV views to 256 cells; contexts here are multiples of it
 FIRST_ID = 1000  # random prompt ids from here on: past Tekken's control tokens
-HAS_IGNORE_EOS = "ignore_eos" in {f.name for f in dataclasses.fields(Limits)}
 
 
 # ------------------------------------------------------------------------ pure helpers (tested)
@@ -148,8 +146,7 @@ def table(ours: dict[int, list[dict]], theirs: dict[int, list[dict]], engine1: l
 # ------------------------------------------------------------------------------- our engine
 
 def limits(ntg: int, seed: int) -> Limits:
-    extra = {"ignore_eos": True} if HAS_IGNORE_EOS else {}
-    return Limits(raw=True, think_budget=0, max_tokens=ntg + 1, seed=seed, **extra)
+    return Limits(raw=True, think_budget=0, max_tokens=ntg + 1, seed=seed, ignore_eos=True)
 
 
 def random_prompt(rng: random.Random, n_vocab: int, n: int) -> list[int]:
@@ -343,7 +340,7 @@ def main() -> None:
                      "n_gpu_layers": ngl, "n_batch": 2048, "n_ubatch": 512, "flash_attn": True,
                      "ctx_per_seq": settings.n_ctx, "rounds": a.rounds,
                      "backend_sampling": a.backend_sampling,
-        "eos": "banned (Limits.ignore_eos)" if HAS_IGNORE_EOS else "not banned: short runs repeated",
+        "eos": "banned (Limits.ignore_eos)",
                      "ours": our_info},
         "rows": rows,
         "others_busy_rounds": [round(x, 3) for x in per_round],
