@@ -30,123 +30,27 @@ from edge_magistral import llama_log
 from edge_magistral import tekken as tk
 from edge_magistral.chat import Message, magistral_prompt, render_template
 from edge_magistral.errors import BackendError, BadInputError
+from edge_magistral.generation import (  # noqa: F401  (re-exported: the engine's public data types)
+    KV_TYPES,
+    AnswerText,
+    Done,
+    Event,
+    Limits,
+    LoadSettings,
+    ThinkingText,
+    Timings,
+    Usage,
+    WatchdogAction,
+    check_schema,
+)
 from edge_magistral.gguf_info import GGUFInfo, check_model, read_info
 from edge_magistral.watchdog import Action, Decision, Phase, Watchdog, WatchdogConfig, WatchdogUsage
 
 log = logging.getLogger(__name__)
 
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-MAX_SCHEMA_BYTES = 64 * 1024
-MAX_SCHEMA_DEPTH = 32
 # Candidates a device-side top-k keeps beyond the request's top-k: room for the ids the watchdog
 # bans (at most [THINK], [/THINK] and </s>) and ignore_eos, so the host's choice stays exact.
 BACKEND_TOPK_MARGIN = 8
-
-
-# ------------------------------------------------------------------------------------- data
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How to load the model: what a Plan decides (``from_plan``) or what a caller overrides."""
-
-    model_path: str
-    n_ctx: int = 4096
-    n_gpu_layers: int = 0
-    n_threads: int | None = None
-    n_threads_batch: int | None = None
-    n_batch: int = 512
-    n_ubatch: int = 512
-    flash_attn: bool = True
-    type_k: str = "f16"
-    type_v: str = "f16"
-    tensor_split: tuple[float, ...] = ()
-    think_budget: int = 8192  # the default per-turn think budget (from the profile)
-    # top-k on the device that computes the logits (None: when the output layer is on a GPU)
-    backend_sampling: bool | None = None
-
-    @classmethod
-    def from_plan(cls, plan: Any) -> LoadSettings:
-        return cls(model_path=plan.model_path, n_ctx=plan.n_ctx, n_gpu_layers=plan.n_gpu_layers,
-                   n_threads=plan.n_threads, n_threads_batch=plan.n_threads_batch, n_batch=plan.n_batch,
-                   n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k, type_v=plan.type_v,
-                   tensor_split=tuple(plan.tensor_split or ()), think_budget=plan.think_budget)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits and sampling. ``think_budget=None`` takes the engine's default."""
-
-    think_budget: int | None = None
-    max_tokens: int = 40960
-    answer_budget: int | None = None
-    deadline_s: float | None = None
-    ttft_deadline_s: float | None = None
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.0
-    seed: int | None = None
-    json_schema: dict[str, Any] | None = None
-    stop: tuple[str, ...] = ()
-    system_mode: str = "replace"
-    force_thinking: bool = False  # open [THINK] in the prompt instead of letting the model choose
-    raw: bool = False  # a raw completion: no thinking handling, every token is answer text
-    ignore_eos: bool = False  # never sample end-of-sequence (benchmarks: a fixed number of tokens)
-
-
-@dataclass(frozen=True)
-class ThinkingText:
-    text: str
-
-
-@dataclass(frozen=True)
-class AnswerText:
-    text: str
-
-
-@dataclass(frozen=True)
-class WatchdogAction:
-    action: str  # force_close | stop | drop | clip | sampling
-    reason: str
-    detail: str = ""
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    reasoning_tokens: int
-    answer_tokens: int
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.reasoning_tokens + self.answer_tokens
-
-
-@dataclass
-class Timings:
-    load_s: float
-    prompt_s: float  # prompt evaluation (prefill)
-    ttft_s: float | None  # request start to first generated token
-    generation_s: float
-    tokens_per_s: float  # generation speed, first token excluded
-    prompt_tokens_per_s: float
-    cached_prompt_tokens: int  # prompt tokens reused from the previous request's KV cache
-
-
-@dataclass
-class Done:
-    """The last event: why the turn ended, what it cost, what the watchdog did."""
-
-    finish_reason: str  # OpenAI's: "stop" | "length" (+ "cancelled" when the caller cancelled)
-    stop_reason: str  # ours, more precise: eos, stop_string, max_tokens, loop, deadline, context_full, ...
-    usage: Usage
-    timings: Timings
-    reasoning_truncated: bool
-    watchdog_events: list[dict[str, Any]] = field(default_factory=list)
-    sampling: dict[str, Any] = field(default_factory=dict)
-
-
-Event = ThinkingText | AnswerText | WatchdogAction | Done
 
 
 # ------------------------------------------------------------------------------ detokenizer
@@ -197,26 +101,12 @@ class _StopMatcher:
 
 # ---------------------------------------------------------------------------------- the engine
 
-def _schema_depth(x: Any, depth: int = 0) -> int:
-    if isinstance(x, dict):
-        return max([depth] + [_schema_depth(v, depth + 1) for v in x.values()])
-    if isinstance(x, list):
-        return max([depth] + [_schema_depth(v, depth + 1) for v in x])
-    return depth
-
-
 def schema_grammar(schema: dict[str, Any]) -> str:
     """A llama.cpp grammar for a JSON schema, after size and depth checks (a malformed or deeply
     nested grammar can crash llama.cpp, so nothing unchecked reaches it)."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    if not isinstance(schema, dict):
-        raise BadInputError("json schema must be a JSON object")
-    raw = json.dumps(schema)
-    if len(raw) > MAX_SCHEMA_BYTES:
-        raise BadInputError(f"json schema is {len(raw)} bytes; the limit is {MAX_SCHEMA_BYTES}")
-    if _schema_depth(schema) > MAX_SCHEMA_DEPTH:
-        raise BadInputError(f"json schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    raw = check_schema(schema)
     try:
         return json_schema_to_gbnf(raw)
     except Exception as e:  # the converter raises plain exceptions on unsupported schemas

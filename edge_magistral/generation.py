@@ -1,0 +1,164 @@
+"""The data of a generation: how a model is loaded, what a turn may do, and what it reports.
+
+Plain dataclasses with no llama.cpp import, so they pickle across the worker pipe and the HTTP
+front (which never loads llama.cpp) can build and read them. The defaults here are the only
+place request defaults live: Magistral's recommended sampling (temperature 0.7, top-p 0.95),
+the 40960-token cap on a turn, and the size and depth caps on a JSON schema (a malformed or
+deeply nested grammar can crash llama.cpp, so nothing larger reaches it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_magistral.errors import BadInputError
+
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
+
+
+# ------------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """How to load the model: what a Plan decides (``from_plan``) or what a caller overrides."""
+
+    model_path: str
+    n_ctx: int = 4096  # the context of one slot
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int = 512
+    n_ubatch: int = 512
+    flash_attn: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+    tensor_split: tuple[float, ...] = ()
+    think_budget: int = 8192  # the default per-turn think budget (from the profile)
+    # top-k on the device that computes the logits (None: when the output layer is on a GPU)
+    backend_sampling: bool | None = None
+    n_slots: int = 1  # requests decoded together (1: one KV stream; N > 1: N + 1, see batch.py)
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> LoadSettings:
+        return cls(model_path=plan.model_path, n_ctx=plan.n_ctx, n_gpu_layers=plan.n_gpu_layers,
+                   n_threads=plan.n_threads, n_threads_batch=plan.n_threads_batch, n_batch=plan.n_batch,
+                   n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k, type_v=plan.type_v,
+                   tensor_split=tuple(plan.tensor_split or ()), think_budget=plan.think_budget,
+                   n_slots=getattr(plan, "n_slots", 1))
+
+    def check(self) -> None:
+        """Refuse settings llama.cpp would misread (before anything is loaded)."""
+        for name, t in (("type_k", self.type_k), ("type_v", self.type_v)):
+            if t not in KV_TYPES:
+                raise BadInputError(f"{name} {t!r} is not one of {', '.join(KV_TYPES)}")
+        if self.n_slots < 1:
+            raise BadInputError(f"n_slots must be at least 1, not {self.n_slots}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits and sampling. ``think_budget=None`` takes the engine's default."""
+
+    think_budget: int | None = None
+    max_tokens: int = 40960
+    answer_budget: int | None = None
+    deadline_s: float | None = None
+    ttft_deadline_s: float | None = None
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.0
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    stop: tuple[str, ...] = ()
+    system_mode: str = "replace"
+    force_thinking: bool = False  # open [THINK] in the prompt instead of letting the model choose
+    raw: bool = False  # a raw completion: no thinking handling, every token is answer text
+    ignore_eos: bool = False  # never sample end-of-sequence (benchmarks: a fixed number of tokens)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def json_depth(x: Any, depth: int = 0) -> int:
+    """How deeply a JSON value nests (a scalar is depth 0)."""
+    if isinstance(x, dict):
+        return max([depth] + [json_depth(v, depth + 1) for v in x.values()])
+    if isinstance(x, list):
+        return max([depth] + [json_depth(v, depth + 1) for v in x])
+    return depth
+
+
+def check_schema(schema: Any) -> str:
+    """The schema as JSON text, once it is known to be an object within the size and depth caps."""
+    if not isinstance(schema, dict):
+        raise BadInputError("json schema must be a JSON object")
+    if json_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise BadInputError(f"json schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+    raw = json.dumps(schema)
+    if len(raw) > MAX_SCHEMA_BYTES:
+        raise BadInputError(f"json schema is {len(raw)} bytes; the limit is {MAX_SCHEMA_BYTES}")
+    return raw
+
+
+# --------------------------------------------------------------------------------- events
+
+@dataclass(frozen=True)
+class ThinkingText:
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerText:
+    text: str
+
+
+@dataclass(frozen=True)
+class WatchdogAction:
+    """What the [THINK] watchdog (or the sampling check) did to the turn."""
+
+    action: str  # force_close | stop | drop | clip | sampling
+    reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    reasoning_tokens: int
+    answer_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.reasoning_tokens + self.answer_tokens
+
+
+@dataclass(frozen=True)
+class Timings:
+    load_s: float
+    prompt_s: float  # prompt evaluation (prefill)
+    ttft_s: float | None  # request start to first generated token
+    generation_s: float
+    tokens_per_s: float  # generation speed, first token excluded
+    prompt_tokens_per_s: float
+    cached_prompt_tokens: int  # prompt tokens reused from the KV cache instead of evaluated
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event: why the turn ended, what it cost, what the watchdog did."""
+
+    finish_reason: str  # OpenAI's: "stop" | "length" (+ "cancelled" when the caller cancelled)
+    stop_reason: str  # ours, more precise: eos, stop_string, max_tokens, loop, deadline, context_full, ...
+    usage: Usage
+    timings: Timings
+    reasoning_truncated: bool
+    watchdog_events: list[dict[str, Any]] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+Event = ThinkingText | AnswerText | WatchdogAction | Done
