@@ -20,6 +20,11 @@ class BadInputError(EdgeMagistralError, ValueError):
     exit_code = 2
 
 
+class PromptTooLongError(BadInputError):
+    """A prompt that does not fit the context the model was loaded with (HTTP: 400,
+    ``context_length_exceeded``)."""
+
+
 class ModelNotFoundError(EdgeMagistralError, FileNotFoundError):
     """A model file or checkpoint is missing."""
 
