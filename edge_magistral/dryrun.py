@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from edge_magistral.errors import BackendError, ModelNotFoundError
 from edge_magistral.gguf_info import GGUFInfo
-from edge_magistral.hardware import child_env
+from edge_magistral.paths import child_env
 
 MiB = 1024 * 1024
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}

@@ -28,6 +28,8 @@ from edge_magistral import store as st
 from edge_magistral.build import manifest as mf
 from edge_magistral.cli import build_cmds, cli, run_cmds, store_cmds  # noqa: F401  (register commands)
 from edge_magistral.hardware import RecordedReader, detect
+from edge_magistral.hashing import sha256_file
+from edge_magistral.store import transfer
 
 REPO = st.DEFAULT_REPO
 Q4 = "Magistral-Small-2507-Q4_K_M.gguf"
@@ -93,7 +95,7 @@ def seed_store(root: Path, files: dict[str, Path], repo: str = REPO, revision: s
         name = st.DEFAULT_PATTERN.format(quant=quant)
         tmp = s.stage_path(name)
         shutil.copyfile(src, tmp)
-        staged.append(st.Staged(tmp, mf.FileEntry(name, quant, tmp.stat().st_size, mf.sha256_file(tmp),
+        staged.append(st.Staged(tmp, mf.FileEntry(name, quant, tmp.stat().st_size, sha256_file(tmp),
                                                   mf.now_utc(), repo, revision)))
     s.commit(staged)
     return s
@@ -126,8 +128,9 @@ class Hub:
     cut_after: int | None = None  # close the connection after this many body bytes …
     cuts: int = 0  # … this many times
     dead_after_cut: bool = False  # then drop every later connection unanswered
-    delay_s: float = 0.0  # per 64 KiB chunk
-    sent: int = 0
+    hold_at: int | None = None  # stop sending at this body offset until `release` is set
+    holding: threading.Event = field(default_factory=threading.Event)  # set once the hold began
+    release: threading.Event = field(default_factory=threading.Event)
 
     def add(self, repo: str, files: dict[str, bytes]) -> str:
         content = repr((repo, sorted((n, sha256(d)) for n, d in files.items())))
@@ -206,12 +209,14 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 hub.cuts -= 1
                 limit = min(limit, start + hub.cut_after)
             try:
+                if hub.hold_at is not None and start < hub.hold_at < limit:
+                    self.wfile.write(data[start:hub.hold_at])
+                    self.wfile.flush()
+                    hub.holding.set()
+                    hub.release.wait()
+                    start = hub.hold_at
                 for i in range(start, limit, 65536):
-                    chunk = data[i:min(i + 65536, limit)]
-                    self.wfile.write(chunk)
-                    hub.sent += len(chunk)
-                    if hub.delay_s:
-                        time.sleep(hub.delay_s)
+                    self.wfile.write(data[i:min(i + 65536, limit)])
                 self.wfile.flush()
             except OSError:
                 pass
@@ -230,6 +235,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
     h.url = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("HF_ENDPOINT", h.url)
     yield h
+    h.release.set()
     server.shutdown()
     server.server_close()
 
@@ -242,7 +248,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("EDGE_MAGISTRAL_PROFILES", str(tmp_path / "profiles"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
-    monkeypatch.setattr(st, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(transfer, "RETRY_WAIT_S", 0.01)
     return tmp_path / "store"
 
 
@@ -315,21 +321,30 @@ def test_interrupted_pull_keeps_its_bytes_and_the_next_run_resumes(hub: Hub, tmp
 
 def test_pull_killed_with_ctrl_c_resumes_in_the_next_process(hub: Hub, tmp_path: Path,
                                                              isolated: Path) -> None:
+    """The hub holds the transfer mid-file until the test has seen the partial bytes on disk and
+    sent SIGINT: the interrupt always lands mid-download, however loaded the machine is."""
     data = fake_gguf(tmp_path / "q4.gguf", 2_000_000).read_bytes()
     hub.add(REPO, {Q4: data})
-    hub.delay_s = 0.02  # ~2.5 s for the whole file
+    hub.hold_at = 1_000_000
     proc = subprocess.Popen([str(EXE), "pull", "--quant", "Q4_K_M"], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while hub.sent < 1_000_000 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=30)
+    staged = isolated / st.PARTIAL / f"{Q4}.partial"
+    try:
+        assert hub.holding.wait(120), "the pull never reached the hub"
+        while not (staged.is_file() and staged.stat().st_size == hub.hold_at):  # held: it cannot pass
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        hub.release.set()
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 130, out
     assert not (isolated / mf.MANIFEST).exists()
-    have = (isolated / st.PARTIAL / f"{Q4}.partial").stat().st_size
+    have = staged.stat().st_size
     assert 0 < have < len(data)
-    hub.delay_s, hub.log = 0.0, []
+    hub.hold_at, hub.log = None, []
     r = invoke("pull", "--quant", "Q4_K_M")
     assert r.exit_code == 0, r.output
     assert hub.gets()[0][1] == f"bytes={have}-"  # every byte on disk was reused
@@ -748,11 +763,11 @@ def test_offline_commands_work_in_a_network_namespace_with_no_interfaces(
 def test_store_location(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(st.STORE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert st.default_root() == tmp_path / "xdg" / "edge-magistral" / "models"
+    assert st.default_store_root() == tmp_path / "xdg" / "edge-magistral" / "models"
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/edge-magistral:/var/lib/other")  # systemd service
-    assert st.default_root() == st.SYSTEM_ROOT
+    assert st.default_store_root() == st.SYSTEM_STORE
     monkeypatch.setenv(st.STORE_ENV, str(tmp_path / "mine"))
-    assert st.default_root() == tmp_path / "mine"
+    assert st.default_store_root() == tmp_path / "mine"
 
 
 def test_manifest_entries_keep_their_source_and_newer_fields_are_tolerated(tmp_path: Path) -> None:

@@ -18,12 +18,15 @@ from typing import TYPE_CHECKING
 import click
 
 from edge_magistral import store as st
+from edge_magistral.build import manifest as mf
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import RichProgress, console, err_console
 from edge_magistral.errors import BadInputError, ModelNotFoundError
+from edge_magistral.units import human_size
 
 if TYPE_CHECKING:
     from edge_magistral.hardware import Hardware
+    from edge_magistral.planner import Plan
     from edge_magistral.profiles import Profile
 
 st.offline_by_default()
@@ -35,7 +38,7 @@ AIR_GAP_HINT = ("On a connected machine: `edge-magistral pull --quant {q}` then 
 def store_option(f):
     return click.option("--store", "store_dir", default=None, type=click.Path(file_okay=False),
                         help=f"Model store directory (default: ${st.STORE_ENV}; for the service "
-                             f"{st.SYSTEM_ROOT}; else ~/.cache/edge-magistral/models).")(f)
+                             f"{st.SYSTEM_STORE}; else ~/.cache/edge-magistral/models).")(f)
 
 
 def hardware_options(f):
@@ -77,7 +80,7 @@ def pull(quant: str, checkpoint: bool, repo: str | None, revision: str, pattern:
                           profile)
     entries = _fetch(store, plan)
     for e in entries:
-        console().print(f"ok  {e.file}  {e.quant}  {st.human(e.size)}  sha256 {e.sha256[:16]}…  "
+        console().print(f"ok  {e.file}  {e.quant}  {human_size(e.size)}  sha256 {e.sha256[:16]}…  "
                         f"{e.repo}@{e.revision[:12]}")
     console().print(f"store: {store.root}")
     if checkpoint:
@@ -94,7 +97,7 @@ def _plan_gguf(store: st.Store, quant: str, repo: str, revision: str, pattern: s
     quants = list(st.OFFICIAL_QUANTS if default else CATALOG_QUANTS)
     hw, prof = _box(store, hardware_file, profile)
     while True:
-        p = st.catalog_plan(hw, prof, quants)
+        p = catalog_plan(hw, prof, quants)
         err_console().print(f"--quant auto: {p.quant} for this box (profile {prof.name}: "
                             f"{p.n_gpu_layers} GPU layers, context {p.n_ctx})")
         try:
@@ -104,6 +107,15 @@ def _plan_gguf(store: st.Store, quant: str, repo: str, revision: str, pattern: s
             quants.remove(p.quant)
             if not quants:
                 raise
+
+
+def catalog_plan(hw: Hardware, profile: Profile, quants: tuple[str, ...] | list[str]) -> Plan:
+    """What the planner picks for this box among ``quants``, from the catalog (nothing downloaded):
+    how ``--quant auto`` and a first run choose. The store itself does not plan."""
+    from edge_magistral.catalog import catalog
+    from edge_magistral.planner import plan
+
+    return plan(hw, profile, catalog(list(quants)))
 
 
 def _canonical(quant: str) -> str:
@@ -131,14 +143,14 @@ def _announce(store: st.Store, plan: st.PullPlan) -> None:
     out.print(f"{r.quant} from {r.repo} at commit {plan.revision[:12]}{pin}, via {where}")
     for i in plan.items:
         what = {"present": "already in the store", "cache": "copy from the hub cache",
-                "download": "download" + (f" (resuming: {st.human(i.have)} already here)" if i.have else "")}
-        out.print(f"  {i.entry_file}  {st.human(i.remote.size)}  {what[i.action]}")
+                "download": "download" + (f" (resuming: {human_size(i.have)} already here)" if i.have else "")}
+        out.print(f"  {i.entry_file}  {human_size(i.remote.size)}  {what[i.action]}")
     free = shutil.disk_usage(store.staging()).free
-    out.print(f"  to download: {st.human(plan.to_download)} of {st.human(plan.total)} into {store.root} "
-              f"({st.human(free)} free)")
+    out.print(f"  to download: {human_size(plan.to_download)} of {human_size(plan.total)} into {store.root} "
+              f"({human_size(free)} free)")
 
 
-def _fetch(store: st.Store, plan: st.PullPlan) -> list[st.mf.FileEntry]:
+def _fetch(store: st.Store, plan: st.PullPlan) -> list[mf.FileEntry]:
     _announce(store, plan)
     with RichProgress() as progress:
         return st.fetch(store, plan, progress)
@@ -183,15 +195,15 @@ def _first_run(store: st.Store, yes: bool, profile: str | None) -> str:
     from edge_magistral.catalog import catalog
 
     hw, prof = _box(store, None, profile)
-    q = st.catalog_plan(hw, prof, st.OFFICIAL_QUANTS).quant
+    q = catalog_plan(hw, prof, st.OFFICIAL_QUANTS).quant
     req = st.gguf_request(q)
     size = catalog([q])[0].file_size
     err_console().print(f"No model in {store.root} yet. For this box the planner picks {q}: "
-                        f"{req.files[0]} from {req.repo}, about {st.human(size)}.")
+                        f"{req.files[0]} from {req.repo}, about {human_size(size)}.")
     if not yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise ModelNotFoundError(f"no model to run: pass --yes to download {q} (about "
-                                     f"{st.human(size)}) now, or `edge-magistral pull --quant {q}` first, "
+                                     f"{human_size(size)}) now, or `edge-magistral pull --quant {q}` first, "
                                      "or --model FILE.gguf. " + AIR_GAP_HINT.format(q=q))
         if not click.confirm("Download it now?", default=True, err=True):
             raise ModelNotFoundError(f"no model to run; `edge-magistral pull --quant {q}` when ready")
@@ -241,12 +253,12 @@ def bundle(out: Path, quants: str | None, checkpoint: bool, with_wheels: bool, p
         b = st.make_bundle(store, st.BundleRequest(out, names, wheels), progress)
     models = [e for e in b.manifest.files if e.quant]
     for e in models:
-        console().print(f"model  {e.file}  {e.quant}  {st.human(e.size)}  sha256 {e.sha256[:16]}…")
+        console().print(f"model  {e.file}  {e.quant}  {human_size(e.size)}  sha256 {e.sha256[:16]}…")
     n_wheels = sum(e.file.startswith("wheels/") for e in b.manifest.files)
     if wheels is not None:
         console().print(f"wheels {n_wheels} files (llama-cpp-python as {b.llama_from})")
     total = sum(e.size for e in b.manifest.files)
-    console().print(f"bundle {out}: {len(b.manifest.files)} files, {st.human(total)}; on the other side: "
+    console().print(f"bundle {out}: {len(b.manifest.files)} files, {human_size(total)}; on the other side: "
                     "see INSTALL.txt, then `edge-magistral import DIR`")
 
 
@@ -263,7 +275,7 @@ def _bundle_quants(store: st.Store, quants: str | None, hardware_file: str | Non
         raise ModelNotFoundError(f"the store at {store.root} holds no GGUF to choose from; "
                                  "`edge-magistral pull --quant auto --hardware FILE` first")
     hw, prof = _box(store, hardware_file, profile)
-    q = st.catalog_plan(hw, prof, have).quant
+    q = catalog_plan(hw, prof, have).quant
     box = "that" if hardware_file else "this"
     err_console().print(f"--quant auto: {q} for {box} box (profile {prof.name})")
     return [q]
@@ -281,7 +293,7 @@ def import_cmd(directory: Path, no_profiles: bool, store_dir: str | None) -> Non
     with RichProgress() as progress:
         r = st.import_bundle(store, directory, progress, profiles=not no_profiles)
     for e in r.added:
-        console().print(f"added    {e.file}  {e.quant}  {st.human(e.size)}  sha256 {e.sha256[:16]}…")
+        console().print(f"added    {e.file}  {e.quant}  {human_size(e.size)}  sha256 {e.sha256[:16]}…")
     for e in r.present:
         console().print(f"present  {e.file}  {e.quant}  (already in the store)")
     if r.profiles_added:
@@ -302,7 +314,7 @@ def store_cmd(as_json: bool, store_dir: str | None) -> None:
         click.echo(json.dumps({"root": str(store.root), "files": [asdict(e) for e in entries]}, indent=2))
         return
     free = shutil.disk_usage(store.root).free if store.root.is_dir() else None
-    console().print(f"store {store.root}" + (f" ({st.human(free)} free)" if free is not None else " (empty)"))
+    console().print(f"store {store.root}" + (f" ({human_size(free)} free)" if free is not None else " (empty)"))
     for e in entries:
         src = f"{e.repo}@{e.revision[:12]}" if e.repo else "local build"
-        console().print(f"  {e.quant:10} {e.file}  {st.human(e.size)}  {src}  {e.created}")
+        console().print(f"  {e.quant:10} {e.file}  {human_size(e.size)}  {src}  {e.created}")
