@@ -14,8 +14,6 @@ import stat
 import struct
 import subprocess
 import sys
-import threading
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,19 +23,19 @@ from click.testing import CliRunner
 
 import edge_magistral.systemd as sd
 from edge_magistral.errors import BadInputError, StorageError
+from edge_magistral.paths import UNIT_DIR
 from edge_magistral.systemd import (
     ALL_DEVICES,
-    Heartbeat,
     Notifier,
     ServiceConfig,
     UnitConfig,
-    WatchdogPinger,
     gpu_boot_notes,
     install_service,
     read_service_config,
     render_unit,
     resolve_devices,
 )
+from edge_magistral.systemd import install as sd_install
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_UNIT = REPO / "systemd" / "edge-magistral.service"
@@ -107,7 +105,7 @@ def test_every_notification_arrives_as_one_datagram_from_this_process(listener: 
     assert listener.recv() == ("READY=1\nSTATUS=model loaded", os.getpid())
     assert n.status("serving\nREADY=1")  # a newline in the text cannot forge a second field
     assert listener.recv()[0] == "STATUS=serving READY=1"
-    assert n.watchdog()
+    assert n.ping_liveness()
     assert listener.recv()[0] == "WATCHDOG=1"
     assert n.extend_timeout(90)
     assert listener.recv()[0] == "EXTEND_TIMEOUT_USEC=90000000"
@@ -119,18 +117,18 @@ def test_every_notification_arrives_as_one_datagram_from_this_process(listener: 
 
 def test_without_systemd_everything_is_a_no_op() -> None:
     n = Notifier.from_env({})
-    assert not n.enabled and n.watchdog_interval_s() is None
-    assert not n.ready() and not n.watchdog() and not n.stopping()
+    assert not n.enabled and n.liveness_interval_s() is None
+    assert not n.ready() and not n.ping_liveness() and not n.stopping()
     assert not Notifier.from_env({"NOTIFY_SOCKET": "relative/path"}).enabled
 
 
-def test_watchdog_interval_is_half_the_timeout_and_only_for_the_main_pid() -> None:
+def test_liveness_interval_is_half_the_timeout_and_only_for_the_main_pid() -> None:
     env = {"NOTIFY_SOCKET": "/run/systemd/notify", "WATCHDOG_USEC": "30000000"}
-    assert Notifier.from_env(env).watchdog_interval_s() == 15.0
-    assert Notifier.from_env({**env, "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s() == 15.0
-    assert Notifier.from_env({**env, "WATCHDOG_PID": str(os.getpid() + 1)}).watchdog_interval_s() is None
-    assert Notifier.from_env({**env, "WATCHDOG_USEC": "soon"}).watchdog_interval_s() is None
-    assert Notifier.from_env({"WATCHDOG_USEC": "30000000"}).watchdog_interval_s() is None  # no socket
+    assert Notifier.from_env(env).liveness_interval_s() == 15.0
+    assert Notifier.from_env({**env, "WATCHDOG_PID": str(os.getpid())}).liveness_interval_s() == 15.0
+    assert Notifier.from_env({**env, "WATCHDOG_PID": str(os.getpid() + 1)}).liveness_interval_s() is None
+    assert Notifier.from_env({**env, "WATCHDOG_USEC": "soon"}).liveness_interval_s() is None
+    assert Notifier.from_env({"WATCHDOG_USEC": "30000000"}).liveness_interval_s() is None  # no socket
 
 
 def test_unset_environment_hides_the_socket_from_children(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,82 +143,8 @@ def test_a_dead_socket_never_raises_and_is_logged_once(tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier(str(tmp_path / "gone"))
     with caplog.at_level(logging.DEBUG, logger="edge_magistral.systemd"):
-        assert not n.ready() and not n.watchdog() and not n.status("x")
+        assert not n.ready() and not n.ping_liveness() and not n.status("x")
     assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
-
-
-# ======================================================================================== watchdog
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def test_heartbeat_is_healthy_when_idle_or_progressing() -> None:
-    clock = FakeClock()
-    hb = Heartbeat(stall_after_s=10, clock=clock)
-    clock.t += 3600
-    assert hb.healthy()  # idle for an hour is fine
-    hb.begin()
-    clock.t += 9
-    assert hb.healthy()
-    clock.t += 2
-    assert not hb.healthy() and hb.stalled_s() == 11
-    hb.beat()
-    assert hb.healthy()
-    clock.t += 30
-    assert not hb.healthy()
-    hb.end()  # e.g. the supervisor replaced the hung worker
-    assert hb.healthy()
-
-
-def test_pinger_withholds_pings_while_the_engine_hangs(listener: Listener) -> None:
-    clock = FakeClock()
-    hb = Heartbeat(stall_after_s=5, clock=clock)
-    pinger = WatchdogPinger(Notifier(listener.env_value, 10_000_000), hb.healthy)
-    assert pinger.interval_s == 5.0
-    hb.begin()
-    assert pinger.tick() and listener.recv()[0] == "WATCHDOG=1"
-    clock.t += 6  # a GPU call that does not return
-    assert not pinger.tick() and not pinger.tick()
-    assert listener.nothing_for(0.1)
-    hb.beat()
-    assert pinger.tick() and listener.recv()[0] == "WATCHDOG=1"
-    assert (pinger.sent, pinger.withheld) == (2, 2)
-
-
-def test_pinger_thread_stops_and_resumes_with_health(listener: Listener) -> None:
-    healthy = threading.Event()
-    healthy.set()
-    with WatchdogPinger(Notifier(listener.env_value, 1_000_000), healthy.is_set, interval_s=0.02) as pinger:
-        assert pinger.running
-        for _ in range(3):
-            assert listener.recv() == ("WATCHDOG=1", os.getpid())  # NotifyAccess=main accepts these
-        healthy.clear()
-        time.sleep(0.1)  # a tick that read "healthy" just before may still land
-        listener.drain()
-        assert listener.nothing_for(0.3)
-        healthy.set()
-        assert listener.recv()[0] == "WATCHDOG=1"
-    assert not pinger.running
-
-
-def test_pinger_treats_a_failing_health_check_as_a_hang(listener: Listener) -> None:
-    def broken() -> bool:
-        raise RuntimeError("bug")
-
-    pinger = WatchdogPinger(Notifier(listener.env_value, 1_000_000), broken)
-    assert not pinger.tick()
-    assert listener.nothing_for(0.1)
-
-
-def test_pinger_without_a_watchdog_starts_no_thread() -> None:
-    assert not WatchdogPinger(Notifier("/run/systemd/notify"), lambda: True).start().running
-    assert not WatchdogPinger(Notifier(None, 1_000_000), lambda: True, interval_s=0.01).start().running
 
 
 # ==================================================================================== config file
@@ -387,14 +311,14 @@ def test_a_failed_install_leaves_no_partial_files(tmp_path: Path, monkeypatch: p
     unit, unit_dir = _targets(tmp_path)
     install_service(unit, ServiceConfig(model=MODEL), unit_dir, run=_no_systemctl)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    real_stage = sd._stage
+    real_stage = sd_install.stage_file
 
     def stage_then_fail_on_the_unit(path: Path, data: bytes, mode: int) -> Path:
         if path.name == "edge-magistral.service":
             raise OSError(28, "No space left on device", str(path))
         return real_stage(path, data, mode)
 
-    monkeypatch.setattr(sd, "_stage", stage_then_fail_on_the_unit)
+    monkeypatch.setattr(sd_install, "stage_file", stage_then_fail_on_the_unit)
     changed_unit = dataclasses.replace(unit, watchdog_sec=60)  # both files would change
     with pytest.raises(StorageError, match="No space left"):
         install_service(changed_unit, ServiceConfig(model=MODEL, port=9000), unit_dir, run=_no_systemctl)
@@ -404,14 +328,14 @@ def test_a_failed_install_leaves_no_partial_files(tmp_path: Path, monkeypatch: p
 
 def test_a_failed_first_install_creates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     unit, unit_dir = _targets(tmp_path)
-    real_stage = sd._stage
+    real_stage = sd_install.stage_file
 
     def fail_unit(path: Path, data: bytes, mode: int) -> Path:
         if path.parent == unit_dir:
             raise PermissionError(13, "Permission denied", str(path))
         return real_stage(path, data, mode)
 
-    monkeypatch.setattr(sd, "_stage", fail_unit)
+    monkeypatch.setattr(sd_install, "stage_file", fail_unit)
     with pytest.raises(StorageError, match="Permission denied"):
         install_service(unit, ServiceConfig(model=MODEL), unit_dir, run=_no_systemctl)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -445,7 +369,7 @@ def test_a_model_the_sandbox_hides_is_refused(tmp_path: Path, model: str) -> Non
 
 
 def test_an_interpreter_the_sandbox_hides_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sd, "SANDBOX_HIDDEN", ("/home", "/root"))  # the test's files live under /tmp
+    monkeypatch.setattr(sd_install, "SANDBOX_HIDDEN", ("/home", "/root"))  # the test's files live under /tmp
     script = tmp_path / "venv" / "bin" / "edge-magistral"
     script.parent.mkdir(parents=True)
     script.write_text("#!/root/.pyenv/versions/3.11.7/bin/python3.11\nimport sys\n")  # a pyenv venv
@@ -465,13 +389,13 @@ def test_daemon_reload_runs_only_for_systemds_directory(monkeypatch: pytest.Monk
         calls.append(argv)
         return subprocess.CompletedProcess(argv, 0, "", "")
 
-    monkeypatch.setattr(sd, "_systemd_running", lambda: True)
+    monkeypatch.setattr(sd_install, "systemd_running", lambda: True)
     monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
-    assert sd._daemon_reload(sd.DEFAULT_UNIT_DIR, fake_run) == "ran"
+    assert sd_install.daemon_reload(UNIT_DIR, fake_run) == "ran"
     assert calls == [["/usr/bin/systemctl", "daemon-reload"]]
-    assert sd._daemon_reload(tmp_path, fake_run).startswith("skipped")
-    monkeypatch.setattr(sd, "_systemd_running", lambda: False)
-    assert sd._daemon_reload(sd.DEFAULT_UNIT_DIR, fake_run) == "skipped: systemd is not running here"
+    assert sd_install.daemon_reload(tmp_path, fake_run).startswith("skipped")
+    monkeypatch.setattr(sd_install, "systemd_running", lambda: False)
+    assert sd_install.daemon_reload(UNIT_DIR, fake_run) == "skipped: systemd is not running here"
     assert len(calls) == 1
 
 
@@ -506,7 +430,7 @@ def _cli():
 
 def test_cli_plans_the_model_into_the_config(tmp_path: Path, shaped_model: Path, rtx4090_json: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sd, "SANDBOX_HIDDEN", ("/home", "/root"))  # the test model lives under /tmp
+    monkeypatch.setattr(sd_install, "SANDBOX_HIDDEN", ("/home", "/root"))  # the test model lives under /tmp
     args = ["install-service", "--model", str(shaped_model), "--hardware", str(rtx4090_json), "--exec", EXEC,
             "--unit-dir", str(tmp_path / "units"), "--config-dir", str(tmp_path / "etc"), "--port", "8123"]
     r = CliRunner().invoke(_cli(), args)
@@ -574,9 +498,9 @@ def test_a_model_the_dynamic_user_cannot_read_is_pointed_out(tmp_path: Path) -> 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
     model.chmod(0o600)
-    assert sd._readable_notes(str(model)) == [f"{model} is not world-readable: sudo chmod o+r {model}"]
+    assert sd.readable_notes(str(model)) == [f"{model} is not world-readable: sudo chmod o+r {model}"]
     model.chmod(0o644)
     tmp_path.chmod(0o700)
-    assert sd._readable_notes(str(model)) == [
+    assert sd.readable_notes(str(model)) == [
         f"{tmp_path} is not world-searchable: sudo chmod o+x {tmp_path}"]
-    assert sd._readable_notes("/var/lib/edge-magistral/models/m.gguf") == []  # systemd hands it to the user
+    assert sd.readable_notes("/var/lib/edge-magistral/models/m.gguf") == []  # systemd hands it to the user

@@ -12,10 +12,9 @@ import click
 
 from edge_magistral.cli import cli
 from edge_magistral.errors import BadInputError, ModelNotFoundError
+from edge_magistral.paths import CONFIG_DIR, UNIT_DIR
 from edge_magistral.systemd import (
     ALL_DEVICES,
-    DEFAULT_CONFIG_DIR,
-    DEFAULT_UNIT_DIR,
     UNIT_NAME,
     InstallResult,
     ServiceConfig,
@@ -48,9 +47,9 @@ from edge_magistral.systemd import (
               help="Seconds a request may make no progress before the worker is restarted (default 120).")
 @click.option("--exec", "exec_path", default=None, type=click.Path(dir_okay=False),
               help="The edge-magistral executable for ExecStart= (default: this installation's).")
-@click.option("--unit-dir", type=click.Path(file_okay=False), default=str(DEFAULT_UNIT_DIR),
+@click.option("--unit-dir", type=click.Path(file_okay=False), default=str(UNIT_DIR),
               show_default=True, help="Where to write edge-magistral.service.")
-@click.option("--config-dir", type=click.Path(file_okay=False), default=str(DEFAULT_CONFIG_DIR),
+@click.option("--config-dir", type=click.Path(file_okay=False), default=str(CONFIG_DIR),
               show_default=True, help="Where to write config.yaml and the API key.")
 @click.option("--watchdog-sec", type=click.IntRange(min=5), default=UnitConfig.watchdog_sec,
               show_default=True, help="WatchdogSec= of the unit.")
@@ -137,8 +136,8 @@ def _report(r: InstallResult, s: ServiceConfig, unit: UnitConfig) -> None:
         click.secho(f"note: {note}", fg="yellow")
     url_host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     steps = []
-    if r.unit_path.parent.resolve() != DEFAULT_UNIT_DIR:
-        steps.append(f"sudo systemctl link {r.unit_path}        # or copy it to {DEFAULT_UNIT_DIR}")
+    if r.unit_path.parent.resolve() != UNIT_DIR:
+        steps.append(f"sudo systemctl link {r.unit_path}        # or copy it to {UNIT_DIR}")
     steps += [
         "sudo systemctl enable --now edge-magistral   # start now and at boot (loading takes minutes)",
         "systemctl status edge-magistral              # the Status: line says loading / ready",
