@@ -64,24 +64,6 @@ class Listener:
                    if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS)
         return data.decode(), pid
 
-    def nothing_for(self, seconds: float) -> bool:
-        self.sock.settimeout(seconds)
-        try:
-            self.sock.recv(4096)
-        except TimeoutError:
-            return True
-        return False
-
-    def drain(self) -> int:
-        self.sock.setblocking(False)
-        n = 0
-        try:
-            while True:
-                self.sock.recv(4096)
-                n += 1
-        except BlockingIOError:
-            return n
-
 
 @pytest.fixture(params=["path", "abstract"])
 def listener(request: pytest.FixtureRequest, tmp_path: Path):

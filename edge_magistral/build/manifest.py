@@ -6,20 +6,19 @@ repository and the commit a file came from (empty for local builds)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_magistral.errors import CorruptModelError, ModelNotFoundError, StorageError
+from edge_magistral.hashing import sha256_file
+from edge_magistral.progress import Advance
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-CHUNK = 8 * 1024 * 1024
 
 
 @dataclass
@@ -55,16 +54,6 @@ class Mismatch:
     file: str
     problem: str  # "missing" | "size" | "sha256" | "unlisted"
     detail: str = ""
-
-
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def now_utc() -> str:
@@ -127,13 +116,13 @@ def save(directory: Path, m: Manifest) -> None:
         raise StorageError(f"{p}: cannot write manifest ({e.strerror})") from None
 
 
-def entry_for(directory: Path, file: str, quant: str, progress: Callable[[int], None] | None = None) -> FileEntry:
+def entry_for(directory: Path, file: str, quant: str, progress: Advance | None = None) -> FileEntry:
     path = directory / file
     return FileEntry(file=file, quant=quant, size=path.stat().st_size, sha256=sha256_file(path, progress),
                      created=now_utc())
 
 
-def check_entry(directory: Path, e: FileEntry, progress: Callable[[int], None] | None = None) -> Mismatch | None:
+def check_entry(directory: Path, e: FileEntry, progress: Advance | None = None) -> Mismatch | None:
     """Re-hash one listed file; None when it matches."""
     path = directory / e.file
     if not path.is_file():
@@ -147,7 +136,7 @@ def check_entry(directory: Path, e: FileEntry, progress: Callable[[int], None] |
     return None
 
 
-def verify(directory: Path, progress: Callable[[int], None] | None = None) -> list[Mismatch]:
+def verify(directory: Path, progress: Advance | None = None) -> list[Mismatch]:
     """Re-hash every listed file, and flag GGUFs in the directory that the manifest does not list."""
     if not (directory / MANIFEST).is_file():
         raise ModelNotFoundError(f"{directory}: no {MANIFEST}; is this a build output directory?")

@@ -12,10 +12,8 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from edge_magistral.build import manifest as mf
 from edge_magistral.build.checkpoint import Checkpoint, open_checkpoint
@@ -23,19 +21,11 @@ from edge_magistral.build.convert import OUT_TYPES, convert
 from edge_magistral.build.quantize import estimated_size, parse_quants, quantize
 from edge_magistral.errors import BadInputError, ModelNotFoundError, StorageError
 from edge_magistral.gguf_info import GGUFInfo, read_info
+from edge_magistral.hashing import sha256_file
+from edge_magistral.progress import Advance, Progress, Silent
+from edge_magistral.units import GiB
 
 DISK_MARGIN = 256 * 1024 * 1024
-
-
-class Progress(Protocol):
-    """How the build reports long work: ``task(description, total)`` returns an advance function."""
-
-    def task(self, description: str, total: int) -> Callable[[int], None]: ...
-
-
-class _Silent:
-    def task(self, description: str, total: int) -> Callable[[int], None]:
-        return lambda n: None
 
 
 @dataclass
@@ -105,10 +95,10 @@ def source_sha256(src: _Source, progress: Progress) -> str:
     files = [src.path] if src.kind == "gguf" else src.checkpoint.files
     advance = progress.task("hashing source", sum(f.stat().st_size for f in files))
     if src.kind == "gguf":
-        return mf.sha256_file(src.path, advance)
+        return sha256_file(src.path, advance)
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.name} {mf.sha256_file(f, advance)}\n".encode())
+        h.update(f"{f.name} {sha256_file(f, advance)}\n".encode())
     return h.hexdigest()
 
 
@@ -123,14 +113,13 @@ def _still_good(out: Path, m: mf.Manifest, file: str, progress: Progress) -> boo
 def _check_disk(out: Path, needed: int) -> None:
     free = shutil.disk_usage(out).free
     if free < needed + DISK_MARGIN:
-        gb = 1024 ** 3
-        raise StorageError(f"{out}: needs about {(needed + DISK_MARGIN) / gb:.1f} GiB free, has {free / gb:.1f} GiB; "
+        raise StorageError(f"{out}: needs about {(needed + DISK_MARGIN) / GiB:.1f} GiB free, has {free / GiB:.1f} GiB; "
                            "free space or choose another --out")
 
 
 def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
     """Run the whole build; see the module docstring for its guarantees."""
-    progress = progress or _Silent()
+    progress = progress or Silent()
     quants = parse_quants(req.quants)
     if req.base_type not in OUT_TYPES:
         raise BadInputError(f"--base-type must be one of {', '.join(OUT_TYPES)}")
@@ -182,7 +171,7 @@ def build(req: BuildRequest, progress: Progress | None = None) -> BuildResult:
 
 def _quantize_one(req: BuildRequest, m: mf.Manifest, base: Path, stem: str, q: str, progress: Progress) -> None:
     file = f"{stem}-{q}.gguf"
-    task: dict[str, Callable[[int], None]] = {}
+    task: dict[str, Advance] = {}
 
     def on_tensor(i: int, n: int, name: str) -> None:
         if "advance" not in task:  # the tensor count is known from llama.cpp's first log line
