@@ -44,7 +44,7 @@ class DoesNotFitError(EdgeMagistralError):
 
 
 class WatchdogStopError(EdgeMagistralError):
-    """Generation was stopped by the watchdog (used for the CLI exit code)."""
+    """The answer was cut: the [THINK] watchdog or the token limit ended the turn (the CLI's exit code)."""
 
     exit_code = 6
 

@@ -3,7 +3,6 @@ file sizes (how the hub and the catalog state them)."""
 
 from __future__ import annotations
 
-KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
 
@@ -15,7 +14,3 @@ def human_size(n: int) -> str:
             return f"{n / k:.1f} {unit}"
     return f"{n} B"
 
-
-def gib(n: int) -> str:
-    """Memory in GiB, one decimal: ``23.9 GiB``."""
-    return f"{n / GiB:.1f} GiB"

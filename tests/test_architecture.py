@@ -27,9 +27,8 @@ PACKAGE = "edge_magistral"
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # Functions that are data tables (one literal, not logic), allowed to be long: "module:function".
-LONG_DATA_FUNCTIONS: frozenset[str] = frozenset({
-    "edge_magistral.systemd.unit:unit_lines",  # the unit file, line by line with its comments
-})
+# Empty: the unit file, the longest table, renders in sections that each fit.
+LONG_DATA_FUNCTIONS: frozenset[str] = frozenset()
 
 
 # ----------------------------------------------------------------------------------- the graph

@@ -362,3 +362,52 @@ def test_bad_manifest_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CorruptModelError, match="manifest"):
         mf.load(tmp_path)
     _assert_one_line_error(run_cli("verify", tmp_path / "nowhere"), 3, "manifest.json")
+
+
+# ------------------------------------------------------------ one sha256 loop, one progress protocol
+
+
+class Recording:
+    """The progress protocol: each task's total, and the amounts its ``advance`` was told."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, list[int]] = {}
+
+    def task(self, description: str, total: int):
+        told = self.tasks.setdefault(description, [total])
+
+        def advance(n: int) -> None:
+            told.append(n)
+
+        return advance
+
+
+def test_the_sha256_loop_hashes_in_chunks_and_reports_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from edge_magistral import hashing
+
+    monkeypatch.setattr(hashing, "CHUNK", 1000)
+    data = bytes(range(256)) * 10  # 2560 bytes: 3 chunks
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    told: list[int] = []
+    assert hashing.sha256_file(p, told.append) == hashlib.sha256(data).hexdigest()
+    assert told == [1000, 1000, 560]
+    with open(p, "rb") as f:
+        f.seek(1000)
+        assert hashing.sha256_stream(f) == hashlib.sha256(data[1000:]).hexdigest()  # the rest of an open file
+    git = hashing.Digest(len(data), etag="0" * 40)  # a non-LFS hub file: its etag is git's blob sha1
+    with open(p, "rb") as f:
+        git.update_from(f)
+    assert git.hexdigest() == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    assert git.sha256_hex() == hashlib.sha256(data).hexdigest()
+
+
+def test_the_build_reports_its_hashing_through_the_progress_protocol(tiny_gguf_bf16: Path, tmp_path: Path) -> None:
+    rec = Recording()
+    build(BuildRequest(tiny_gguf_bf16, tmp_path, ["Q8_0"], name="t"), rec)
+    total, *told = rec.tasks["hashing source"]
+    assert total == sum(told) == tiny_gguf_bf16.stat().st_size
+    total, *told = rec.tasks["hashing t-Q8_0.gguf"]
+    assert total == sum(told) == (tmp_path / "t-Q8_0.gguf").stat().st_size

@@ -52,7 +52,8 @@ from edge_magistral.systemd import (
 @click.option("--config-dir", type=click.Path(file_okay=False), default=str(CONFIG_DIR),
               show_default=True, help="Where to write config.yaml and the API key.")
 @click.option("--watchdog-sec", type=click.IntRange(min=5), default=UnitConfig.watchdog_sec,
-              show_default=True, help="WatchdogSec= of the unit.")
+              show_default=True,
+              help="WatchdogSec= of the unit: systemd restarts the service when its liveness pings stop this long.")
 @click.option("--allow-from", multiple=True,
               help="IPAddressAllow= entry (repeatable; default localhost when bound to loopback, else any).")
 @click.option("--no-api-key", is_flag=True, help="Serve without an API key (loopback only).")

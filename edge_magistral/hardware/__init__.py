@@ -15,20 +15,18 @@ Modules: :mod:`.model` (the data), :mod:`.readers` and :mod:`.system` (recorded 
 fixes), :mod:`.probe` (``detect``) and :mod:`.serialize` (``detect --json`` files).
 """
 
-from edge_magistral.hardware.bandwidth import bandwidth_for
-from edge_magistral.hardware.ggml import ggml_devices_here, llama_lib_dir, parse_ggml_devices
+from edge_magistral.hardware.ggml import llama_lib_dir
 from edge_magistral.hardware.model import SCHEMA_VERSION, CPUInfo, Finding, GGMLDevice, GPUInfo, Hardware
 from edge_magistral.hardware.nvidia import parse_nvidia_smi
 from edge_magistral.hardware.probe import detect
-from edge_magistral.hardware.readers import Reader, RecordedReader, command_key
-from edge_magistral.hardware.reconcile import LLAMA_CPP_PYTHON_VERSION, link_gpus, reinstall_command, require_usable
+from edge_magistral.hardware.readers import Reader, RecordedReader
+from edge_magistral.hardware.reconcile import require_usable
 from edge_magistral.hardware.serialize import from_dict, load_hardware
 from edge_magistral.hardware.system import SystemReader
-from edge_magistral.units import GiB, MiB  # for callers not yet importing edge_magistral.units
+from edge_magistral.units import GiB, MiB  # for callers not yet importing them from edge_magistral.units
 
 __all__ = [
-    "CPUInfo", "Finding", "GGMLDevice", "GPUInfo", "GiB", "Hardware", "LLAMA_CPP_PYTHON_VERSION", "MiB", "Reader",
-    "RecordedReader", "SCHEMA_VERSION", "SystemReader", "bandwidth_for", "command_key", "detect", "from_dict",
-    "ggml_devices_here", "link_gpus", "llama_lib_dir", "load_hardware", "parse_ggml_devices", "parse_nvidia_smi",
-    "reinstall_command", "require_usable",
+    "SCHEMA_VERSION", "CPUInfo", "Finding", "GGMLDevice", "GPUInfo", "GiB", "Hardware", "MiB", "Reader",
+    "RecordedReader", "SystemReader", "detect", "from_dict", "llama_lib_dir", "load_hardware", "parse_nvidia_smi",
+    "require_usable",
 ]

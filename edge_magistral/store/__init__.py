@@ -19,10 +19,9 @@ Modules: :mod:`.local` (the store directory), :mod:`.offline` (the hub's offline
 """
 
 from edge_magistral.paths import STORE_ENV, SYSTEM_STORE, default_store_root, hub_cache_dir
-from edge_magistral.store.bundle import Bundle, BundleRequest, install_text, make_bundle
+from edge_magistral.store.bundle import Bundle, BundleRequest, make_bundle
 from edge_magistral.store.hub import (
     CHECKPOINT,
-    CHECKPOINT_FILES,
     CHECKPOINT_REPO,
     DEFAULT_PATTERN,
     DEFAULT_REPO,
@@ -38,17 +37,16 @@ from edge_magistral.store.hub import (
     gguf_request,
     plan_pull,
 )
-from edge_magistral.store.importing import ImportResult, check_bundle, import_bundle, read_bundle
-from edge_magistral.store.local import PARTIAL, Staged, Store, safe_relpath
-from edge_magistral.store.offline import hub_online, offline_by_default, user_wants_offline
+from edge_magistral.store.importing import ImportResult, import_bundle
+from edge_magistral.store.local import PARTIAL, Staged, Store
+from edge_magistral.store.offline import offline_by_default, user_wants_offline
 from edge_magistral.store.transfer import fetch
 from edge_magistral.store.wheels import WheelSpec, pip_commands
 
 __all__ = [
-    "CHECKPOINT", "CHECKPOINT_FILES", "CHECKPOINT_REPO", "DEFAULT_PATTERN", "DEFAULT_REPO", "OFFICIAL_QUANTS",
-    "PARTIAL", "STORE_ENV", "SYSTEM_STORE", "Bundle", "BundleRequest", "DownloadError", "FileNotOnHubError",
-    "ImportResult", "NotOnHubError", "PullItem", "PullPlan", "PullRequest", "RemoteFile", "Staged", "Store",
-    "WheelSpec", "check_bundle", "checkpoint_request", "default_store_root", "fetch", "gguf_request", "hub_cache_dir",
-    "hub_online", "import_bundle", "install_text", "make_bundle", "offline_by_default", "pip_commands", "plan_pull",
-    "read_bundle", "safe_relpath", "user_wants_offline",
+    "CHECKPOINT", "CHECKPOINT_REPO", "DEFAULT_PATTERN", "DEFAULT_REPO", "OFFICIAL_QUANTS", "PARTIAL", "STORE_ENV",
+    "SYSTEM_STORE", "Bundle", "BundleRequest", "DownloadError", "FileNotOnHubError", "ImportResult", "NotOnHubError",
+    "PullItem", "PullPlan", "PullRequest", "RemoteFile", "Staged", "Store", "WheelSpec", "checkpoint_request",
+    "default_store_root", "fetch", "gguf_request", "hub_cache_dir", "import_bundle", "make_bundle",
+    "offline_by_default", "pip_commands", "plan_pull", "user_wants_offline",
 ]

@@ -1,4 +1,4 @@
-"""sd_notify: READY, STATUS, STOPPING, RELOADING, EXTEND_TIMEOUT and the liveness pings
+"""sd_notify: READY, STATUS, STOPPING and the liveness pings
 (``WATCHDOG=1``) that systemd's ``WatchdogSec=`` expects.
 
 One datagram per message to ``$NOTIFY_SOCKET`` (a path, or ``@name`` in the abstract namespace),
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -78,15 +77,6 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         """Shutdown has begun (draining requests)."""
         return self.notify("STOPPING=1", *_status_field(status))
-
-    def reloading(self) -> bool:
-        """A reload has begun; send :meth:`ready` when it is done."""
-        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self.notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
-
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for more start-up (or stop) time: a slow disk can make a model load outlast the timeout."""
-        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
     def notify(self, *fields: str) -> bool:
         """Send ``fields`` as one datagram (newline-separated ``KEY=value`` lines)."""
