@@ -65,13 +65,13 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One server for the service tests: API key, queue of 8, 10 s hang timeout, a 4096-token context
+    """One server for the service tests: API key, queue of 8, 10 s stall timeout, a 4096-token context
     (a prompt long enough to be cancelled mid-evaluation), 3 s client timeouts, an audit log, and
     the most verbose logging (which must still never show a prompt)."""
     import serve_harness
 
     d = tmp_path_factory.mktemp("serve")
-    server = serve_harness.start(tiny_gguf_f32, d, "--queue-size", "8", "--hang-timeout", "10", "--ctx", "4096",
+    server = serve_harness.start(tiny_gguf_f32, d, "--queue-size", "8", "--stall-timeout", "10", "--ctx", "4096",
                                  "--max-tokens", "4000", "--client-timeout", "3",
                                  "--audit-log", str(d / "audit.jsonl"), verbose=2)
     yield server

@@ -1,4 +1,4 @@
-"""Model admission with the real server (RELIABILITY.md "Shape" and item 4): a model listed in a
+"""Model admission with the real server: a model listed in a
 manifest.json beside it is hashed before the first load (the time is in the STATUS line); a
 mismatch stops the start with one line and a non-zero status, never READY=1; a worker restart
 re-hashes only a file that changed, and a model replaced in place is caught there."""

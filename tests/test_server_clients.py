@@ -1,5 +1,5 @@
 """Clients that misbehave, against the live server (`tiny_server`: 3 s client timeout, 64
-connections): a reader that stalls (RELIABILITY.md 26), slow uploads and an idle-connection flood
+connections): a reader that stalls, slow uploads and an idle-connection flood
 (14), clients that leave while queued or while their prompt is evaluated (25). Each case is
 provoked on real sockets; survival means the engine is freed, /health answers, and nothing is
 logged as an error (checked after each test)."""

@@ -1,6 +1,8 @@
 """The service end to end: `edge-magistral serve` on the tiny Magistral as a real process, driven by
-the official `openai` client and by raw HTTP. Covers RELIABILITY.md 8-13, 15, 20, 25 and the
-worker-crash half of 6 (503 for the request in flight, restart, then 200 again)."""
+the official `openai` client and by raw HTTP: reasoning and the watchdog's report, streaming,
+structured output, errors as OpenAI's, deadlines, the audit log, prompts never logged, concurrent
+clients, the queue's 429, clients that leave, hostile bodies, and a worker crash (503 for the
+request in flight, restart, then 200 again)."""
 
 from __future__ import annotations
 
@@ -162,7 +164,7 @@ def test_one_audit_record_per_request(tiny_server, oai):
 
 
 def test_prompts_and_answers_are_never_logged(tiny_server, oai):
-    """RELIABILITY.md 30: with the most verbose logging (-vv: every logger at DEBUG, llama.cpp's
+    """With the most verbose logging (-vv: every logger at DEBUG, llama.cpp's
     own log included) a secret sent in every way a request can go (chat, streamed, raw, refused
     by validation, too long for the context, given up by its client) and the answers it got show
     up in the opt-in audit log only: never in the server's output, its other files, /metrics or

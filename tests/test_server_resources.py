@@ -1,5 +1,5 @@
 """The service against its host: a GPU the build cannot use or a model that does not fit stops the
-start before READY (RELIABILITY.md 5); the kernel's OOM killer taking the worker is a 503, a clean
+start before READY; the kernel's OOM killer taking the worker is a 503, a clean
 restart and a clear log line (7); repetitive log lines are rate-limited (30)."""
 
 from __future__ import annotations

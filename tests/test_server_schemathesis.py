@@ -1,5 +1,5 @@
 """Property-based fuzzing of the service with schemathesis, from the server's own OpenAPI document:
-no generated request, valid or not, may produce a server error (RELIABILITY.md 9, 12)."""
+no generated request, valid or not, may produce a server error."""
 
 from __future__ import annotations
 

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+from typing import Any
 
 import click
 
 from edge_magistral.cli import cli
 from edge_magistral.errors import ModelNotFoundError
+from edge_magistral.loader import MODEL_ENV
+from edge_magistral.server import SupervisorConfig
 
-MODEL_ENV = "EDGE_MAGISTRAL_MODEL"
+DEFAULTS = SupervisorConfig()
 
 
 def _resolve_model(spec: str | None) -> str:
-    """A GGUF path or a quant in the model store; serve never downloads."""
+    """A GGUF path or a quant in the model store; serve never downloads, and never guesses: a
+    service names its model."""
     if not spec:
         raise ModelNotFoundError(f"no model: pass --model FILE.gguf, set `model:` in --config, or set {MODEL_ENV}")
-    if Path(spec).is_file():
-        return spec
-    from edge_magistral.cli.store_cmds import model_for_run
+    from edge_magistral.loader import resolve_model
 
-    return model_for_run(spec)
+    return resolve_model(spec)
 
 
 def _from_file(config_file: str | None) -> dict:
@@ -34,7 +35,7 @@ def _from_file(config_file: str | None) -> dict:
     c = read_service_config(config_file)
     return {"model": c.model, "host": c.host, "port": c.port, "ctx": c.ctx, "n_gpu_layers": c.n_gpu_layers,
             "profile": c.profile, "parallel": c.parallel, "think_budget": c.think_budget, "audit_log": c.audit_log,
-            "hang_timeout": c.stall_timeout_s}
+            "stall_timeout_s": c.stall_timeout_s}
 
 
 @cli.command()
@@ -63,22 +64,24 @@ def _from_file(config_file: str | None) -> dict:
               help="Extra Host header accepted while bound to loopback, e.g. behind a reverse proxy (repeatable).")
 @click.option("--cors-origin", multiple=True, help="Allow browser requests from this origin (repeatable; "
                                                    "default: CORS off).")
-@click.option("--queue-size", type=click.IntRange(min=0, max=1024), default=8, show_default=True,
+@click.option("--queue-size", type=click.IntRange(min=0, max=1024), default=DEFAULTS.queue_size, show_default=True,
               help="Requests that may wait while every slot generates; beyond that, 429.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=2 * 1024 * 1024, show_default=True,
               help="Largest request body (413 above it, before parsing).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Largest max_tokens a request may ask for, and the default (default: the context).")
 @click.option("--request-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
-              help="Seconds a request may take, queue wait included (the watchdog ends it: finish_reason length).")
+              help="Seconds a request may take, queue wait included (the turn ends: finish_reason length).")
 @click.option("--client-timeout", type=click.FloatRange(min=0.5), default=30, show_default=True,
               help="Seconds a client may take to send its request headers, to send its body, or to take the next "
                    "part of a response once its buffers are full; beyond that the connection is closed (408 for "
                    "a slow body) and its generation cancelled.")
-@click.option("--hang-timeout", type=click.FloatRange(min=1), default=None,
-              help="Seconds a busy engine may make no progress before the worker is restarted and systemd "
-                   "watchdog pings stop (default 120; above the slowest prefill batch).")
-@click.option("--load-timeout", type=click.FloatRange(min=1), default=900, show_default=True,
+@click.option("--stall-timeout", type=click.FloatRange(min=1), default=None,
+              help="Seconds a busy engine may make no progress before the worker is restarted and the liveness "
+                   f"pings to systemd stop (default {DEFAULTS.stall_timeout_s:g}; above the slowest prefill batch).")
+@click.option("--hang-timeout", "hang_timeout", type=click.FloatRange(min=1), default=None, hidden=True,
+              help="Deprecated name of --stall-timeout.")
+@click.option("--load-timeout", type=click.FloatRange(min=1), default=DEFAULTS.load_timeout_s, show_default=True,
               help="Seconds the model may take to load and warm up.")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
               help="On SIGTERM, seconds the request in flight may take to finish before it is cancelled.")
@@ -88,40 +91,44 @@ def _from_file(config_file: str | None) -> dict:
               show_default=True, help="What the audit record stores only as a sha256.")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None, hidden=True,
               help="Plan for this recorded box (detect --json) instead of detecting this one (tests).")
-def serve(config_file, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget, parallel,
-          api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes, max_tokens,
-          request_timeout, client_timeout, hang_timeout, load_timeout, drain_timeout, audit_log, redact,
-          hardware_file) -> None:
+def serve(config_file: str | None, **options: Any) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
     /health, /metrics), --parallel generations at once, the engine in a supervised worker process.
 
     Binds 127.0.0.1:8080 by default. SIGTERM drains: no new requests, those in flight finish
     (or is cancelled after --drain-timeout), exit 0. Under systemd (Type=notify) it reports
-    READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 while the engine
-    is healthy, and STOPPING=1. A model listed in a manifest.json beside it is checked against its
-    sha256 before it is loaded (and again on a worker restart if the file changed); a mismatch
-    stops the service. Before anything loads, it detects the box and plans the model: a GPU the
-    installed llama.cpp cannot use, or a model that does not fit, stops it with the fix. Prompts
-    and answers are never logged; only --audit-log records them."""
-    from edge_magistral.server import ServerConfig, load_api_keys
+    READY=1 after the model is loaded and warmed up, STATUS= lines, WATCHDOG=1 (liveness) while
+    the engine is healthy, and STOPPING=1. A model listed in a manifest.json beside it is checked
+    against its sha256 before it is loaded (and again on a worker restart if the file changed); a
+    mismatch stops the service. Before anything loads, it detects the box and plans the model: a
+    GPU the installed llama.cpp cannot use, or a model that does not fit, stops it with the fix.
+    Prompts and answers are never logged; only --audit-log records them."""
     from edge_magistral.server import serve as run_server
 
-    f = _from_file(config_file)
+    run_server(_server_config(_from_file(config_file), **options))
 
-    def pick(value, key, default=None):
-        return value if value is not None else f.get(key) if f.get(key) is not None else default
 
-    config = ServerConfig(
-        model_path=_resolve_model(pick(model, "model", os.environ.get(MODEL_ENV))),
-        model_name=model_name or "", host=pick(host, "host", "127.0.0.1"), port=pick(port, "port", 8080),
-        ctx=pick(ctx, "ctx"), n_gpu_layers=pick(n_gpu_layers, "n_gpu_layers"), profile=pick(profile, "profile"),
-        threads=threads, think_budget=pick(think_budget, "think_budget"), parallel=pick(parallel, "parallel"),
-        api_keys=tuple(load_api_keys(api_key_file)), insecure_no_auth=insecure_no_auth,
+def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
+                   parallel, api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes,
+                   max_tokens, request_timeout, client_timeout, stall_timeout, hang_timeout, load_timeout,
+                   drain_timeout, audit_log, redact, hardware_file) -> Any:
+    """The options given, else the config file's settings, else the server's defaults."""
+    from edge_magistral.server import ServerConfig, load_api_keys
+
+    def pick(value: Any, key: str) -> Any:
+        return value if value is not None else file.get(key)
+
+    from_file = {"host": pick(host, "host"), "port": pick(port, "port"), "ctx": pick(ctx, "ctx"),
+                 "n_gpu_layers": pick(n_gpu_layers, "n_gpu_layers"), "profile": pick(profile, "profile"),
+                 "think_budget": pick(think_budget, "think_budget"), "parallel": pick(parallel, "parallel"),
+                 "audit_log": pick(audit_log, "audit_log"),
+                 "stall_timeout_s": pick(stall_timeout if stall_timeout is not None else hang_timeout,
+                                         "stall_timeout_s")}
+    return ServerConfig(
+        model_path=_resolve_model(pick(model, "model") or os.environ.get(MODEL_ENV)), model_name=model_name or "",
+        threads=threads, api_keys=tuple(load_api_keys(api_key_file)), insecure_no_auth=insecure_no_auth,
         allowed_hosts=tuple(allowed_host), cors_origins=tuple(cors_origin), queue_size=queue_size,
         max_body_bytes=max_body_bytes, max_tokens=max_tokens, request_timeout_s=request_timeout,
-        client_timeout_s=client_timeout,
-        hang_timeout_s=pick(hang_timeout, "hang_timeout", 120.0), load_timeout_s=load_timeout,
-        drain_timeout_s=drain_timeout, audit_log=pick(audit_log, "audit_log"), redact=redact,
+        client_timeout_s=client_timeout, load_timeout_s=load_timeout, drain_timeout_s=drain_timeout, redact=redact,
         log_level=logging.getLogger().getEffectiveLevel(), hardware_file=hardware_file,
-    )
-    run_server(config)
+        **{k: v for k, v in from_file.items() if v is not None})

@@ -2,14 +2,27 @@
 
 Modules: :mod:`.app` (configuration and wiring), :mod:`.api` (routes and response formats),
 :mod:`.schemas` (validated request bodies), :mod:`.guard` (host, key, body limits),
-:mod:`.supervisor` (the worker process, the queue, restarts), :mod:`.worker` (the process that
-owns the Engine), :mod:`.admission` (the model's sha256 against its manifest), :mod:`.connections`
-(client timeouts, the connection limit), :mod:`.metrics` (Prometheus), :mod:`.run` (uvicorn,
-signals, sd_notify).
+:mod:`.supervisor` (the worker process, the queue, restarts), :mod:`.link` (one worker process
+and the threads that talk to it), :mod:`.protocol` (the messages between the two processes),
+:mod:`.worker` (the process that owns the engine), :mod:`.admission` (the model's sha256 against
+its manifest), :mod:`.connections` (client timeouts, the connection limit), :mod:`.metrics`
+(Prometheus), :mod:`.run` (uvicorn, signals, sd_notify).
+
+The names below load on first use, so that the command line can read the supervisor's defaults
+(:class:`SupervisorConfig`, a light module) without importing the web framework.
 """
 
-from edge_magistral.server.app import ServerConfig, build_service
-from edge_magistral.server.guard import load_api_keys
-from edge_magistral.server.run import ServiceFailed, serve
+from __future__ import annotations
 
-__all__ = ["ServerConfig", "ServiceFailed", "build_service", "load_api_keys", "serve"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"ServerConfig": "app", "build_service": "app", "load_api_keys": "guard", "ServiceFailed": "run",
+            "serve": "run", "SupervisorConfig": "settings"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

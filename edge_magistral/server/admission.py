@@ -1,5 +1,5 @@
-"""Model admission: the worker loads only the bytes that the model's manifest lists
-(RELIABILITY.md "Shape" and item 4).
+"""Model admission: the worker loads only the bytes that the model's manifest lists, so a file
+changed or cut after it was built or pulled is never served.
 
 A build or store ``manifest.json`` beside the model gives its size and sha256. The first worker
 hashes the whole file before loading it (once: a 14 GB model takes seconds on NVMe, a minute on
@@ -15,7 +15,6 @@ Runs in the worker process, which keeps beating while it hashes (so the front st
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from edge_magistral.build import manifest as mf
 from edge_magistral.errors import CorruptModelError
+from edge_magistral.hashing import sha256_stream
 
 FileId = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 
@@ -35,12 +35,13 @@ def file_id(st: os.stat_result) -> FileId:
 
 @dataclass(frozen=True)
 class Admitted:
-    """The outcome of a check: the identity verified (None: no manifest lists the file) and a
-    note for the STATUS line."""
+    """The outcome of a check: the identity verified (None: no manifest lists the file), a note
+    for the STATUS line, and the sha256 of the bytes verified (what the audit log records)."""
 
     file_id: FileId | None
     note: str
     hash_s: float = 0.0
+    sha256: str | None = None
 
 
 def admit(model_path: str, verified: FileId | None = None,
@@ -56,20 +57,20 @@ def admit(model_path: str, verified: FileId | None = None,
     with open(path, "rb") as f:
         fid = file_id(os.fstat(f.fileno()))  # the identity of the very bytes hashed below
         if fid == verified:
-            return Admitted(fid, "unchanged since its sha256 was verified")
+            return Admitted(fid, "unchanged since its sha256 was verified", sha256=entry.sha256)
         if fid[2] != entry.size:
             raise CorruptModelError(f"{path}: {fid[2]} bytes, but {mf.MANIFEST} lists {entry.size}: the file was "
                                     "changed or cut; restore it (pull or build again) or fix the manifest")
         if on_hashing is not None:
             on_hashing(entry.size)
         t0 = time.monotonic()
-        digest = _sha256(f)
+        digest = sha256_stream(f)
         hash_s = time.monotonic() - t0
     if digest != entry.sha256:
         raise CorruptModelError(f"{path}: sha256 {digest[:16]}… does not match {mf.MANIFEST} "
                                 f"({entry.sha256[:16]}…): these are not the bytes that were built or pulled; "
                                 "restore the file (pull or build again) or fix the manifest")
-    return Admitted(fid, f"sha256 verified in {hash_s:.1f} s", hash_s)
+    return Admitted(fid, f"sha256 verified in {hash_s:.1f} s", hash_s, digest)
 
 
 def still_same(model_path: str, verified: FileId | None) -> bool:
@@ -80,10 +81,3 @@ def still_same(model_path: str, verified: FileId | None) -> bool:
         return file_id(os.stat(os.path.realpath(model_path))) == verified
     except OSError:
         return False
-
-
-def _sha256(f) -> str:
-    h = hashlib.sha256()
-    while chunk := f.read(mf.CHUNK):
-        h.update(chunk)
-    return h.hexdigest()

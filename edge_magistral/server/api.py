@@ -1,11 +1,13 @@
 """The OpenAI-compatible routes: validated requests become worker jobs; job events become
-OpenAI responses (JSON or server-sent events).
+OpenAI responses (JSON or server-sent events), one builder for both response types with a
+format for each (chat.completion vs text_completion).
 
-Reporting follows ../shared/RELIABILITY.md: the thought in ``reasoning_content``, the answer in
-``content``; ``finish_reason`` is ``stop`` or ``length`` only; what the watchdog did is in the
-extension object ``watchdog``; ``usage.completion_tokens_details.reasoning_tokens`` counts the
-thought. A streamed response sends its headers only once the first event is known, so that an
-error before the first token (a prompt too long, a worker crash) is still a proper 4xx/503.
+The thought goes in ``reasoning_content``, the answer in ``content`` (a raw completion: all of
+it in ``text``); ``finish_reason`` is ``stop`` or ``length`` only, as OpenAI clients expect; what
+the [THINK] watchdog did is in the extension object ``watchdog``;
+``usage.completion_tokens_details.reasoning_tokens`` counts the thought. A streamed response
+sends its headers only once the first event is known, so that an error before the first token
+(a prompt too long, a worker crash) is still a proper 4xx/503.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from edge_magistral.generation import DEFAULT_LIMITS, AnswerText, Done, Event, Limits, ThinkingText
 from edge_magistral.server.errors import ApiError
+from edge_magistral.server.protocol import JobSpec
 from edge_magistral.server.schemas import ChatCompletionRequest, CompletionRequest
 from edge_magistral.server.supervisor import Job, State, Supervisor
-from edge_magistral.server.worker import JobSpec
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-DEFAULTS = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.0}  # Magistral's recommendation
 EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": None}  # None: server default
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -44,16 +46,12 @@ def _check_max(value: int | None, cap: int, name: str) -> None:
 
 
 def _common_limits(req: Any, max_tokens: int | None, cap: int) -> dict[str, Any]:
+    """The limits of both request types; a sampling field left out takes Limits' default
+    (Magistral's recommendation)."""
     _check_max(max_tokens, cap, "max_tokens")
-    return {
-        "max_tokens": max_tokens or cap,
-        "temperature": DEFAULTS["temperature"] if req.temperature is None else req.temperature,
-        "top_p": DEFAULTS["top_p"] if req.top_p is None else req.top_p,
-        "top_k": DEFAULTS["top_k"] if req.top_k is None else req.top_k,
-        "min_p": DEFAULTS["min_p"] if req.min_p is None else req.min_p,
-        "seed": req.seed,
-        "stop": req.stops(),
-    }
+    sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "min_p": req.min_p}
+    return {"max_tokens": max_tokens or cap, "seed": req.seed, "stop": req.stops(),
+            **{k: v for k, v in sampling.items() if v is not None}}
 
 
 def think_budget(req: ChatCompletionRequest, default: int, n_ctx: int) -> int | None:
@@ -76,15 +74,15 @@ def chat_job(req: ChatCompletionRequest, info: dict[str, Any], cap: int) -> JobS
         think_budget=think_budget(req, info["think_budget"], n_ctx),
         answer_budget=req.max_answer_tokens,
         json_schema=req.response_format.schema_dict() if req.response_format else None,
-        system_mode=req.system_mode or "replace",
+        system_mode=req.system_mode or DEFAULT_LIMITS.system_mode,
         force_thinking=bool(req.force_thinking),
     )
     messages = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in req.messages)
-    return JobSpec("chat", limits, messages=messages)
+    return JobSpec("chat", Limits(**limits), messages=messages)
 
 
 def raw_job(req: CompletionRequest, cap: int) -> JobSpec:
-    return JobSpec("raw", _common_limits(req, req.max_tokens, cap), prompt=req.prompt)
+    return JobSpec("raw", Limits(**_common_limits(req, req.max_tokens, cap), raw=True), prompt=req.prompt)
 
 
 # ------------------------------------------------------------------------------ running
@@ -95,14 +93,8 @@ class Outcome:
 
     thinking: list[str] = field(default_factory=list)
     answer: list[str] = field(default_factory=list)
-    done: dict[str, Any] | None = None
+    done: Done | None = None
     first_text_at: float | None = None
-
-
-def error_from_event(ev: tuple) -> ApiError:
-    """An ("error", status, code, message[, headers]) event as an ApiError."""
-    headers = ev[4] if len(ev) > 4 else ({"Retry-After": "5"} if ev[1] == 503 else {})
-    return ApiError(ev[1], ev[3], code=ev[2], headers=headers)
 
 
 class RequestRun:
@@ -119,25 +111,24 @@ class RequestRun:
             pass
         self.sup.cancel(self.job)
 
-    async def next(self) -> tuple:
+    async def next(self) -> Event | ApiError:
         """The next event, recorded in the outcome."""
         ev = await self.job.events.get()
-        kind, o = ev[0], self.outcome
-        if kind in ("thinking", "answer") and o.first_text_at is None:
-            o.first_text_at = time.monotonic()
-        if kind == "thinking":
-            o.thinking.append(ev[1])
-        elif kind == "answer":
-            o.answer.append(ev[1])
-        elif kind == "done":
-            o.done = ev[1]
+        o = self.outcome
+        match ev:
+            case ThinkingText(text=text) | AnswerText(text=text):
+                if o.first_text_at is None:
+                    o.first_text_at = time.monotonic()
+                (o.thinking if isinstance(ev, ThinkingText) else o.answer).append(text)
+            case Done():
+                o.done = ev
         return ev
 
     async def finish(self) -> Outcome:
         """Run to the end (non-streaming)."""
-        while (ev := await self.next())[0] != "done":
-            if ev[0] == "error":
-                raise error_from_event(ev)
+        while not isinstance(ev := await self.next(), Done):
+            if isinstance(ev, ApiError):
+                raise ev
         if self.job.cancelled:  # nobody is listening; counted apart from answers in the metrics
             raise ApiError(499, "the client closed the request", code="client_closed")
         return self.outcome
@@ -173,39 +164,6 @@ def _cap(request: Request, info: dict[str, Any]) -> int:
     return min(request.app.state.config.max_tokens or info["n_ctx"], info["n_ctx"])
 
 
-# ------------------------------------------------------------------------- formatting
-
-def usage(done: dict[str, Any]) -> dict[str, Any]:
-    u = done["usage"]
-    return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
-            "total_tokens": u["prompt_tokens"] + u["completion_tokens"],
-            "prompt_tokens_details": {"cached_tokens": done["timings"]["cached_prompt_tokens"]},
-            "completion_tokens_details": {"reasoning_tokens": u["reasoning_tokens"]}}
-
-
-def watchdog_ext(done: dict[str, Any]) -> dict[str, Any]:
-    """The extension object: why the turn ended and every intervention of the watchdog."""
-    return {"stop_reason": done["stop_reason"], "reasoning_truncated": done["reasoning_truncated"],
-            "reasoning_tokens": done["usage"]["reasoning_tokens"],
-            "think_budget": done.get("sampling", {}).get("think_budget"), "events": done["watchdog_events"]}
-
-
-def finish_reason(done: dict[str, Any]) -> str:
-    """OpenAI's values only: a cancelled turn (deadline, shutdown) was cut, so "length"."""
-    return "stop" if done["finish_reason"] == "stop" else "length"
-
-
-def sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-
-@dataclass
-class _Meta:
-    id: str
-    model: str
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
 def _after(request: Request, run: RequestRun, kind: str, payload: Any) -> None:
     """Metrics and the audit record of a finished generation."""
     o, state = run.outcome, request.app.state
@@ -216,57 +174,134 @@ def _after(request: Request, run: RequestRun, kind: str, payload: Any) -> None:
         state.audit.record(run.job.id, kind, payload, o)
 
 
+# ------------------------------------------------------------------------- formatting
+
+def usage(done: Done) -> dict[str, Any]:
+    u = done.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.timings.cached_prompt_tokens},
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+
+
+def watchdog_ext(done: Done) -> dict[str, Any]:
+    """The extension object: why the turn ended and every intervention of the watchdog."""
+    return {"stop_reason": done.stop_reason, "reasoning_truncated": done.reasoning_truncated,
+            "reasoning_tokens": done.usage.reasoning_tokens, "think_budget": done.sampling.get("think_budget"),
+            "events": done.watchdog_events}
+
+
+def finish_reason(done: Done) -> str:
+    """OpenAI's values only: a cancelled turn (deadline, shutdown) was cut, so "length"."""
+    return "stop" if done.finish_reason == "stop" else "length"
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+class ChatFormat:
+    """chat.completion: the thought in ``reasoning_content``, the answer in ``content``."""
+
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    extra: dict[str, Any] = {"system_fingerprint": None}
+
+    def opening(self) -> dict[str, Any] | None:
+        return {"delta": {"role": "assistant", "content": ""}}
+
+    def piece(self, ev: ThinkingText | AnswerText) -> dict[str, Any]:
+        return {"delta": {"reasoning_content" if isinstance(ev, ThinkingText) else "content": ev.text}}
+
+    def closing(self) -> dict[str, Any]:
+        return {"delta": {}}
+
+    def whole(self, o: Outcome) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": "".join(o.answer),
+                            "reasoning_content": "".join(o.thinking) or None}}
+
+
+class TextFormat:
+    """text_completion: plain text (a raw prompt has no thinking split)."""
+
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+    extra: dict[str, Any] = {}
+
+    def opening(self) -> dict[str, Any] | None:
+        return None
+
+    def piece(self, ev: ThinkingText | AnswerText) -> dict[str, Any]:
+        return {"text": ev.text}
+
+    def closing(self) -> dict[str, Any]:
+        return {"text": ""}
+
+    def whole(self, o: Outcome) -> dict[str, Any]:
+        return {"text": "".join(o.thinking + o.answer)}
+
+
+Format = ChatFormat | TextFormat
+
+
+@dataclass
+class Reply:
+    """One response's identity and its bodies, in the format of its type."""
+
+    fmt: Format
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{self.fmt.prefix}-{uuid.uuid4().hex}"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, o: Outcome) -> dict[str, Any]:
+        choice = {"index": 0, **self.fmt.whole(o), "finish_reason": finish_reason(o.done), "logprobs": None}
+        return {**self._head(self.fmt.object), "choices": [choice], "usage": usage(o.done),
+                "watchdog": watchdog_ext(o.done), **self.fmt.extra}
+
+    def chunk(self, body: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        choice = {"index": 0, **body, "finish_reason": finish, "logprobs": None}
+        return sse({**self._head(self.fmt.chunk_object), "choices": [choice], **extra})
+
+    def usage_chunk(self, done: Done) -> bytes:
+        return sse({**self._head(self.fmt.chunk_object), "choices": [], "usage": usage(done)})
+
+
+CHAT, TEXT = ChatFormat(), TextFormat()
+
+
 # ----------------------------------------------------------------------------- routes
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
     info = _ready_info(request)
     spec = chat_job(req, info, _cap(request, info))
-    run = _start(request, spec, req.deadline_s)
-    meta = _meta("chatcmpl", info)
     payload = [{"role": r, "content": c} for r, c in spec.messages]
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunks = _chat_chunks(run, meta, include_usage, lambda: _after(request, run, "chat", payload))
-        return await _streaming(run, chunks)
-    try:
-        o = await run.finish()
-    finally:
-        run.close()
-    _after(request, run, "chat", payload)
-    message = {"role": "assistant", "content": "".join(o.answer),
-               "reasoning_content": "".join(o.thinking) or None}
-    return JSONResponse({
-        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(o.done), "logprobs": None}],
-        "usage": usage(o.done), "watchdog": watchdog_ext(o.done), "system_fingerprint": None,
-    })
+    return await _respond(request, req, spec, Reply(CHAT, info["model"]), "chat", payload)
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request) -> Response:
     info = _ready_info(request)
-    run = _start(request, raw_job(req, _cap(request, info)), req.deadline_s)
-    meta = _meta("cmpl", info)
+    spec = raw_job(req, _cap(request, info))
+    return await _respond(request, req, spec, Reply(TEXT, info["model"]), "raw", req.prompt)
+
+
+async def _respond(request: Request, req: Any, spec: JobSpec, reply: Reply, kind: str, payload: Any) -> Response:
+    """Run the job; answer with one JSON body, or with server-sent events when asked to stream."""
+    run = _start(request, spec, req.deadline_s)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        chunks = _text_chunks(run, meta, include_usage, lambda: _after(request, run, "raw", req.prompt))
-        return await _streaming(run, chunks)
+        return await _streaming(run, _chunks(run, reply, include_usage, lambda: _after(request, run, kind, payload)))
     try:
         o = await run.finish()
     finally:
         run.close()
-    _after(request, run, "raw", req.prompt)
-    return JSONResponse({
-        "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "text": "".join(o.thinking + o.answer), "finish_reason": finish_reason(o.done),
-                     "logprobs": None}],
-        "usage": usage(o.done), "watchdog": watchdog_ext(o.done),
-    })
-
-
-def _meta(prefix: str, info: dict[str, Any]) -> _Meta:
-    return _Meta(f"{prefix}-{uuid.uuid4().hex}", info["model"])
+    _after(request, run, kind, payload)
+    return JSONResponse(reply.whole(o))
 
 
 async def _streaming(run: RequestRun, chunks: AsyncIterator[bytes]) -> Response:
@@ -287,80 +322,54 @@ async def _streaming(run: RequestRun, chunks: AsyncIterator[bytes]) -> Response:
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _events_until_text(run: RequestRun) -> list[tuple]:
+async def _events_until_text(run: RequestRun) -> list[Event]:
     """Events up to and including the first that produces output; an error before it raises."""
     seen = []
     while True:
         ev = await run.next()
-        if ev[0] == "error":
-            raise error_from_event(ev)
+        if isinstance(ev, ApiError):
+            raise ev
         seen.append(ev)
-        if ev[0] in ("thinking", "answer", "done"):
+        if isinstance(ev, (ThinkingText, AnswerText, Done)):
             return seen
 
 
-async def _event_stream(run: RequestRun) -> AsyncIterator[tuple]:
+async def _event_stream(run: RequestRun) -> AsyncIterator[Event | ApiError]:
     for ev in await _events_until_text(run):
         yield ev
-        if ev[0] == "done":
+        if isinstance(ev, Done):
             return
     while True:
         ev = await run.next()
         yield ev
-        if ev[0] in ("done", "error"):
+        if isinstance(ev, (Done, ApiError)):
             return
 
 
-async def _chat_chunks(run: RequestRun, meta: _Meta, include_usage: bool, after: Any) -> AsyncIterator[bytes]:
-    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> bytes:
-        return sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
-
+async def _chunks(run: RequestRun, reply: Reply, include_usage: bool, after: Any) -> AsyncIterator[bytes]:
+    """The server-sent events of one response: text pieces, then the closing chunk (the finish
+    reason and the watchdog's report), the usage if asked, ``[DONE]``; or an error event."""
     events = _event_stream(run)
     first = await events.__anext__()  # errors before any output propagate as a status code
-    yield chunk({"role": "assistant", "content": ""})
+    if (opening := reply.fmt.opening()) is not None:
+        yield reply.chunk(opening)
     async for ev in _chain(first, events):
-        if ev[0] == "thinking":
-            yield chunk({"reasoning_content": ev[1]})
-        elif ev[0] == "answer":
-            yield chunk({"content": ev[1]})
-        elif ev[0] == "error":
-            yield sse(error_from_event(ev).body())
-            return
-        elif ev[0] == "done":
-            after()
-            yield chunk({}, finish_reason(ev[1]), watchdog=watchdog_ext(ev[1]))
-            if include_usage:
-                yield sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                           "model": meta.model, "choices": [], "usage": usage(ev[1])})
-            yield b"data: [DONE]\n\n"
-            return
+        match ev:
+            case ThinkingText() | AnswerText():
+                yield reply.chunk(reply.fmt.piece(ev))
+            case ApiError():
+                yield sse(ev.body())
+                return
+            case Done():
+                after()
+                yield reply.chunk(reply.fmt.closing(), finish_reason(ev), watchdog=watchdog_ext(ev))
+                if include_usage:
+                    yield reply.usage_chunk(ev)
+                yield b"data: [DONE]\n\n"
+                return
 
 
-async def _text_chunks(run: RequestRun, meta: _Meta, include_usage: bool, after: Any) -> AsyncIterator[bytes]:
-    def chunk(text: str, finish: str | None = None, **extra: Any) -> bytes:
-        return sse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], **extra})
-
-    events = _event_stream(run)
-    first = await events.__anext__()
-    async for ev in _chain(first, events):
-        if ev[0] in ("thinking", "answer"):
-            yield chunk(ev[1])
-        elif ev[0] == "error":
-            yield sse(error_from_event(ev).body())
-            return
-        elif ev[0] == "done":
-            after()
-            yield chunk("", finish_reason(ev[1]), watchdog=watchdog_ext(ev[1]))
-            if include_usage:
-                yield sse({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                           "choices": [], "usage": usage(ev[1])})
-            yield b"data: [DONE]\n\n"
-            return
-
-
-async def _chain(first: tuple, rest: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
+async def _chain(first: Event | ApiError, rest: AsyncIterator[Event | ApiError]) -> AsyncIterator[Event | ApiError]:
     yield first
     async for ev in rest:
         yield ev

@@ -8,7 +8,7 @@ import concurrent.futures
 import logging
 import os
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_magistral import __version__
 from edge_magistral.errors import BadInputError
+from edge_magistral.hashing import sha256_file
 from edge_magistral.server import api
 from edge_magistral.server.errors import ApiError
 from edge_magistral.server.guard import Guard, GuardConfig, KeyChecker, is_loopback
@@ -47,13 +48,13 @@ class ServerConfig:
     insecure_no_auth: bool = False
     allowed_hosts: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    queue_size: int = 8
+    queue_size: int = SupervisorConfig.queue_size
     max_body_bytes: int = 2 * 1024 * 1024
     max_tokens: int | None = None  # the cap on a request's max_tokens (default: the context)
     request_timeout_s: float = 600.0
     client_timeout_s: float = 30.0  # request headers, the body, and a stalled reader (each)
-    hang_timeout_s: float = 120.0
-    load_timeout_s: float = 900.0
+    stall_timeout_s: float = SupervisorConfig.stall_timeout_s
+    load_timeout_s: float = SupervisorConfig.load_timeout_s
     drain_timeout_s: float = 30.0
     audit_log: str | None = None
     redact: str = "none"
@@ -107,19 +108,23 @@ class AuditSink:
         info = self.sup.info if self.sup is not None else {}
         self._pool.submit(self._write, request_id, kind, prompt, outcome, info)
 
+    def _model_sha256(self, info: dict[str, Any]) -> str:
+        """The sha256 admission verified; a model no manifest lists is hashed here, once."""
+        if self._sha is None:
+            self._sha = info.get("admission", {}).get("sha256") or sha256_file(self.model_path)
+        return self._sha
+
     def _write(self, request_id: str, kind: str, prompt: Any, o: Any, info: dict[str, Any]) -> None:
         from edge_magistral.audit import AuditRecord
-        from edge_magistral.cli.run_cmds import model_sha256
 
         try:
-            if self._sha is None:
-                self._sha = model_sha256(self.model_path)
             d, plan = o.done, info.get("plan", {})
             self.log.append(AuditRecord(
-                request_id=request_id, model_sha256=self._sha, quant=plan.get("quant", ""), plan=plan,
-                sampling={**d.get("sampling", {}), "kind": kind}, prompt=prompt, thinking="".join(o.thinking),
-                answer="".join(o.answer), watchdog_events=d["watchdog_events"], usage=d["usage"],
-                finish_reason=d["finish_reason"], timings=d["timings"]))
+                request_id=request_id, model_sha256=self._model_sha256(info), quant=plan.get("quant", ""), plan=plan,
+                sampling={**d.sampling, "kind": kind}, prompt=prompt, thinking="".join(o.thinking),
+                answer="".join(o.answer), watchdog_events=d.watchdog_events,
+                usage={**asdict(d.usage), "completion_tokens": d.usage.completion_tokens},
+                finish_reason=d.finish_reason, timings=asdict(d.timings)))
         except Exception:  # a full disk must not take the service down; the log stays valid
             log.exception("could not write the audit record of %s", request_id)
 
@@ -130,11 +135,11 @@ class AuditSink:
 def build_service(config: ServerConfig, notifier: Any = None, on_fatal: Any = None) -> Service:
     metrics = Metrics()
     sup_config = config.supervisor
-    sup_config = SupervisorConfig(**{
-        **asdict(sup_config), "queue_size": config.queue_size, "hang_timeout_s": config.hang_timeout_s,
-        "load_timeout_s": config.load_timeout_s,
-        # a worker silent for half the hang timeout is unhealthy (no watchdog pings) before it is killed
-        "beat_timeout_s": min(sup_config.beat_timeout_s, config.hang_timeout_s / 2)})
+    sup_config = replace(
+        sup_config, queue_size=config.queue_size, stall_timeout_s=config.stall_timeout_s,
+        load_timeout_s=config.load_timeout_s,
+        # a worker silent for half the stall timeout is unhealthy (no liveness pings) before it is killed
+        beat_timeout_s=min(sup_config.beat_timeout_s, config.stall_timeout_s / 2))
     settings = WorkerSettings(model_path=config.model_path, ctx=config.ctx, n_gpu_layers=config.n_gpu_layers,
                               profile=config.profile, threads=config.threads, think_budget=config.think_budget,
                               model_name=config.model_name, hardware_file=config.hardware_file,

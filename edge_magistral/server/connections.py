@@ -1,5 +1,5 @@
 """The connection layer under uvicorn: timeouts for clients that are slow or silent, and a
-connection limit that idle clients cannot exhaust (RELIABILITY.md 14, 26).
+connection limit that idle clients cannot exhaust.
 
 On its own, uvicorn (whose h11 protocol is subclassed here) closes a kept-alive connection that
 stays idle after a response, but it

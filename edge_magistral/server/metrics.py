@@ -7,6 +7,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from edge_magistral.generation import Done
+
 PREFIX = "edge_magistral"
 
 
@@ -32,8 +34,8 @@ class Metrics:
         self.generating = Gauge(f"{PREFIX}_generating", "1 while the engine runs a request", registry=r)
         self.slots_busy = Gauge(f"{PREFIX}_slots_busy", "Decoding slots running a request", registry=r)
         self.slots = Gauge(f"{PREFIX}_slots", "Decoding slots of the loaded engine (--parallel)", registry=r)
-        self.watchdog = Counter(f"{PREFIX}_watchdog_interventions", "Watchdog interventions by action and reason",
-                                ["action", "reason"], registry=r)
+        self.watchdog = Counter(f"{PREFIX}_watchdog_interventions",
+                                "[THINK] watchdog interventions by action and reason", ["action", "reason"], registry=r)
         self.model_memory = Gauge(f"{PREFIX}_model_memory_bytes", "Model memory per device as planned",
                                   ["device", "part"], registry=r)
         self.worker_rss = Gauge(f"{PREFIX}_worker_resident_memory_bytes", "Resident memory of the model worker",
@@ -81,16 +83,15 @@ class Metrics:
             pass
 
     # -- per request
-    def finished(self, done: dict[str, Any], ttft_s: float | None, duration_s: float) -> None:
-        u = done.get("usage", {})
-        self.prompt_tokens.inc(u.get("prompt_tokens", 0))
-        self.completion_tokens.inc(u.get("completion_tokens", 0))
-        self.reasoning_tokens.inc(u.get("reasoning_tokens", 0))
-        tps = done.get("timings", {}).get("tokens_per_s") or 0
-        if tps > 0:
-            self.tokens_per_s.observe(tps)
+    def finished(self, done: Done, ttft_s: float | None, duration_s: float) -> None:
+        u = done.usage
+        self.prompt_tokens.inc(u.prompt_tokens)
+        self.completion_tokens.inc(u.completion_tokens)
+        self.reasoning_tokens.inc(u.reasoning_tokens)
+        if done.timings.tokens_per_s > 0:
+            self.tokens_per_s.observe(done.timings.tokens_per_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         self.duration.observe(duration_s)
-        for ev in done.get("watchdog_events", []):
+        for ev in done.watchdog_events:
             self.watchdog.labels(ev.get("action", "?"), ev.get("reason", "?")).inc()

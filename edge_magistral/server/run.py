@@ -106,7 +106,7 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
 
 
 def preflight(config: ServerConfig) -> Plan:
-    """Detect the box and plan the model before anything listens or loads (RELIABILITY.md 5): a
+    """Detect the box and plan the model before anything listens or loads: a
     GPU the installed llama.cpp cannot drive, or a model that does not fit, stops the start here
     with what to do, instead of a worker that loads on the wrong device or dies in a restart loop.
     The worker plans again when it loads (free memory may have changed by then)."""

@@ -15,11 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from edge_magistral.generation import DEFAULT_LIMITS, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH
+
 INT64 = 2**63
-# The limits engine.schema_grammar enforces (checked here too, without importing llama.cpp into
-# the front process; a test keeps them equal).
-MAX_SCHEMA_BYTES = 64 * 1024
-MAX_SCHEMA_DEPTH = 32
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -43,12 +41,16 @@ def check_text(s: str, what: str) -> str:
     return s
 
 
-def _json_depth_and_text(value: Any) -> int:
-    """Nesting depth of a JSON value, iteratively; refuses lone surrogates anywhere in it."""
-    deepest, stack = 0, [(value, 0)]
+def _check_schema_shape(value: Any) -> None:
+    """Refuse a JSON value nested deeper than MAX_SCHEMA_DEPTH (as ``generation.json_depth``
+    counts) or with a lone surrogate anywhere (keys included). Iterative, and it stops at the
+    first level too deep: the recursive ``json_depth`` could exhaust the stack on a request's
+    value before the cap is checked."""
+    stack = [(value, 0)]
     while stack:
         v, d = stack.pop()
-        deepest = max(deepest, d)
+        if d > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
         if isinstance(v, dict):
             for k, x in v.items():
                 check_text(k, "the JSON schema")
@@ -57,7 +59,6 @@ def _json_depth_and_text(value: Any) -> int:
             stack.extend((x, d + 1) for x in v)
         elif isinstance(v, str):
             check_text(v, "the JSON schema")
-    return deepest
 
 
 class _Strict(BaseModel):
@@ -111,8 +112,7 @@ class JsonSchemaFormat(_Strict):
     def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is None:
             return v
-        if _json_depth_and_text(v) > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        _check_schema_shape(v)
         size = len(json.dumps(v))
         if size > MAX_SCHEMA_BYTES:
             raise ValueError(f"the JSON schema is {size} bytes; the limit is {MAX_SCHEMA_BYTES}")
@@ -151,10 +151,12 @@ class _Sampling(_Strict):
     model: str | None = Field(None, max_length=256, description="Any name: this server serves one model")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    temperature: Float | None = Field(None, ge=0, le=2, description="Default 0.7, Magistral's recommendation")
-    top_p: Float | None = Field(None, ge=0, le=1, description="Default 0.95")
-    top_k: Int | None = Field(None, ge=0, le=100_000, description="Extension; default 40, 0 disables")
-    min_p: Float | None = Field(None, ge=0, le=1, description="Extension; default 0")
+    temperature: Float | None = Field(None, ge=0, le=2,
+                                      description=f"Default {DEFAULT_LIMITS.temperature}, Magistral's recommendation")
+    top_p: Float | None = Field(None, ge=0, le=1, description=f"Default {DEFAULT_LIMITS.top_p}")
+    top_k: Int | None = Field(None, ge=0, le=100_000, description=f"Extension; default "
+                                                                       f"{DEFAULT_LIMITS.top_k}, 0 disables")
+    min_p: Float | None = Field(None, ge=0, le=1, description=f"Extension; default {DEFAULT_LIMITS.min_p:g}")
     seed: Int | None = Field(None, ge=-INT64, le=2**64 - 1)
     stop: StopString | StopList | None = Field(None, description=f"Up to {MAX_STOP} strings; matched in the "
                                                                   "answer only")
