@@ -17,13 +17,16 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from edge_magistral.catalog import QUALITY_ORDER
 from edge_magistral.errors import BadInputError
-from edge_magistral.hardware import GiB, Hardware
+from edge_magistral.units import GiB
+
+if TYPE_CHECKING:
+    from edge_magistral.hardware import Hardware
 
 
 def _builtin_dir() -> Path:

@@ -10,9 +10,10 @@ import click
 from edge_magistral.catalog import ModelCandidate, catalog, from_gguf_info
 from edge_magistral.cli import cli
 from edge_magistral.errors import BackendError
-from edge_magistral.hardware import GiB, Hardware, detect, load_hardware
+from edge_magistral.hardware import Hardware, detect, load_hardware
 from edge_magistral.planner import NoFitError, Option, Plan, Request, plan
 from edge_magistral.profiles import MAX_PARALLEL, choose_profile, load_profiles
+from edge_magistral.units import GiB
 
 
 @cli.command("detect")

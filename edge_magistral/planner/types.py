@@ -1,0 +1,160 @@
+"""The planner's data: what a caller asks for, the settings it evaluates, the devices and memory
+pools of a box, what each device needs, and the plan it hands back."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from edge_magistral.errors import DoesNotFitError
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller insists on; None leaves the choice to the planner and the profile."""
+
+    ctx: int | None = None
+    n_gpu_layers: int | None = None
+    quant: str | None = None
+    kv_type: str | None = None
+    flash_attn: bool | None = None
+    parallel: int | None = None  # decoding slots (None: the profile's default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The load settings of one llama.cpp model + context."""
+
+    n_ctx: int
+    n_gpu_layers: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = True
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_slots: int = 1  # >1: BatchEngine's context (n_slots + 1 KV streams); 1: the single-sequence Engine
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device the model can be placed on, and the memory pools it draws from."""
+
+    name: str  # llama.cpp's name: "CPU", "CUDA0", "Metal"
+    kind: str  # cpu | gpu
+    backend: str  # cpu | cuda | rocm | metal | vulkan
+    split_bytes: int  # free memory llama.cpp splits layers by
+    pools: tuple[str, ...]  # e.g. ("CUDA0",) or ("Metal", "RAM") for unified memory
+    bandwidth_gbs: float
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A memory pool (RAM, one discrete GPU, a unified GPU's cap) and what the profile leaves free."""
+
+    name: str
+    free_bytes: int
+    reserve_bytes: int
+
+    @property
+    def budget(self) -> int:
+        return max(0, self.free_bytes - self.reserve_bytes)
+
+
+@dataclass
+class DeviceMemory:
+    """Predicted bytes on one device."""
+
+    device: str
+    weights: int = 0
+    kv_cache: int = 0
+    compute: int = 0
+    overhead: int = 0
+    layers: int = 0  # repeating layers placed here (the output layer not counted)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.overhead
+
+
+@dataclass
+class PoolUse:
+    """What a set of settings needs from one pool, against the pool's budget."""
+
+    pool: str
+    need: int
+    budget: int
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.budget
+
+
+@dataclass
+class Option:
+    """One evaluated alternative: a quant with the best settings found for it."""
+
+    quant: str
+    path: str
+    fits: bool
+    settings: Settings | None
+    pools: list[PoolUse] = field(default_factory=list)
+    tokens_per_s: float = 0.0
+    note: str = ""
+
+    @property
+    def need_bytes(self) -> int:
+        return sum(p.need for p in self.pools)
+
+
+@dataclass
+class Plan:
+    """How to load the model on this box, why, and what it will cost."""
+
+    model_path: str
+    quant: str
+    source: str
+    profile: str
+    n_gpu_layers: int
+    n_ctx: int
+    type_k: str
+    type_v: str
+    flash_attn: bool
+    n_batch: int
+    n_ubatch: int
+    n_slots: int  # requests decoded at once; 1: the single-sequence Engine
+    n_threads: int
+    n_threads_batch: int
+    tensor_split: list[float]
+    think_budget: int
+    memory: list[DeviceMemory]
+    pools: list[PoolUse]
+    tokens_per_s: float
+    reasons: dict[str, str]
+    alternatives: list[Option] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(
+            self.n_ctx,
+            self.n_gpu_layers,
+            self.type_k,
+            self.type_v,
+            self.flash_attn,
+            self.n_batch,
+            self.n_ubatch,
+            self.n_slots,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        for m, dm in zip(d["memory"], self.memory, strict=True):
+            m["total"] = dm.total
+        return d
+
+
+class NoFitError(DoesNotFitError):
+    """Nothing fits; carries the evaluated alternatives so a CLI can still show them."""
+
+    def __init__(self, message: str, alternatives: list[Option], missing_bytes: int):
+        super().__init__(message)
+        self.alternatives = alternatives
+        self.missing_bytes = missing_bytes
