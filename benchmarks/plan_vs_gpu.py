@@ -36,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, from_gguf_info, tensor_specs  # noqa: E402
 from edge_magistral.dryrun import parse_log  # noqa: E402
 from edge_magistral.gguf_info import read_info  # noqa: E402
-from edge_magistral.hardware import GiB, MiB, detect, llama_lib_dir  # noqa: E402
+from edge_magistral.hardware import detect, llama_lib_dir  # noqa: E402
 from edge_magistral.planner import NoFitError, Request, plan  # noqa: E402
 from edge_magistral.profiles import load_profiles  # noqa: E402
 from edge_magistral.shaped_gguf import write_shaped_gguf  # noqa: E402
+from edge_magistral.units import GiB, MiB  # noqa: E402
 
 QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M"]
 # name, profile (None: the matching one), GPU memory to leave free (None: all of it)

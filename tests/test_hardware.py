@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from edge_magistral.errors import BadInputError
 from edge_magistral.hardware import (
-    GiB,
     Hardware,
     RecordedReader,
     SystemReader,
@@ -21,6 +20,7 @@ from edge_magistral.hardware import (
     load_hardware,
     parse_nvidia_smi,
 )
+from edge_magistral.units import GiB
 
 DATA = Path(__file__).parent / "data" / "hardware"
 

@@ -19,7 +19,7 @@ from edge_magistral.catalog import (
 )
 from edge_magistral.errors import BadInputError, DoesNotFitError
 from edge_magistral.gguf_info import read_info
-from edge_magistral.hardware import GiB, Hardware, MiB, RecordedReader, detect
+from edge_magistral.hardware import Hardware, RecordedReader, detect
 from edge_magistral.planner import (
     NoFitError,
     Plan,
@@ -35,6 +35,7 @@ from edge_magistral.planner import (
 )
 from edge_magistral.profiles import BUILTIN_DIR, choose_profile, load_profiles
 from edge_magistral.shaped_gguf import write_shaped_gguf
+from edge_magistral.units import GiB, MiB
 
 DATA = Path(__file__).parent / "data" / "hardware"
 PROFILES = load_profiles([BUILTIN_DIR])

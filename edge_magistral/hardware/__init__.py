@@ -23,7 +23,6 @@ from edge_magistral.hardware.readers import Reader, RecordedReader
 from edge_magistral.hardware.reconcile import require_usable
 from edge_magistral.hardware.serialize import from_dict, load_hardware
 from edge_magistral.hardware.system import SystemReader
-from edge_magistral.units import GiB, MiB  # for callers not yet importing them from edge_magistral.units
 
 __all__ = [
     "SCHEMA_VERSION", "CPUInfo", "Finding", "GGMLDevice", "GPUInfo", "GiB", "Hardware", "MiB", "Reader",
