@@ -1,0 +1,184 @@
+"""Open a model in one call: which GGUF, planned for this box, loaded into an engine.
+
+``open_model(ModelRequest(...))`` resolves the model spec (a path, a quant in the model store, or
+nothing: the store's model), detects the box (or reads a recorded one), refuses a GPU the
+installed llama.cpp cannot drive, plans with the profile and the caller's overrides, turns the
+plan into :class:`~edge_magistral.generation.LoadSettings` and loads the engine. ``run``,
+``chat``, ``bench`` and the server's worker all open models this way, so they plan alike.
+
+Everything before the engine (:func:`resolve_model`, :func:`plan_model`) imports no llama.cpp:
+the server's front can plan and the CLI can print the plan before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_magistral.errors import BadInputError, ModelNotFoundError
+from edge_magistral.generation import LoadSettings
+
+if TYPE_CHECKING:
+    from edge_magistral.hardware import Hardware
+    from edge_magistral.planner import Plan
+
+MODEL_ENV = "EDGE_MAGISTRAL_MODEL"  # stands for the model spec when none is given
+
+
+class NoModelError(ModelNotFoundError):
+    """No model was named and the store holds none (a CLI may offer to pull one)."""
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What to open and the caller's overrides; None leaves each choice to the plan."""
+
+    model: str | None = None  # a GGUF path, a quant in the store; None: $EDGE_MAGISTRAL_MODEL, else the store's
+    ctx: int | None = None  # the context of one slot
+    n_gpu_layers: int | None = None
+    parallel: int | None = None  # decoding slots (None: the profile's, lowered to what fits)
+    profile: str | None = None  # a profile name (None: the one matching the box)
+    hardware_file: str | None = None  # plan for the box this `detect --json` file records
+    threads: int | None = None  # threads for prompt and generation (None: the plan's)
+    think_budget: int | None = None  # the default per-turn think budget (None: the plan's)
+    store: str | None = None  # the model store's folder (None: the default store)
+
+
+@dataclass
+class OpenedModel:
+    """A loaded engine with the plan and settings it was loaded with."""
+
+    engine: Any  # edge_magistral.engine.Engine
+    plan: Plan
+    settings: LoadSettings
+    path: str
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> OpenedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_model(spec: str | None, store: str | None = None, profile: str | None = None,
+                  hardware_file: str | None = None) -> str:
+    """The GGUF path for ``spec``: an existing file as given (a symlink stays a symlink), else a
+    quant in the store; with no spec (nor ``$EDGE_MAGISTRAL_MODEL``), the store's only model, or
+    the one the planner picks among several for this box (or the one ``hardware_file`` records).
+
+    Raises ModelNotFoundError for a spec that names nothing, NoModelError for an empty store."""
+    from edge_magistral.store import Store
+
+    spec = spec or os.environ.get(MODEL_ENV) or None
+    st = Store.default(store)
+    if spec:
+        if Path(spec).is_file():
+            return spec
+        if (p := st.path_of(spec)) is not None and p.is_file():
+            return str(p)
+        raise ModelNotFoundError(f"{spec}: no such model file, and no {spec} in the store at {st.root}; "
+                                 f"check --model or ${MODEL_ENV} (`edge-magistral store` lists the store)")
+    found = [st.root / e.file for e in st.models() if (st.root / e.file).is_file()]
+    if not found:
+        raise NoModelError(f"no model given and none in the store at {st.root}: pass --model FILE.gguf, "
+                           "or `edge-magistral pull` one")
+    if len(found) == 1:
+        return str(found[0])
+    return _best_of(found, profile, _hardware(hardware_file, store))
+
+
+def _best_of(paths: list[Path], profile: str | None, hw: Hardware) -> str:
+    """The planner's pick among several local GGUFs for this box."""
+    from edge_magistral.catalog import from_gguf_info
+    from edge_magistral.gguf_info import read_info
+    from edge_magistral.planner import plan
+    from edge_magistral.profiles import choose_profile, load_profiles
+
+    profile_ = choose_profile(hw, load_profiles(), profile)
+    return plan(hw, profile_, [from_gguf_info(read_info(p)) for p in paths]).model_path
+
+
+def _hardware(hardware_file: str | None, store: str | None) -> Hardware:
+    """The recorded box, else this one, refused when llama.cpp cannot drive its GPU (never a
+    silent CPU run)."""
+    from edge_magistral.hardware import detect, load_hardware, require_usable
+
+    hw = load_hardware(hardware_file) if hardware_file else detect(store_dir=store)
+    require_usable(hw)
+    return hw
+
+
+def plan_model(req: ModelRequest) -> tuple[Plan, LoadSettings]:
+    """Resolve, detect and plan (nothing loaded): the plan and the settings to load it with.
+
+    Overrides that cannot fit are refused with the reason (DoesNotFitError, BadInputError)."""
+    from edge_magistral.planner import Request, plan_for_model
+
+    if req.threads is not None and req.threads < 1:
+        raise BadInputError(f"threads must be at least 1, not {req.threads}")
+    path = resolve_model(req.model, req.store, req.profile, req.hardware_file)
+    hw = _hardware(req.hardware_file, req.store)
+    request = Request(ctx=req.ctx, n_gpu_layers=req.n_gpu_layers, parallel=req.parallel)
+    plan, _ = plan_for_model(path, request, hw, profile_name=req.profile)
+    return plan, _settings(plan, req)
+
+
+def _settings(plan: Plan, req: ModelRequest) -> LoadSettings:
+    settings = LoadSettings.from_plan(plan)
+    if req.threads:
+        settings = replace(settings, n_threads=req.threads, n_threads_batch=req.threads)
+    if req.think_budget is not None:
+        settings = replace(settings, think_budget=req.think_budget)
+    return settings
+
+
+def load_model(plan: Plan, settings: LoadSettings) -> OpenedModel:
+    """Load the engine for settings :func:`plan_model` made (the slow part). A caller that plans
+    first and loads afterwards imports ``edge_magistral.engine`` before planning (see
+    :func:`open_model`)."""
+    return OpenedModel(_engine(settings), plan, settings, settings.model_path)
+
+
+def open_model(req: ModelRequest, on_plan: Callable[[Plan], None] | None = None) -> OpenedModel:
+    """Resolve, plan and load: the one call that opens a model. ``on_plan`` hears the plan
+    before the (slow) load, e.g. to say what the planner decided."""
+    _llama_first()
+    plan, settings = plan_model(req)
+    if on_plan is not None:
+        on_plan(plan)
+    return load_model(plan, settings)
+
+
+def _llama_first() -> None:
+    """Load llama.cpp before anything imports numpy (the GGUF reader does): on a CUDA build the
+    other order made every model load segfault."""
+    import edge_magistral.engine  # noqa: F401
+
+
+def _engine(settings: LoadSettings) -> Any:
+    """The engine (imports llama.cpp): one engine for one slot or many."""
+    from edge_magistral.engine import load_engine
+
+    return load_engine(settings)
+
+
+def model_sha256(path: str) -> str:
+    """The model's sha256: from a build or store manifest beside it when its size matches, else
+    computed (the audit log records which bytes answered)."""
+    from edge_magistral.build import manifest as mf
+    from edge_magistral.hashing import sha256_file
+
+    p = Path(path)
+    try:
+        entry = mf.load(p.parent).entry(p.name)
+    except BadInputError:
+        entry = None
+    if entry is not None and entry.size == p.stat().st_size:
+        return entry.sha256
+    return sha256_file(p)
