@@ -107,6 +107,7 @@ class PullPlan:
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a broken network raises: retried by a download, a fall back to the hub cache in a plan."""
     import httpx2
     from huggingface_hub.errors import OfflineModeIsEnabled
 
@@ -195,6 +196,7 @@ def _resolve_cached(req: PullRequest, why: str) -> list[RemoteFile]:
 
 
 def partial_meta(tmp: Path) -> Path:
+    """Beside a staged download: which file its bytes belong to (only that file resumes from them)."""
     return tmp.with_name(tmp.name + ".json")
 
 

@@ -10,12 +10,11 @@ from contextlib import contextmanager
 
 
 def hub_endpoint() -> str:
+    """The hub's URL: ``$HF_ENDPOINT`` read at call time, else huggingface-hub's default."""
     from huggingface_hub import constants
 
     return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
 
-
-# -------------------------------------------------------------------------------- offline mode
 
 _user_offline: bool | None = None
 OURS = "EDGE_MAGISTRAL_SET_HF_OFFLINE"  # marks HF_HUB_OFFLINE as set by us, not by the user
