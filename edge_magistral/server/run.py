@@ -106,17 +106,17 @@ def serve(config: ServerConfig, notifier: Any = None) -> None:
 
 
 def preflight(config: ServerConfig) -> Plan:
-    """Detect the box and plan the model before anything listens or loads: a
-    GPU the installed llama.cpp cannot drive, or a model that does not fit, stops the start here
-    with what to do, instead of a worker that loads on the wrong device or dies in a restart loop.
-    The worker plans again when it loads (free memory may have changed by then)."""
-    from edge_magistral.hardware import detect, load_hardware, require_usable
-    from edge_magistral.planner import Request, plan_for_model
+    """Detect the box and plan the model before anything listens or loads: a GPU the installed
+    llama.cpp cannot drive, or a model that does not fit, stops the start here with what to do
+    (DoesNotFitError says what to change), instead of a worker that loads on the wrong device or
+    dies in a restart loop. The worker plans again when it loads (free memory may have changed by
+    then)."""
+    from edge_magistral.loader import ModelRequest, plan_model
 
-    hw = load_hardware(config.hardware_file) if config.hardware_file else detect()
-    require_usable(hw)
-    request = Request(ctx=config.ctx, n_gpu_layers=config.n_gpu_layers, parallel=config.parallel)
-    return plan_for_model(config.model_path, request, hw, config.profile)[0]  # DoesNotFitError says what to change
+    return plan_model(ModelRequest(model=config.model_path, ctx=config.ctx, n_gpu_layers=config.n_gpu_layers,
+                                   parallel=config.parallel, profile=config.profile,
+                                   hardware_file=config.hardware_file, threads=config.threads,
+                                   think_budget=config.think_budget))[0]
 
 
 def bind(host: str, port: int) -> socket.socket:
