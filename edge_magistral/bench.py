@@ -21,11 +21,14 @@ from typing import Any
 
 # The engine before anything that imports numpy: it loads llama_cpp first (the other order
 # segfaults model loads on CUDA builds).
-from edge_magistral.engine import Done, Engine, Limits, LoadSettings
+from edge_magistral.engine import Engine  # isort: skip
+import llama_cpp  # isort: skip
+
 from edge_magistral.errors import BackendError, BadInputError, DoesNotFitError
+from edge_magistral.generation import Done, Limits, LoadSettings
+from edge_magistral.units import MiB
 
 DEFAULT_CTX = 9216  # room for the 8k TTFT prompt and its first token
-MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,15 @@ class BenchResult:
 def plan_for_bench(model_path: str, ctx: int | None = None, n_gpu_layers: int | None = None) -> tuple[Any, str]:
     """Plan like ``run`` does, asking for a context that holds the 8k TTFT prompt unless ``ctx``
     is given; when the model or the box cannot, take the planner's own context and say so."""
-    from edge_magistral.planner import Request, plan_for_model
+    from edge_magistral.loader import ModelRequest, plan_model
 
+    req = ModelRequest(model=model_path, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1)
     if ctx is not None:
-        return plan_for_model(model_path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1))[0], ""
+        return plan_model(req)[0], ""
     try:
-        return plan_for_model(model_path, Request(ctx=DEFAULT_CTX, n_gpu_layers=n_gpu_layers, parallel=1))[0], ""
+        return plan_model(replace(req, ctx=DEFAULT_CTX))[0], ""
     except (BadInputError, DoesNotFitError) as e:
-        p = plan_for_model(model_path, Request(n_gpu_layers=n_gpu_layers, parallel=1))[0]
+        p = plan_model(req)[0]
         return p, f"context {p.n_ctx}, not {DEFAULT_CTX}: {e}"
 
 
@@ -98,8 +102,17 @@ def bench_settings(plan: Any, threads: int | None = None, n_batch: int = 2048, n
 
 # ---------------------------------------------------------------------------------- the tests
 
-def _random_ids(rng: random.Random, n_vocab: int, n: int) -> list[int]:
-    return [rng.randrange(n_vocab) for _ in range(n)]
+class Prompts:
+    """Random prompts whose first token differs from every earlier one's: no turn shares a prefix
+    with what the engine's KV cache holds, so each starts from an empty cache (the engine keeps
+    only a common prefix)."""
+
+    def __init__(self, rng: random.Random, n_vocab: int):
+        self.rng, self.n_vocab, self.count = rng, n_vocab, 0
+
+    def __call__(self, n: int) -> list[int]:
+        self.count += 1
+        return [self.count % self.n_vocab] + [self.rng.randrange(self.n_vocab) for _ in range(n - 1)]
 
 
 def _evaluated(e: Engine, n: int, before: int, what: str) -> None:
@@ -108,27 +121,33 @@ def _evaluated(e: Engine, n: int, before: int, what: str) -> None:
         raise BackendError(f"{what}: {e.tokens_evaluated - before} tokens evaluated, expected {n}")
 
 
-def prompt_rate(e: Engine, n: int, rng: random.Random) -> float:
-    """pp: tokens/s of one n-token prompt from an empty cache, waited for on the device."""
-    ids = _random_ids(rng, e.n_vocab, n)
-    e._reset_kv()
-    before = e.tokens_evaluated
+def prompt_rate(e: Engine, n: int, prompts: Prompts) -> float:
+    """pp: tokens/s of one n-token prompt from an empty cache, decoded in n_batch pieces and
+    waited for on the device, as llama-bench's pp. It runs on the engine's context between turns
+    (the engine is idle) and empties the cache before and after."""
+    mem = llama_cpp.llama_get_memory(e.ctx)
+    ids = prompts(n)
+    step = max(1, min(e.settings.n_batch, e.n_ctx))
+    llama_cpp.llama_memory_clear(mem, True)
     t0 = time.perf_counter()
-    e._decode(ids)
-    e._lc.llama_synchronize(e.ctx)
+    for i in range(0, n, step):
+        piece = (llama_cpp.llama_token * len(ids[i:i + step]))(*ids[i:i + step])
+        rc = llama_cpp.llama_decode(e.ctx, llama_cpp.llama_batch_get_one(piece, len(piece)))
+        if rc != 0:
+            raise BackendError(f"pp: llama_decode failed ({rc})")
+    llama_cpp.llama_synchronize(e.ctx)
     dt = time.perf_counter() - t0
-    _evaluated(e, n, before, "pp")
+    llama_cpp.llama_memory_clear(mem, True)
     return n / dt
 
 
-def generation_rate(e: Engine, n: int, rng: random.Random, seed: int) -> float:
+def generation_rate(e: Engine, n: int, prompts: Prompts, seed: int) -> float:
     """tg: n tokens of a real engine turn (raw, EOS ignored, the default sampler) after a
     one-token prompt, timed from its first token to its last: every step pays what a user's turn
     pays (the sampler, the watchdog, the detokenizer, the events), as llama-bench's does not."""
-    e._reset_kv()
     before = e.tokens_evaluated
     limits = Limits(raw=True, max_tokens=n + 1, seed=seed, ignore_eos=True)
-    done = _last_done(e.generate_ids(_random_ids(rng, e.n_vocab, 1), limits))
+    done = _last_done(e.generate_ids(prompts(1), limits))
     _evaluated(e, n + 1, before, "tg")  # the prompt token and the n generated tokens fed back
     if done.usage.completion_tokens != n + 1 or done.timings.generation_s <= 0:
         raise BackendError(f"tg: the turn generated {done.usage.completion_tokens} tokens, expected {n + 1}")
@@ -145,17 +164,15 @@ def _last_done(events: Any) -> Done:
     return done
 
 
-def warm_up(e: Engine, rng: random.Random, seed: int) -> None:
+def warm_up(e: Engine, prompts: Prompts, seed: int) -> None:
     """One short prompt and a few tokens before timing, as llama-bench warms up: the first
     decodes on a GPU pay for kernel loading and graph capture."""
-    e._reset_kv()
-    _last_done(e.generate_ids(_random_ids(rng, e.n_vocab, 32), Limits(raw=True, max_tokens=4, seed=seed)))
+    _last_done(e.generate_ids(prompts(32), Limits(raw=True, max_tokens=4, seed=seed)))
 
 
-def time_to_first_token(e: Engine, n: int, rng: random.Random, seed: int) -> float:
+def time_to_first_token(e: Engine, n: int, prompts: Prompts, seed: int) -> float:
     """Seconds from a turn's start to its first token, for a random n-token raw prompt."""
-    e._reset_kv()
-    done = _last_done(e.generate_ids(_random_ids(rng, e.n_vocab, n), Limits(raw=True, max_tokens=1, seed=seed)))
+    done = _last_done(e.generate_ids(prompts(n), Limits(raw=True, max_tokens=1, seed=seed)))
     if done.timings.ttft_s is None or done.timings.cached_prompt_tokens:
         raise BackendError(f"ttft {n}: the turn produced no first token from an empty cache")
     return done.timings.ttft_s
@@ -250,12 +267,13 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
         _reset_peak_rss()
         e = Engine(settings)
         try:
-            system_info = e._lc.llama_print_system_info().decode("utf-8", "replace").strip()
+            system_info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
             on_device = e.backend_sampling
-            warm_up(e, rng, seed)
-            figures = {"load_s": e.load_s, "pp": prompt_rate(e, sizes.pp, rng),
-                       "tg": generation_rate(e, sizes.tg, rng, seed + rep)}
-            figures |= {f"ttft{n}": time_to_first_token(e, n, rng, seed + rep) for n in fits}
+            prompts = Prompts(rng, e.n_vocab)
+            warm_up(e, prompts, seed)
+            figures = {"load_s": e.load_s, "pp": prompt_rate(e, sizes.pp, prompts),
+                       "tg": generation_rate(e, sizes.tg, prompts, seed + rep)}
+            figures |= {f"ttft{n}": time_to_first_token(e, n, prompts, seed + rep) for n in fits}
             figures |= {"rss": peak_rss(), "gpu": gpu_bytes()}
         finally:
             e.close()

@@ -61,9 +61,9 @@ def bench(model, as_json, n_gpu_layers, threads, reps, ctx, pp, tg, ttft, n_batc
     """Prompt processing (pp512) and generation (tg128) like llama-bench, time to first token,
     load time and peak memory; each figure is the mean ± stddev over --reps loads."""
     from edge_magistral import bench as b  # imports the engine (llama_cpp) before numpy
-    from edge_magistral.cli.run_cmds import _model_path
+    from edge_magistral.loader import resolve_model
 
-    path = _model_path(model)
+    path = resolve_model(model)
     plan, note = b.plan_for_bench(path, ctx, n_gpu_layers)
     settings = b.bench_settings(plan, threads, n_batch, n_ubatch)
     settings = replace(settings, backend_sampling={"auto": None, "on": True, "off": False}[backend_sampling])

@@ -3,53 +3,58 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
 from rich.markup import escape
 
+from edge_magistral import loader
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import err_console
 from edge_magistral.errors import BadInputError, WatchdogStopError
-
-MODEL_ENV = "EDGE_MAGISTRAL_MODEL"
+from edge_magistral.generation import DEFAULT_LIMITS
 
 
 def _model_path(model: str | None, yes: bool = False, profile: str | None = None) -> str:
-    """A GGUF path, or a quant in the model store; else the store's best; else a first-run pull."""
-    from edge_magistral.cli.store_cmds import model_for_run
+    """The GGUF to run (see ``loader.resolve_model``); an empty store offers the first-run pull,
+    which asks the user and so stays in the CLI."""
+    try:
+        return loader.resolve_model(model, profile=profile)
+    except loader.NoModelError:
+        from edge_magistral.cli.store_cmds import model_for_run
 
-    return model_for_run(model or os.environ.get(MODEL_ENV), yes=yes, profile=profile)
+        return model_for_run(None, yes=yes, profile=profile)
 
 
 def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile: str | None, quiet: bool,
           yes: bool = False):
-    """Plan, then load with a spinner; the first line says what the planner decided."""
-    from edge_magistral.engine import Engine, LoadSettings
-    from edge_magistral.hardware import detect, require_usable
-    from edge_magistral.planner import Request, plan_for_model
+    """Open the model for one request at a time; unless quiet, say what the planner decided and
+    show a spinner while it loads."""
+    req = loader.ModelRequest(model=model, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1, profile=profile)
+    try:
+        opened = _open(req, quiet)
+    except loader.NoModelError:  # first run: the pull asks first, outside the spinner
+        opened = _open(replace(req, model=_model_path(None, yes, profile)), quiet)
+    return opened.engine, opened.plan
 
-    path = _model_path(model, yes, profile)
-    hw = detect()
-    require_usable(hw)  # a GPU llama.cpp cannot drive is an error with the fix, not a silent CPU run
-    p, _ = plan_for_model(path, Request(ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1), hw, profile_name=profile)
-    if not quiet:
-        err_console().print(f"[bold]{escape(Path(path).name)}[/bold] ({p.quant}): {p.n_gpu_layers} layers on GPU, "
-                            f"context {p.n_ctx}, KV {p.type_k}, profile {p.profile}")
+
+def _open(req, quiet: bool):
     if quiet:
-        engine = Engine(LoadSettings.from_plan(p))
-    else:
-        with err_console().status("loading model…"):
-            engine = Engine(LoadSettings.from_plan(p))
-    return engine, p
+        return loader.open_model(req)
+
+    def announce(p) -> None:
+        err_console().print(f"[bold]{escape(Path(p.model_path).name)}[/bold] ({p.quant}): {p.n_gpu_layers} layers "
+                            f"on GPU, context {p.n_ctx}, KV {p.type_k}, profile {p.profile}")
+
+    with err_console().status("loading model…"):
+        return loader.open_model(req, on_plan=announce)
 
 
 def _limits(think_budget, max_tokens, temperature, seed, json_schema, system_mode):
-    from edge_magistral.engine import Limits
+    from edge_magistral.generation import Limits
 
     schema = None
     if json_schema is not None:
@@ -63,7 +68,7 @@ def _limits(think_budget, max_tokens, temperature, seed, json_schema, system_mod
 
 def _stream(engine, messages, limits, show_thinking: bool, echo: bool):
     """Run one turn; stream the answer to stdout (and thinking, dimmed, to stderr)."""
-    from edge_magistral.engine import AnswerText, Done, ThinkingText, WatchdogAction
+    from edge_magistral.generation import AnswerText, Done, ThinkingText, WatchdogAction
 
     answer, reasoning, done = [], [], None
     for ev in engine.generate(messages, limits):
@@ -97,33 +102,19 @@ def _audit(path: str | None, redact: str, plan, messages, reasoning, answer, don
         timings=asdict(done.timings)))
 
 
-def model_sha256(path: str) -> str:
-    """The model's sha256: from a build manifest beside it when its size matches, else computed."""
-    from edge_magistral.build import manifest as mf
-
-    p = Path(path)
-    try:
-        entry = mf.load(p.parent).entry(p.name)
-    except BadInputError:
-        entry = None
-    if entry is not None and entry.size == p.stat().st_size:
-        return entry.sha256
-    return mf.sha256_file(p)
-
-
 _common = [
     click.option("--model", default=None,
-                 help=f"GGUF file, or a quant in the model store (default: ${MODEL_ENV}, else the store; "
+                 help=f"GGUF file, or a quant in the model store (default: ${loader.MODEL_ENV}, else the store; "
                       "with no model at all, a first run offers to pull one)."),
     click.option("--think-budget", type=click.IntRange(min=0), default=None,
                  help="Max thinking tokens per turn (0: answer without thinking; default: the profile's)."),
-    click.option("--max-tokens", type=click.IntRange(min=1), default=40960, show_default=True,
+    click.option("--max-tokens", type=click.IntRange(min=1), default=DEFAULT_LIMITS.max_tokens, show_default=True,
                  help="Max generated tokens per turn (thinking + answer)."),
     click.option("--system", default=None, help="System prompt (see --system-mode)."),
     click.option("--system-mode", type=click.Choice(["replace", "extend"]), default="replace", show_default=True,
                  help="replace: your system prompt replaces Magistral's default (and its reasoning template); "
                       "extend: it is appended to the default."),
-    click.option("--temperature", type=float, default=0.7, show_default=True,
+    click.option("--temperature", type=float, default=DEFAULT_LIMITS.temperature, show_default=True,
                  help="Sampling temperature (raised to 0.5 while thinking: greedy reasoning loops)."),
     click.option("--seed", type=int, default=None, help="Sampling seed (reproducible runs)."),
     click.option("--ctx", type=click.IntRange(min=256), default=None, help="Override the planned context."),
@@ -172,7 +163,7 @@ def run(prompt, files, as_json, json_schema, yes, model, think_budget, max_token
         answer, reasoning, done = _stream(engine, messages, limits, show_thinking and not as_json, not as_json)
     finally:
         engine.close()
-    sha = model_sha256(engine.settings.model_path) if (as_json or audit_log) else ""
+    sha = loader.model_sha256(engine.settings.model_path) if (as_json or audit_log) else ""
     _audit(audit_log, redact, plan, messages, reasoning, answer, done, sha)
     if as_json:
         click.echo(json.dumps({
@@ -199,7 +190,7 @@ def chat(model, think_budget, max_tokens, system, system_mode, temperature, seed
     engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=False)
     history: list[Message] = [Message("system", system)] if system else []
     budget = think_budget
-    sha = model_sha256(engine.settings.model_path) if audit_log else ""
+    sha = loader.model_sha256(engine.settings.model_path) if audit_log else ""
     try:
         while True:
             try:
