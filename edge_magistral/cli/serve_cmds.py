@@ -11,9 +11,7 @@ import click
 from edge_magistral.cli import cli
 from edge_magistral.errors import ModelNotFoundError
 from edge_magistral.loader import MODEL_ENV
-from edge_magistral.server import SupervisorConfig
-
-DEFAULTS = SupervisorConfig()
+from edge_magistral.server import ServerConfig
 
 
 def _resolve_model(spec: str | None) -> str:
@@ -43,8 +41,10 @@ def _from_file(config_file: str | None) -> dict:
               help="Service config file (written by install-service); options given here override it.")
 @click.option("--model", default=None, help=f"GGUF file or a quant in the store (default: ${MODEL_ENV}).")
 @click.option("--model-name", default=None, help="The model id clients see (default: the file name).")
-@click.option("--host", default=None, help="Bind address (default 127.0.0.1; another one needs an API key).")
-@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default 8080; 0: any free port).")
+@click.option("--host", default=None,
+              help=f"Bind address (default {ServerConfig.host}; another one needs an API key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help=f"Port (default {ServerConfig.port}; 0: any free port).")
 @click.option("--ctx", type=click.IntRange(min=256), default=None, help="Override the planned context.")
 @click.option("--n-gpu-layers", type=click.IntRange(min=0), default=None, help="Override planned GPU layers.")
 @click.option("--profile", default=None, help="Hardware profile to plan with.")
@@ -64,30 +64,36 @@ def _from_file(config_file: str | None) -> dict:
               help="Extra Host header accepted while bound to loopback, e.g. behind a reverse proxy (repeatable).")
 @click.option("--cors-origin", multiple=True, help="Allow browser requests from this origin (repeatable; "
                                                    "default: CORS off).")
-@click.option("--queue-size", type=click.IntRange(min=0, max=1024), default=DEFAULTS.queue_size, show_default=True,
+@click.option("--queue-size", type=click.IntRange(min=0, max=1024),
+              default=ServerConfig.queue_size, show_default=True,
               help="Requests that may wait while every slot generates; beyond that, 429.")
-@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=2 * 1024 * 1024, show_default=True,
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=ServerConfig.max_body_bytes, show_default=True,
               help="Largest request body (413 above it, before parsing).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="Largest max_tokens a request may ask for, and the default (default: the context).")
-@click.option("--request-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+@click.option("--request-timeout", type=click.FloatRange(min=1),
+              default=ServerConfig.request_timeout_s, show_default=True,
               help="Seconds a request may take, queue wait included (the turn ends: finish_reason length).")
-@click.option("--client-timeout", type=click.FloatRange(min=0.5), default=30, show_default=True,
+@click.option("--client-timeout", type=click.FloatRange(min=0.5),
+              default=ServerConfig.client_timeout_s, show_default=True,
               help="Seconds a client may take to send its request headers, to send its body, or to take the next "
                    "part of a response once its buffers are full; beyond that the connection is closed (408 for "
                    "a slow body) and its generation cancelled.")
 @click.option("--stall-timeout", type=click.FloatRange(min=1), default=None,
               help="Seconds a busy engine may make no progress before the worker is restarted and the liveness "
-                   f"pings to systemd stop (default {DEFAULTS.stall_timeout_s:g}; above the slowest prefill batch).")
+                   f"pings to systemd stop (default {ServerConfig.stall_timeout_s:g}; above the slowest prefill "
+                   "batch).")
 @click.option("--hang-timeout", "hang_timeout", type=click.FloatRange(min=1), default=None, hidden=True,
               help="Deprecated name of --stall-timeout.")
-@click.option("--load-timeout", type=click.FloatRange(min=1), default=DEFAULTS.load_timeout_s, show_default=True,
+@click.option("--load-timeout", type=click.FloatRange(min=1),
+              default=ServerConfig.load_timeout_s, show_default=True,
               help="Seconds the model may take to load and warm up.")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
+@click.option("--drain-timeout", type=click.FloatRange(min=0),
+              default=ServerConfig.drain_timeout_s, show_default=True,
               help="On SIGTERM, seconds the request in flight may take to finish before it is cancelled.")
 @click.option("--audit-log", default=None, type=click.Path(dir_okay=False),
               help="Append a hash-chained record of each request to this JSONL file.")
-@click.option("--redact", type=click.Choice(["none", "thinking", "prompt", "all"]), default="none",
+@click.option("--redact", type=click.Choice(["none", "thinking", "prompt", "all"]), default=ServerConfig.redact,
               show_default=True, help="What the audit record stores only as a sha256.")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None, hidden=True,
               help="Plan for this recorded box (detect --json) instead of detecting this one (tests).")
@@ -113,7 +119,7 @@ def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_laye
                    max_tokens, request_timeout, client_timeout, stall_timeout, hang_timeout, load_timeout,
                    drain_timeout, audit_log, redact, hardware_file) -> Any:
     """The options given, else the config file's settings, else the server's defaults."""
-    from edge_magistral.server import ServerConfig, load_api_keys
+    from edge_magistral.server import load_api_keys
 
     def pick(value: Any, key: str) -> Any:
         return value if value is not None else file.get(key)

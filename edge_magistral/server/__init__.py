@@ -1,15 +1,15 @@
 """The OpenAI-compatible HTTP service: ``edge-magistral serve``.
 
-Modules: :mod:`.app` (configuration and wiring), :mod:`.api` (routes and response formats),
-:mod:`.schemas` (validated request bodies), :mod:`.guard` (host, key, body limits),
-:mod:`.supervisor` (the worker process, the queue, restarts), :mod:`.link` (one worker process
-and the threads that talk to it), :mod:`.protocol` (the messages between the two processes),
-:mod:`.worker` (the process that owns the engine), :mod:`.admission` (the model's sha256 against
-its manifest), :mod:`.connections` (client timeouts, the connection limit), :mod:`.metrics`
-(Prometheus), :mod:`.run` (uvicorn, signals, sd_notify).
+Modules: :mod:`.settings` (the configuration and its defaults), :mod:`.app` (wiring), :mod:`.api`
+(routes and response formats), :mod:`.schemas` (validated request bodies), :mod:`.guard` (host,
+key, body limits), :mod:`.supervisor` (the worker process, the queue, restarts), :mod:`.link`
+(one worker process and the threads that talk to it), :mod:`.protocol` (the messages between the
+two processes), :mod:`.worker` (the process that owns the engine), :mod:`.admission` (the model's
+sha256 against its manifest), :mod:`.connections` (client timeouts, the connection limit),
+:mod:`.metrics` (Prometheus), :mod:`.run` (uvicorn, signals, sd_notify).
 
-The names below load on first use, so that the command line can read the supervisor's defaults
-(:class:`SupervisorConfig`, a light module) without importing the web framework.
+The names below load on first use, so that the command line can read the service's defaults
+(:mod:`.settings`, a light module) without importing the web framework.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {"ServerConfig": "app", "build_service": "app", "load_api_keys": "guard", "ServiceFailed": "run",
+_EXPORTS = {"ServerConfig": "settings", "build_service": "app", "load_api_keys": "guard", "ServiceFailed": "run",
             "serve": "run", "SupervisorConfig": "settings"}
 __all__ = sorted(_EXPORTS)
 

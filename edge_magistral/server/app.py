@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,67 +17,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_magistral import __version__
-from edge_magistral.errors import BadInputError
 from edge_magistral.hashing import sha256_file
 from edge_magistral.server import api
 from edge_magistral.server.errors import ApiError
 from edge_magistral.server.guard import Guard, GuardConfig, KeyChecker, is_loopback
 from edge_magistral.server.metrics import Metrics
-from edge_magistral.server.supervisor import Supervisor, SupervisorConfig
+from edge_magistral.server.settings import ServerConfig
+from edge_magistral.server.supervisor import Supervisor
 from edge_magistral.server.worker import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything ``edge-magistral serve`` decides; see the CLI for what each means."""
-
-    model_path: str
-    model_name: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8080
-    ctx: int | None = None
-    n_gpu_layers: int | None = None
-    profile: str | None = None
-    threads: int | None = None
-    think_budget: int | None = None
-    parallel: int | None = None  # decoding slots (None: the plan's)
-    api_keys: tuple[str, ...] = ()
-    insecure_no_auth: bool = False
-    allowed_hosts: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    queue_size: int = SupervisorConfig.queue_size
-    max_body_bytes: int = 2 * 1024 * 1024
-    max_tokens: int | None = None  # the cap on a request's max_tokens (default: the context)
-    request_timeout_s: float = 600.0
-    client_timeout_s: float = 30.0  # request headers, the body, and a stalled reader (each)
-    stall_timeout_s: float = SupervisorConfig.stall_timeout_s
-    load_timeout_s: float = SupervisorConfig.load_timeout_s
-    drain_timeout_s: float = 30.0
-    audit_log: str | None = None
-    redact: str = "none"
-    log_level: int = logging.WARNING
-    hardware_file: str | None = None  # a recorded box (detect --json) instead of detecting; for tests
-    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-
-    def __post_init__(self) -> None:
-        if not self.model_name:
-            object.__setattr__(self, "model_name", Path(self.model_path).stem)
-
-    @property
-    def model_created(self) -> int:
-        try:
-            return int(os.stat(self.model_path).st_mtime)
-        except OSError:
-            return 0
-
-    def check_exposure(self) -> None:
-        """Refuse to serve a non-loopback address without a key unless told so explicitly."""
-        if not is_loopback(self.host) and not self.api_keys and not self.insecure_no_auth:
-            raise BadInputError(f"refusing to listen on {self.host} without an API key: give --api-key-file, "
-                                "$EDGE_MAGISTRAL_API_KEY or the systemd credential 'api-key' "
-                                "(or --insecure-no-auth if the network is trusted)")
 
 
 @dataclass
