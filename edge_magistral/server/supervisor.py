@@ -80,7 +80,9 @@ class Job:
 
 
 class Supervisor:
-    """Owns the worker and the queue. ``on_event`` hooks (metrics, systemd) are optional."""
+    """Owns the worker and the queue. ``notifier`` (systemd), ``metrics`` and ``on_fatal`` are
+    optional; ``clock`` (monotonic) and ``spawn`` (how a worker is started: a
+    :class:`~.link.WorkerLink`) are what tests replace."""
 
     def __init__(self, settings: WorkerSettings, config: SupervisorConfig = DEFAULT_CONFIG,
                  notifier: Any = None, metrics: Any = None, on_fatal: Callable[[int, str], None] | None = None,
