@@ -6,7 +6,7 @@ and logs the buffer sizes it would have made: weights per buffer, the KV cache, 
 buffers. This is the same dry run llama.cpp's ``--fit`` relies on. The load runs in a child
 process that streams llama.cpp's log back, so an abort inside llama.cpp costs only the child.
 
-``n_slots > 1`` simulates the context :class:`edge_magistral.batch.BatchEngine` creates:
+``n_slots > 1`` simulates the context the engine creates for several slots:
 ``n_seq_max = n_slots + 1`` per-sequence KV streams (``kv_unified`` off) of ``n_ctx`` cells each,
 so the planner's prediction for parallel slots is checked against llama.cpp too.
 """
@@ -21,11 +21,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from edge_magistral.errors import BackendError, ModelNotFoundError
+from edge_magistral.generation import KV_TYPES
 from edge_magistral.gguf_info import GGUFInfo
 from edge_magistral.paths import child_env
-
-MiB = 1024 * 1024
-KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+from edge_magistral.units import MiB
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class DryRunRequest:
     n_batch: int = 512
     n_ubatch: int = 512
     n_threads: int = 1
-    n_slots: int = 1  # >1: BatchEngine's context, n_slots + 1 KV streams of n_ctx cells
+    n_slots: int = 1  # >1: the engine's context for several slots, n_slots + 1 KV streams of n_ctx cells
 
 
 @dataclass
@@ -239,7 +238,7 @@ def _simulate(llama_cpp, req: DryRunRequest) -> int:  # noqa: ANN001 (the llama_
         return 3
     os.write(1, f"edge_magistral: model_size = {llama_cpp.llama_model_size(model)}\n".encode())
     cp = llama_cpp.llama_context_default_params()
-    if req.n_slots > 1:  # as BatchEngine._load: one stream of n_ctx cells per slot and the prefix
+    if req.n_slots > 1:  # as the engine loads several slots: one stream of n_ctx cells per slot and the prefix
         cp.n_ctx = (req.n_slots + 1) * req.n_ctx
         cp.n_batch = req.n_batch
         cp.n_seq_max = req.n_slots + 1

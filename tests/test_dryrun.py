@@ -1,5 +1,5 @@
 """The planner's memory model against llama.cpp's own dry run (no_alloc) on Magistral-shaped GGUFs,
-and for parallel slots (BatchEngine's n_slots + 1 KV streams) on the tiny model too.
+and for parallel slots (the engine's n_slots + 1 KV streams) on the tiny model too.
 
 The GGUFs carry Magistral Small 1.1's real tensor shapes and each quant's real tensor types (the
 header is exact) but sparse, all-zero data, so a "14 GB" file costs a few MB and llama.cpp's dry
@@ -89,7 +89,7 @@ def test_failed_load_is_an_error_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_parse_log_reads_gpu_buffer_lines() -> None:
-    # the lines a real CUDA load logs (format of llama.cpp 0c1e57098; sizes from REFERENCE.md's H200 run)
+    # the lines a real CUDA load logs (format of llama.cpp 0c1e57098; sizes from an H200 run)
     log = (
         "load_tensors: layer  39 assigned to device CUDA0, is_swa = 0\n"
         "load_tensors: layer  40 assigned to device CUDA0, is_swa = 0\n"

@@ -271,18 +271,18 @@ def test_flash_attention_off_costs_compute_memory() -> None:
     m = catalog(["Q4_K_M"])[0]
     on = predict(m, Settings(32768, 0, flash_attn=True), [])[0].compute
     off = predict(m, Settings(32768, 0, flash_attn=False), [])[0].compute
-    assert on < 400 * MiB and off > 2000 * MiB  # REFERENCE.md: 266 vs 2152 MiB on an H200 at 32k
+    assert on < 400 * MiB and off > 2000 * MiB  # llama.cpp logged 266 vs 2152 MiB on an H200 at 32k
 
 
 def test_catalog_sizes_match_the_reference_measurements() -> None:
     sizes = {c.quant: c.file_size for c in catalog()}
-    assert sizes["Q4_K_M"] / GiB == pytest.approx(13.34, abs=0.02)  # REFERENCE.md: 13.34 GiB file
+    assert sizes["Q4_K_M"] / GiB == pytest.approx(13.34, abs=0.02)  # the published file: 13.34 GiB
     assert sizes["Q8_0"] / GiB == pytest.approx(23.33, abs=0.02)  # 23.33 GiB
-    assert sizes["BF16"] / 1e9 == pytest.approx(47.2, abs=0.1)  # DESIGN.md's computed sizes
+    assert sizes["BF16"] / 1e9 == pytest.approx(47.2, abs=0.1)  # 23.6 B parameters at 2 bytes
     assert sizes["Q5_K_M"] / 1e9 == pytest.approx(16.8, abs=0.1)
     assert sizes["Q3_K_M"] < sizes["IQ4_XS"] < sizes["Q4_K_M"]
     q4 = catalog(["Q4_K_M"])[0]
-    assert q4.token_embd_bytes == 360 * MiB  # REFERENCE.md: 360 MiB of token embeddings kept on the host
+    assert q4.token_embd_bytes == 360 * MiB  # llama.cpp keeps 360 MiB of token embeddings on the host
 
 
 # --------------------------------------------------- the catalog's type mix vs llama.cpp's quantizer
@@ -377,11 +377,11 @@ def test_n_slots_costs_n_plus_one_kv_streams_and_a_logits_row_each() -> None:
     assert four.kv_cache == 5 * one.kv_cache and four.weights == one.weights
     rows = 4 * m.n_vocab * 4  # one logits row per extra stream; the rest: the ubatch rounded 512 -> 515
     assert one.compute + rows < four.compute < one.compute + rows + 5 * MiB
-    assert four.overhead < one.overhead  # BatchEngine's Llama object keeps 256 rows of scores, not 512
+    assert four.overhead < one.overhead  # with slots, the Llama object keeps 256 rows of scores, not 512
 
 
 def test_one_slot_plans_exactly_as_before_slots_existed() -> None:
-    """n_slots=1 is the single-sequence Engine: same settings, same memory, whatever the profile says."""
+    """n_slots=1 is one KV stream: same settings, same memory, whatever the profile says."""
     for name in ("rtx4090-desktop", "h200-nvml", "cpu-only-32gb", "rtx4060-laptop-8gb", "macbook-m2-max-32gb"):
         p = plan_for(name, Request(parallel=1))
         d = p.to_dict()

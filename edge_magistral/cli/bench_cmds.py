@@ -11,6 +11,7 @@ import click
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import err_console
 from edge_magistral.errors import BadInputError
+from edge_magistral.units import MiB
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -36,8 +37,8 @@ def _lines(r) -> list[str]:
     for t in r.ttft:
         out.append(f"{'ttft ' + str(t.prompt_tokens):<14}" +
                    (f"{_pm(t.seconds, fmt='.3f')} s" if t.seconds else f"skipped: {t.skipped}"))
-    out.append(f"{'peak RSS':<14}{_pm(r.peak_rss_bytes, 2**20, '.0f')} MiB")
-    out.append(f"{'GPU memory':<14}{_pm(r.gpu_bytes, 2**20, '.0f')} MiB" if r.gpu_bytes else f"{'GPU memory':<14}n/a")
+    out.append(f"{'peak RSS':<14}{_pm(r.peak_rss_bytes, MiB, '.0f')} MiB")
+    out.append(f"{'GPU memory':<14}{_pm(r.gpu_bytes, MiB, '.0f')} MiB" if r.gpu_bytes else f"{'GPU memory':<14}n/a")
     return out + [f"note: {n}" for n in r.notes]
 
 

@@ -8,6 +8,7 @@ import click
 
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import RichProgress, console
+from edge_magistral.units import GiB
 
 
 @cli.command()
@@ -36,7 +37,7 @@ def build(src: Path, out: Path, quants: str, base_type: str, name: str | None, i
         result = run_build(req, progress)
     for e in result.manifest.files:
         state = "built" if e.quant in result.built else "kept"
-        console().print(f"{state:6} {e.file}  {e.size / 1024**3:6.2f} GiB  sha256 {e.sha256[:16]}…")
+        console().print(f"{state:6} {e.file}  {e.size / GiB:6.2f} GiB  sha256 {e.sha256[:16]}…")
     console().print(f"manifest: {out / 'manifest.json'}")
 
 

@@ -9,10 +9,11 @@ import click
 
 from edge_magistral.cli import cli
 from edge_magistral.cli.render import console
+from edge_magistral.units import GiB, MiB
 
 
 def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
 
 
 @cli.command()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import lru_cache
 
 from rich.console import Console
@@ -14,6 +13,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from edge_magistral.progress import Advance
 
 
 @lru_cache(maxsize=1)
@@ -27,7 +28,8 @@ def err_console() -> Console:
 
 
 class RichProgress:
-    """Progress bars on stderr (hidden when it is not a terminal); implements the build's Progress."""
+    """Progress bars on stderr (hidden when it is not a terminal): the CLI's
+    :class:`edge_magistral.progress.Progress`."""
 
     def __init__(self) -> None:
         self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
@@ -40,6 +42,6 @@ class RichProgress:
     def __exit__(self, *exc) -> None:
         self._p.__exit__(*exc)
 
-    def task(self, description: str, total: int) -> Callable[[int], None]:
+    def task(self, description: str, total: int) -> Advance:
         tid = self._p.add_task(description, total=total)
         return lambda n: self._p.advance(tid, n)

@@ -38,8 +38,8 @@ HOST_OVERHEAD = 400 * MiB  # Python, llama.cpp's code and the tokenizer
 OP_OFFLOAD_MIN_BATCH = 32  # ubatches this large run CPU-resident matmuls on the GPU (weights copied over)
 CPU_EFFICIENCY = 0.6  # share of host memory bandwidth a CPU decode achieves
 DEFAULT_GPU_GBS = 300.0
-# The context BatchEngine loads its llama_cpp.Llama object with before it builds the real one
-# (llama-cpp-python insists on a context at load); it sizes the host's logits array.
+# With several slots the engine loads its llama_cpp.Llama object with this context before it
+# builds the real one (llama-cpp-python insists on a context at load); it sizes the host's logits.
 BATCH_LOAD_CTX = 256
 
 
@@ -60,8 +60,8 @@ def kv_cells(n_ctx: int) -> int:
 
 
 def kv_streams(s: Settings) -> tuple[int, int]:
-    """(KV streams, cells per stream). One stream for the Engine; n_slots + 1 for BatchEngine,
-    padded as llama_context's constructor does: the total to 256, then each stream to 256."""
+    """(KV streams, cells per stream). One stream for one slot; n_slots + 1 for several, padded
+    as llama_context's constructor does: the total to 256, then each stream to 256."""
     if s.n_slots <= 1:
         return 1, kv_cells(s.n_ctx)
     n = s.n_slots + 1
@@ -79,8 +79,8 @@ def ubatch_tokens(s: Settings) -> int:
 
 
 def _host_logits_rows(s: Settings) -> int:
-    """Rows of llama-cpp-python's scores array: n_batch of the Llama object, which BatchEngine
-    loads with a throwaway 256-cell context."""
+    """Rows of llama-cpp-python's scores array: n_batch of the Llama object, which the engine
+    loads with a throwaway 256-cell context when it has several slots."""
     return min(s.n_ctx if s.n_slots <= 1 else BATCH_LOAD_CTX, s.n_batch)
 
 

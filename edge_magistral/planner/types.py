@@ -31,7 +31,7 @@ class Settings:
     flash_attn: bool = True
     n_batch: int = 512
     n_ubatch: int = 512
-    n_slots: int = 1  # >1: BatchEngine's context (n_slots + 1 KV streams); 1: the single-sequence Engine
+    n_slots: int = 1  # requests decoded together: 1 is one KV stream, N > 1 is N + 1 streams
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Plan:
     flash_attn: bool
     n_batch: int
     n_ubatch: int
-    n_slots: int  # requests decoded at once; 1: the single-sequence Engine
+    n_slots: int  # requests decoded at once (1: one KV stream; N > 1: N + 1, one for the shared prefix)
     n_threads: int
     n_threads_batch: int
     tensor_split: list[float]
