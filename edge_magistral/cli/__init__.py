@@ -1,41 +1,14 @@
 """The ``edge-magistral`` command: click commands that parse, call the library and render.
 
-Each command family lives in its own module here and registers itself on :data:`cli`.
-Errors of the project's types are printed on one line and exit with their code (no traceback).
+Each command family lives in its own module here and registers itself on :data:`cli` (the group
+in :mod:`edge_magistral.cli.group`, which the command modules import, so this package imports
+them and never the other way round). Errors of the project's types are printed on one line and
+exit with their code (no traceback).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-
-import click
-
-from edge_magistral import __version__
-from edge_magistral.errors import EdgeMagistralError
-
-
-class _Group(click.Group):
-    """Turns project errors into one line on stderr and the error's exit code."""
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except EdgeMagistralError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="edge-magistral")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for llama.cpp's own log).")
-def cli(verbose: int) -> None:
-    """Run Magistral Small 1.1 on edge hardware: build, plan, run, operate."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+from edge_magistral.cli.group import cli
 
 
 def main() -> None:
@@ -54,3 +27,6 @@ def main() -> None:
     )
 
     cli(prog_name="edge-magistral")
+
+
+__all__ = ["cli", "main"]

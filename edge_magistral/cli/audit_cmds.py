@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 
 
 @cli.group()

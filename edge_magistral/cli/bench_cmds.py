@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import err_console
 from edge_magistral.errors import BadInputError
 from edge_magistral.units import MiB

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import RichProgress, console
 from edge_magistral.units import GiB
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import click
 
 from edge_magistral.catalog import ModelCandidate, catalog, from_gguf_info
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.errors import BackendError
 from edge_magistral.hardware import Hardware, detect, load_hardware
 from edge_magistral.planner import NoFitError, Option, Plan, Request, plan

@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 
 from edge_magistral import loader
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import err_console
 from edge_magistral.errors import BadInputError, WatchdogStopError
 from edge_magistral.generation import DEFAULT_LIMITS

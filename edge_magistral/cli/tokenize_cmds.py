@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 
 
 def _read_text(text: str) -> str:
