@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/build_llama_tools.sh [--cuda] [--jobs N] [--src TGZ] [DEST]
 #
-# CPU build by default (GGML_NATIVE, OpenMP: what a source build of the Python package gets);
+# CPU build by default (OpenMP, and $CMAKE_ARGS as pip passes them to the Python package's build,
+# e.g. CMAKE_ARGS=-DGGML_NATIVE=OFF as README's install uses: the same kernels either side);
 # --cuda builds for sm_90 (H200). DEST defaults to .llama-tools/ (CPU) or .llama-tools-cuda/ (--cuda),
 # ignored through .git/info/exclude. Static libraries, so DEST/bin/llama-bench and
 # DEST/bin/llama-batched-bench run standalone. Idempotent: does nothing when both binaries exist
@@ -43,6 +44,8 @@ FLAGS=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF
        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON
        -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF)
 if [ $CUDA = 1 ]; then FLAGS+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90); fi
+read -r -a EXTRA <<< "${CMAKE_ARGS:-}"
+FLAGS+=("${EXTRA[@]}")
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
 echo "configuring llama.cpp ($SRC, cuda=$CUDA) in $B"
 cmake -S "$LL" -B "$B" "${GEN[@]}" "${FLAGS[@]}"

@@ -1,37 +1,55 @@
-"""The engine: owns one ``llama_cpp.Llama`` and turns messages into a stream of typed events.
+"""The engine: one loaded model whose slots decode requests together, one code path for one slot
+or many (as llama.cpp's server does).
+
+:meth:`Engine.submit` is thread-safe and returns a :class:`Stream` of typed events at once
+(``ThinkingText``, ``AnswerText``, ``WatchdogAction``, then ``Done``); requests beyond the slots
+queue. One background thread owns the llama.cpp context and runs steps: each step builds one
+``llama_batch`` holding, for every active slot, what it still has to evaluate (one sampled token
+for a generating slot, a chunk of prompt for a joining one) under its own ``seq_id``, and calls
+``llama_decode`` once. Generating slots go first and prompt chunks fill the rest of ``n_batch``,
+so a long prompt joining mid-flight slows the others' steps but never stalls them. Then every
+slot whose last token was evaluated samples from its own row of logits with its own sampler
+chain, and its :class:`~edge_magistral.turn.Turn` (watchdog, detokenizer, stop strings) turns the
+token into events. Requests join between steps; a cancel takes effect at the next step (within a
+token, or between two prompt chunks).
 
 It drives llama.cpp through the low-level API (one ``llama_decode`` and one native sampler call
-per token) rather than ``create_completion``, whose cost per token grows with the output, and
-detokenizes incrementally at constant cost. The watchdog decides on every token; thinking and
-answer are split by token id (``[THINK]``/``[/THINK]``), never by matching text, and text is
-emitted only at UTF-8 code point boundaries. Magistral prompts are built from token ids with the
-reference-exact Tekken tokenizer; other GGUF models use their own chat template, rendered in a
-sandbox, with user text tokenized without special-token parsing.
+per token) rather than ``create_completion``, whose cost per token grows with the output.
+
+KV layout. One slot: one KV stream of ``n_ctx`` cells, and the tokens left in it by the previous
+turn are the prompt cache (the longest common prefix is kept, the rest removed). N > 1 slots:
+llama.cpp's separate per-sequence KV streams (``kv_unified = False``), ``N + 1`` of ``n_ctx``
+cells each. Sequence 0 holds the prefix cache (the system prompt and what the latest prompts had
+in common); a new slot takes it with ``llama_memory_seq_cp`` (across streams llama.cpp copies the
+whole stream on the device, which we then trim) instead of evaluating it. Why not one unified
+cache, where ``seq_cp`` only tags shared cells: there every sequence's attention spans the cells
+of all sequences (masked), so its cost grows with the others' lengths and its float sums change
+with them: a request's tokens depended on its neighbours (measured on the tiny model). With
+streams a slot attends to its own cells, its tokens equal the one-slot engine's (tested), and one
+slot cannot run another out of cells. The price: one extra stream of KV for the prefix.
+
+Memory the planner accounts for with N slots: KV for ``(N + 1) × n_ctx`` cells (``n_ctx`` for
+one slot), a compute buffer for ``n_ubatch`` tokens, one logits row per slot per step, and N
+sampler chains (small; a grammar adds its own state).
 """
 
 from __future__ import annotations
 
-import codecs
-import ctypes
-import json
+import collections
 import logging
-import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
-# llama_cpp first: its libraries (ggml's CUDA and OpenMP runtimes) must load before numpy's do.
-# Loading numpy (imported by gguf) first made model loading segfault on a CUDA build (H200).
-import llama_cpp  # noqa: I001, F401  (used as self._lc)
+import llama_cpp  # noqa: I001  first, before anything that imports numpy (see model.py)
 
-from edge_magistral import llama_log
 from edge_magistral import tekken as tk
-from edge_magistral.chat import Message, magistral_prompt, render_template
-from edge_magistral.errors import BackendError, BadInputError
-from edge_magistral.generation import (  # noqa: F401  (re-exported: the engine's public data types)
-    KV_TYPES,
+from edge_magistral.chat import Message
+from edge_magistral.errors import BackendError
+from edge_magistral.generation import (  # noqa: F401  (AnswerText ... WatchdogAction: re-exported for callers)
+    DEFAULT_LIMITS,
     AnswerText,
     Done,
     Event,
@@ -41,555 +59,409 @@ from edge_magistral.generation import (  # noqa: F401  (re-exported: the engine'
     Timings,
     Usage,
     WatchdogAction,
-    check_schema,
 )
-from edge_magistral.gguf_info import GGUFInfo, check_model, read_info
-from edge_magistral.watchdog import Action, Decision, Phase, Watchdog, WatchdogConfig, WatchdogUsage
+from edge_magistral.model import LoadedModel
+from edge_magistral.turn import Turn
 
 log = logging.getLogger(__name__)
 
-# Candidates a device-side top-k keeps beyond the request's top-k: room for the ids the watchdog
-# bans (at most [THINK], [/THINK] and </s>) and ignore_eos, so the host's choice stays exact.
-BACKEND_TOPK_MARGIN = 8
+PREFIX_SEQ = 0  # with several slots, the reserved sequence holding the cached prefix
+_END = object()
 
 
-# ------------------------------------------------------------------------------ detokenizer
-
-class Detokenizer:
-    """Token → text at constant cost: one piece lookup and an incremental UTF-8 decoder."""
-
-    def __init__(self, piece: Callable[[int], bytes]):
-        self._piece = piece
-        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """Text completed by this token, and whether no multi-byte character is pending."""
-        text = self._dec.decode(self._piece(token))
-        return text, not self._dec.getstate()[0]
-
-    def flush(self) -> str:
-        return self._dec.decode(b"", final=True)
-
-
-class _StopMatcher:
-    """Holds back just enough answer text to find stop strings that span tokens."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.buf = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was found)."""
-        if not self.stops:
-            return text, False
-        self.buf += text
-        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
-        if hits:
-            out, self.buf = self.buf[:min(hits)], ""
-            return out, True
-        cut = len(self.buf) - self.hold
-        if cut <= 0:
-            return "", False
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
-# ---------------------------------------------------------------------------------- the engine
-
-def schema_grammar(schema: dict[str, Any]) -> str:
-    """A llama.cpp grammar for a JSON schema, after size and depth checks (a malformed or deeply
-    nested grammar can crash llama.cpp, so nothing unchecked reaches it)."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    raw = check_schema(schema)
-    try:
-        return json_schema_to_gbnf(raw)
-    except Exception as e:  # the converter raises plain exceptions on unsupported schemas
-        raise BadInputError(f"unsupported json schema: {e}") from None
-
-
-class LoadedModel:
-    """The model side that Engine and BatchEngine share: loading, tokenization, token pieces,
-    sampler chains and watchdog settings. The context (``self.ctx``) is whatever ``_load`` built."""
-
-    def __init__(self, settings: LoadSettings):
-        self.settings = settings
-        self.info: GGUFInfo = read_info(settings.model_path)  # bounded pre-check first
-        check_model(self.info)
-        self.is_magistral = self.info.tokenizer_pre == "tekken" and "end_think" in self.info.special_tokens
-        t0 = time.monotonic()
-        self.llm = self._load(settings)
-        self.load_s = time.monotonic() - t0
-        self._lc = llama_cpp
-        self.ctx = self.llm.ctx
-        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
-        self.tokenizer = tk.TekkenTokenizer.from_gguf(settings.model_path) if self.is_magistral else None
-        self._pieces: dict[int, bytes] = {}
-        self.backend_sampling = self._want_backend_sampling(settings)
-        self._backend_topk: dict[int, tuple[int, Any]] = {}  # seq id → (k, the chain attached to it)
-
-    # ----------------------------------------------------------------------- loading
-    @staticmethod
-    def _load(s: LoadSettings):
-        llama_log.install()
-        for name, t in (("type_k", s.type_k), ("type_v", s.type_v)):
-            if t not in KV_TYPES:
-                raise BadInputError(f"{name} {t!r} is not one of {', '.join(KV_TYPES)}")
-        try:
-            return llama_cpp.Llama(
-                model_path=s.model_path, n_ctx=s.n_ctx, n_gpu_layers=s.n_gpu_layers, n_batch=s.n_batch,
-                n_ubatch=s.n_ubatch, n_threads=s.n_threads or _default_threads(),
-                n_threads_batch=s.n_threads_batch or s.n_threads or os.cpu_count(), flash_attn=s.flash_attn,
-                type_k=KV_TYPES[s.type_k], type_v=KV_TYPES[s.type_v],
-                tensor_split=list(s.tensor_split) or None, logits_all=False,
-                verbose=os.environ.get("EDGE_MAGISTRAL_LLAMA_VERBOSE") == "1",  # llama.cpp's own log on stderr
-                chat_format="chatml",  # llama-cpp-python's own template handling is never used
-            )
-        except ValueError as e:
-            raise BackendError(f"llama.cpp could not load {s.model_path}: {e}") from None
-
-    def close(self) -> None:
-        if getattr(self, "llm", None) is not None:
-            self.llm.close()
-            self.llm = None
-        for _, chain in getattr(self, "_backend_topk", {}).values():  # the context no longer uses them
-            self._lc.llama_sampler_free(chain)
-        self._backend_topk = {}
-
-    # ----------------------------------------------------------- sampling on the device
-    def _want_backend_sampling(self, s: LoadSettings) -> bool:
-        """Auto: only when the output layer (and so the logits) lives on a GPU. There a top-k on
-        the device leaves the host ~50 candidates instead of 131k logits to copy and sort (about
-        0.2 ms a token on a fast CPU, 2-3% of a 24B model's step on an H200); on a CPU backend the
-        same top-k only moves that work into the graph and measured slower."""
-        if s.backend_sampling is not None:
-            return s.backend_sampling
-        return bool(llama_cpp.llama_supports_gpu_offload()) and s.n_gpu_layers > self.info.n_layers
-
-    def set_backend_topk(self, seq: int, k: int | None) -> None:
-        """Attach a device-side top-``k`` to sequence ``seq`` (``None``: detach). Changing it makes
-        llama.cpp re-reserve its graphs, so it is only redone when ``k`` changes."""
-        k = k if self.backend_sampling else None
-        held = self._backend_topk.get(seq)
-        if (held[0] if held else None) == k:
-            return
-        lc = self._lc
-        chain = None
-        if k is not None:
-            chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(k))
-        ok = lc.llama_set_sampler(self.ctx, seq, chain)
-        if held:
-            lc.llama_sampler_free(held[1])
-            del self._backend_topk[seq]
-        if chain is not None:
-            if ok:
-                self._backend_topk[seq] = (k, chain)
-            else:  # the backend cannot run it: sample on the host from now on
-                lc.llama_sampler_free(chain)
-                self.backend_sampling = False
-
-    # ------------------------------------------------------------------ tokenization
-    def piece(self, token: int) -> bytes:
-        """The bytes of one token (control tokens: none), cached."""
-        b = self._pieces.get(token)
-        if b is None:
-            b = self.tokenizer.token_bytes(token) if self.tokenizer else self._llama_piece(token)
-            self._pieces[token] = b
-        return b
-
-    def _llama_piece(self, token: int, special: bool = False) -> bytes:
-        """llama.cpp's bytes for a token, growing the buffer when a piece is longer than 256 bytes."""
-        buf = ctypes.create_string_buffer(256)
-        n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:max(n, 0)]
-
-    def encode_text(self, text: str) -> list[int]:
-        """Plain text → ids, never control tokens (prompt-injection guard)."""
-        if self.tokenizer:
-            return self.tokenizer.encode(text)
-        return self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False)
-
-    def prompt_ids(self, messages: Sequence[Message], system_mode: str = "replace") -> list[int]:
-        if self.is_magistral:
-            return magistral_prompt(messages, self.encode_text, system_mode)
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise BadInputError(f"{self.info.path} has no chat template; use a Magistral GGUF or raw completion")
-        bos = self.piece_text(self._lc.llama_vocab_bos(self.vocab), special=True)
-        eos = self.piece_text(self.eos_id, special=True)
-        rendered = render_template(template, messages, bos_token=bos, eos_token=eos)
-        ids: list[int] = []
-        for text, trusted in rendered.parts:
-            ids += self.llm.tokenize(text.encode(), add_bos=False, special=True) if trusted else \
-                self.encode_text(text)
-        return ids
-
-    def piece_text(self, token: int, special: bool = False) -> str:
-        return self._llama_piece(token, special).decode("utf-8", "replace") if token >= 0 else ""
-
-    def _sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
-        lc = self._lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if banned:
-            arr = (lc.llama_logit_bias * len(banned))()
-            for i, t in enumerate(sorted(banned)):
-                arr[i].token, arr[i].bias = t, float("-inf")
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(banned), arr))
-        if grammar is not None:
-            g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-            if not g:
-                lc.llama_sampler_free(chain)
-                raise BadInputError("the JSON schema's grammar did not parse")
-            lc.llama_sampler_chain_add(chain, g)
-        if temperature <= 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if limits.top_k > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(limits.top_k))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(limits.top_p, 1))
-            if limits.min_p > 0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(limits.min_p, 1))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
-            seed = limits.seed if limits.seed is not None else lc.LLAMA_DEFAULT_SEED
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
-
-    def thinks(self, limits: Limits) -> bool:
-        """Whether this turn has a [THINK] phase: Magistral chat turns, not raw completions."""
-        return self.is_magistral and not limits.raw
-
-    def watchdog_config(self, limits: Limits, max_tokens: int) -> WatchdogConfig:
-        budget = self.settings.think_budget if limits.think_budget is None else limits.think_budget
-        thinks = self.thinks(limits)
-        if not thinks:  # no [THINK] phase: everything is answer
-            budget = 0
-        ids = {} if thinks else {"think_id": -1, "end_think_id": -2, "eos_id": self.eos_id}
-        return WatchdogConfig(think_budget=budget, answer_budget=limits.answer_budget, max_tokens=max_tokens,
-                              deadline_s=limits.deadline_s, ttft_deadline_s=limits.ttft_deadline_s, **ids)
-
-class Engine(LoadedModel):
-    """One loaded model and its context; :meth:`generate` runs one turn at a time."""
-
-    def __init__(self, settings: LoadSettings):
-        super().__init__(settings)
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._kv: list[int] = []  # the tokens now in the KV cache (sequence 0)
-        self.tokens_evaluated = 0  # grows with every prefill batch and token: progress for a heartbeat
-        self._one = (llama_cpp.llama_token * 1)()
-
-    # ---------------------------------------------------------------- llama.cpp calls
-    def _decode(self, tokens: Sequence[int], poll: Callable[[], bool] | None = None) -> bool:
-        """Evaluate tokens in n_batch chunks; False if ``poll`` asked to stop between chunks."""
-        lc, n_batch = self._lc, max(1, self.settings.n_batch)
-        for i in range(0, len(tokens), n_batch):
-            chunk = tokens[i:i + n_batch]
-            arr = self._one if len(chunk) == 1 else (lc.llama_token * len(chunk))()
-            arr[:] = chunk
-            rc = lc.llama_decode(self.ctx, lc.llama_batch_get_one(arr, len(chunk)))
-            if rc != 0:
-                self._reset_kv()
-                raise BackendError(f"llama_decode failed ({rc}): out of KV cache or backend error")
-            self._kv.extend(chunk)
-            self.tokens_evaluated += len(chunk)
-            if poll is not None and i + n_batch < len(tokens) and poll():
-                return False
-        return True
-
-    def _reset_kv(self) -> None:
-        self._lc.llama_memory_clear(self._lc.llama_get_memory(self.ctx), True)
-        self._kv = []
-
-    def _reuse_prefix(self, prompt: list[int]) -> int:
-        """Keep the longest common prefix of the KV cache and ``prompt`` (at least one token is
-        always re-evaluated, to get fresh logits); return how many tokens were reused."""
-        n = 0
-        for a, b in zip(self._kv, prompt):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(prompt) - 1)
-        if n <= 0:
-            self._reset_kv()
-            return 0
-        if not self._lc.llama_memory_seq_rm(self._lc.llama_get_memory(self.ctx), 0, n, -1):
-            self._reset_kv()
-            return 0
-        del self._kv[n:]
-        return n
-
-    # ---------------------------------------------------------------------- a turn
-    def cancel(self) -> None:
-        """Ask the running generation to stop at the next token (thread-safe)."""
-        self._cancel.set()
-
-    def generate(self, messages: Sequence[Message], limits: Limits = Limits()) -> Iterator[Event]:
-        """Run one turn; yields ThinkingText/AnswerText/WatchdogAction events, then Done."""
-        prompt = self.prompt_ids(messages, limits.system_mode)
-        yield from self.generate_ids(prompt, limits)
-
-    def generate_ids(self, prompt: list[int], limits: Limits = Limits()) -> Iterator[Event]:
-        if self.llm is None:
-            raise BackendError("the engine is closed")
-        if not self._lock.acquire(blocking=False):
-            raise BackendError("the engine is already generating; one turn at a time")
-        try:
-            self._cancel.clear()
-            yield from _Turn(self, prompt, limits).run()
-        finally:
-            self._lock.release()
-
-
-def _default_threads() -> int:
-    """Physical cores are the fastest thread count for generation on CPUs."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass
-class Step:
-    """What one sampled token led to: events to stream, token runs to evaluate next (in order:
-    the token itself, then any forced-close injection), and whether the turn ends here."""
+class PrefixCache:
+    """Which tokens the reserved sequence holds, and when to replace them (the KV operations
+    stay with the engine). It keeps the longest prefix the latest two prompts shared, and at
+    least the latest prompt's system prompt, so a changed system prompt takes over at once."""
 
-    events: list[Event]
-    feeds: list[list[int]]
-    end: bool
+    limit: int  # at most this many tokens (their KV cells are reserved for it)
+    system_end: int | None  # the token that closes a system prompt ([/SYSTEM_PROMPT]), if any
+    tokens: list[int] = field(default_factory=list)
+    last_prompt: list[int] = field(default_factory=list)
+
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """How many of ``prompt``'s first tokens the cache holds (one is always left to evaluate,
+        for fresh logits)."""
+        return min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+
+    def offer(self, prompt: Sequence[int]) -> int:
+        """After ``prompt`` was evaluated: how many of its first tokens to cache now (0: keep)."""
+        n = max(common_prefix(prompt, self.last_prompt), self._system_len(prompt))
+        self.last_prompt = list(prompt)
+        n = min(n, self.limit, len(prompt) - 1)
+        if n <= 0 or self.tokens[:n] == list(prompt[:n]):  # already held, or a longer prefix of it
+            return 0
+        self.tokens = list(prompt[:n])
+        return n
+
+    def _system_len(self, prompt: Sequence[int]) -> int:
+        if self.system_end is None or self.system_end not in prompt:
+            return 0
+        return list(prompt).index(self.system_end) + 1
 
 
-class _Turn:
-    """The state of one generation: kept apart from the Engine so a turn's state dies with it.
+class Stream:
+    """One request's events, fed by the engine's thread. Iterating blocks until the next event;
+    a backend failure is raised from the iterator."""
 
-    The per-token logic (:meth:`open`, :meth:`advance`, :meth:`finish`) knows nothing of the KV
-    cache, so the single-sequence :meth:`run` and the batching loop (``batch.py``) share it."""
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._ended = False
+        self.done: Done | None = None
 
-    def __init__(self, engine: LoadedModel, prompt: list[int], limits: Limits):
-        self.e, self.prompt, self.limits = engine, prompt, limits
-        self.t0 = time.monotonic()
-        if len(prompt) >= engine.n_ctx:
-            raise BadInputError(f"the prompt is {len(prompt)} tokens but the context holds {engine.n_ctx}: "
-                                f"{len(prompt) - engine.n_ctx + 1} too many; shorten it or plan a larger --ctx")
-        if limits.max_tokens <= 0:
-            raise BadInputError("max_tokens must be at least 1")
-        room = engine.n_ctx - len(prompt)
-        self.max_tokens = min(limits.max_tokens, room)
-        self.wd = Watchdog(engine.watchdog_config(limits, self.max_tokens))
-        from edge_magistral.watchdog import check_sampling
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
 
-        # Only a turn that will think needs the anti-greedy clamp (think budget 0 never thinks).
-        thinking = engine.thinks(limits) and self.wd.think_budget > 0
-        self.temperature, self.temp_note = check_sampling(limits.temperature, thinking)
-        self.grammar = schema_grammar(limits.json_schema) if limits.json_schema is not None else None
-        self.detok = Detokenizer(engine.piece)
-        self.stops = _StopMatcher(limits.stop)
-        self.events_seen = 0
-        self.sampler = None
-        self.decision: Decision | None = None  # the watchdog's latest decision (sampler bans, grammar)
-        self.banned: frozenset[int] = frozenset()
-        self.always_banned = frozenset({engine.eos_id}) if limits.ignore_eos and engine.eos_id >= 0 else frozenset()
-        self.grammar_on = False
-        self.grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
-        self.cached = 0
-        self.t_prompt = self.t_first = self.t_last = None
-        self.n_gen = 0
-        self.ended_by: str | None = None  # the engine's own reasons: cancelled, stop_string, context_full
+    def __iter__(self) -> Iterator[Event]:
+        return self
 
-    # -- per-sequence logic, shared with the batching loop
-    def open(self) -> tuple[list[int], list[Event]]:
-        """Start the watchdog: the full prompt to evaluate and the events due before it."""
-        e = self.e
-        events: list[Event] = []
-        if self.temp_note:
-            events.append(WatchdogAction("sampling", "temperature_clamped", self.temp_note))
-        d = self.wd.start()
-        prompt = list(self.prompt)
-        if d.action is Action.FORCE_CLOSE and e.thinks(self.limits):  # think budget 0: closed in the prompt
-            prompt += [p for p in d.inject if isinstance(p, int)]
-        elif self.limits.force_thinking and e.thinks(self.limits):
-            prompt.append(tk.THINK)
-            d = self.wd.feed(tk.THINK, "", True)
-        self.decision = d
-        return prompt, events + self._new_events()
+    def __next__(self) -> Event:
+        if self._ended:
+            raise StopIteration
+        item = self._q.get()
+        if item is _END:
+            self._ended = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if isinstance(item, Done):
+            self.done = item
+        return item  # type: ignore[return-value]
 
-    def backend_k(self) -> int | None:
-        """The top-k this turn's sampling allows on the device, or None. The host chain then
-        applies its bans and its own top-k to these candidates; with room for every banned id it
-        picks exactly what it would pick from the whole vocabulary. A grammar or top-k 0 needs
-        the whole vocabulary."""
-        if self.grammar is not None:
-            return None
-        if self.temperature <= 0:
-            return 1 + BACKEND_TOPK_MARGIN
-        return self.limits.top_k + BACKEND_TOPK_MARGIN if self.limits.top_k > 0 else None
+    # the engine's side
+    def _put(self, events: list[Event]) -> None:
+        for ev in events:
+            self._q.put(ev)
+        events.clear()
 
-    def sampler_now(self):
-        """The native sampler for the next token, rebuilt if the watchdog's decision changed it."""
-        self._sampler_for(self.decision)
-        return self.sampler
+    def _end(self, events: list[Event], error: BaseException | None = None) -> None:
+        self._put(events)
+        self._q.put(error if error is not None else _END)
 
-    def advance(self, token: int) -> Step:
-        """Account one sampled token: stream its text, ask the watchdog, say what to evaluate."""
-        wd = self.wd
-        if self.grammar_on:
-            self.grammar_tokens.append(token)
-        now = time.monotonic()
-        if self.t_first is None:
-            self.t_first = now
-        self.t_last = now
-        self.n_gen += 1
-        phase = wd.phase
-        text, complete = self.detok.push(token)
-        d = self.decision = wd.feed(token, text, complete)
-        if phase is Phase.BEFORE:  # a first token that is not [THINK] starts the answer
-            phase = wd.phase
-        events: list[Event] = []
-        feeds: list[list[int]] = []
-        if not d.drop:
-            if text and phase is Phase.THINKING:
-                events.append(ThinkingText(text))
-            elif text and phase is Phase.ANSWER:
-                out, hit = self.stops.push(text)
-                if out:
-                    events.append(AnswerText(out))
-                if hit:
-                    self.ended_by = "stop_string"
-                    return Step(events + self._new_events(), [], True)
-            if d.action is not Action.STOP:
-                feeds.append([token])
-        if d.action is Action.FORCE_CLOSE:
-            tail = self.detok.flush()
-            if tail:
-                events.append(ThinkingText(tail))
-            feeds.append(self._inject(d, events))
-        return Step(events + self._new_events(), feeds, d.action is Action.STOP)
 
-    def finish(self) -> list[Event]:
-        """The held-back answer text, the last watchdog events and Done."""
-        rest = self.stops.flush() if self.ended_by != "stop_string" else ""
-        return ([AnswerText(rest)] if rest else []) + self._new_events() + [self._done()]
+@dataclass(eq=False)
+class _Slot:
+    """An admitted request: its sequence id, its turn, and what it still has to evaluate."""
 
-    def release(self) -> None:
-        if self.sampler is not None:
-            self.e._lc.llama_sampler_free(self.sampler)
-            self.sampler = None
+    seq: int
+    turn: Turn
+    stream: Stream
+    prompt: list[int]
+    pending: Sequence[int]  # the rest of the prompt while prefilling, then the sampled/injected tokens
+    n_past: int  # tokens of this sequence in the KV cache (its next position)
+    prefilling: bool = True
 
-    # -- helpers
-    def _new_events(self) -> list[Event]:
-        events = self.wd.usage().events
-        new: list[Event] = [WatchdogAction(ev.action, ev.reason.value, ev.detail) for ev in events[self.events_seen:]]
-        self.events_seen = len(events)
-        return new
 
-    def _sampler_for(self, d: Decision) -> None:
-        """(Re)build the native sampler when the banned set changes or the grammar switches on."""
-        want_grammar = self.grammar is not None and self.wd.phase == Phase.ANSWER
-        if self.sampler is not None and d.banned is self.banned and want_grammar == self.grammar_on:
-            return
-        if self.sampler is not None:
-            self.e._lc.llama_sampler_free(self.sampler)
-        self.banned, self.grammar_on = d.banned, want_grammar
-        self.sampler = self.e._sampler(self.limits, self.temperature, d.banned | self.always_banned,
-                                       self.grammar if want_grammar else None)
-        for t in self.grammar_tokens if want_grammar else ():  # a new grammar sampler starts from its root
-            self.e._lc.llama_sampler_accept(self.sampler, t)
+@dataclass
+class EngineStats:
+    """Counters for progress, tests and benchmarks (written by the engine's thread only)."""
 
-    def _inject(self, d: Decision, events: list[Event]) -> list[int]:
-        """The ids a forced close feeds (its text streams as reasoning); counted as reasoning."""
-        ids: list[int] = []
-        for piece in d.inject:
-            if isinstance(piece, int):
-                ids.append(piece)
-            else:
-                ids += self.e.encode_text(piece)
-                events.append(ThinkingText(piece))
-        self.wd.injected(len(ids))
-        return ids
+    steps: int = 0  # llama_decode calls
+    tokens_evaluated: int = 0  # every token evaluated (prompt and generated)
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0  # prompt tokens taken from the KV cache instead
+    max_active: int = 0  # the most slots decoding in one step
+    moves: int = 0  # slots moved to a lower sequence id when one below them ended
 
-    # -- the single-sequence loop (Engine)
-    def run(self) -> Iterator[Event]:
-        e = self.e
-        prompt, events = self.open()
-        yield from events
-        try:
-            e.set_backend_topk(0, self.backend_k())
-            self.cached = e._reuse_prefix(prompt)
-            stopped = not e._decode(prompt[self.cached:], poll=self._poll_stop)
-            self.t_prompt = time.monotonic()
-            if stopped or self._poll_stop():
-                if e._cancel.is_set():
-                    self.ended_by = "cancelled"
-                yield from self._new_events()
-                yield self._done()
-                return
-            yield from self._loop()
-        finally:
-            self.release()
 
-    def _poll_stop(self) -> bool:
-        return self.e._cancel.is_set() or self.wd.poll().action is Action.STOP
+class Engine(LoadedModel):
+    """One model, one context, ``settings.n_slots`` requests decoded together (see the module
+    docstring). ``n_ctx`` is the context of each slot."""
 
-    def _loop(self) -> Iterator[Event]:
-        e = self.e
-        while True:
-            if e._cancel.is_set():
-                self.ended_by = "cancelled"
-                break
-            if len(e._kv) >= e.n_ctx:
-                self.ended_by = "context_full"
-                break
-            step = self.advance(e._lc.llama_sampler_sample(self.sampler_now(), e.ctx, -1))
-            # Queue the next decode before handing the events out: on a GPU llama_decode returns
-            # once the work is queued, so whatever the caller does with the text overlaps it.
-            for ids in step.feeds:
-                e._decode(ids)
-            yield from step.events
-            if step.end:
-                break
-        yield from self.finish()
+    def __init__(self, settings: LoadSettings):
+        super().__init__(settings)
+        self.stats = EngineStats()
+        self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self._batch = llama_cpp.llama_batch_init(max(1, settings.n_batch), 0, 1)
+        one = self.n_slots == 1
+        self._prefix = None if one else PrefixCache(settings.n_ctx, tk.END_SYSTEM if self.is_magistral else None)
+        self._kept: list[int] = []  # one slot: the tokens its KV stream holds between turns
+        self._free = [0] if one else list(range(self.n_slots, 0, -1))  # several: ids 1..N, 0 is the prefix
+        self._active: list[_Slot] = []
+        self._queue: collections.deque[tuple[Turn, Stream]] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
+        self._thread.start()
 
-    def _done(self) -> Done:
-        u: WatchdogUsage = self.wd.usage()
-        now = time.monotonic()
-        t_prompt = self.t_prompt or now
-        gen_s = (self.t_last - self.t_first) if self.t_first and self.t_last else 0.0
-        n_eval = len(self.prompt) - self.cached
-        if self.ended_by is not None:
-            finish = {"cancelled": "cancelled", "stop_string": "stop", "context_full": "length"}[self.ended_by]
-            reason = self.ended_by
+    # --------------------------------------------------------------------------- API
+    def submit(self, request: Sequence[int] | Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Stream:
+        """Queue a request (prompt ids, or messages to render); bad input raises here, at once."""
+        if self._closing or self.llm is None:
+            raise BackendError("the engine is closed")
+        if request and all(isinstance(t, int) for t in request):
+            prompt = list(request)  # type: ignore[arg-type]
         else:
-            finish = u.finish_reason or "length"
-            reason = u.stop_reason.value if u.stop_reason else "max_tokens"
-        return Done(
-            finish_reason=finish,
-            stop_reason=reason,
-            usage=Usage(len(self.prompt), u.reasoning_tokens, u.answer_tokens),
-            timings=Timings(
-                load_s=self.e.load_s,
-                prompt_s=t_prompt - self.t0,
-                ttft_s=(self.t_first - self.t0) if self.t_first else None,
-                generation_s=gen_s,
-                tokens_per_s=(self.n_gen - 1) / gen_s if gen_s > 0 and self.n_gen > 1 else 0.0,
-                prompt_tokens_per_s=n_eval / (t_prompt - self.t0) if t_prompt > self.t0 else 0.0,
-                cached_prompt_tokens=self.cached,
-            ),
-            reasoning_truncated=u.reasoning_truncated,
-            watchdog_events=[{**asdict(ev), "reason": ev.reason.value} for ev in u.events],
-            sampling={"temperature": self.temperature, "top_p": self.limits.top_p, "top_k": self.limits.top_k,
-                      "min_p": self.limits.min_p, "seed": self.limits.seed,
-                      "think_budget": u.think_budget, "max_tokens": self.max_tokens},
-        )
+            prompt = self.prompt_ids(request, limits.system_mode)  # type: ignore[arg-type]
+        turn = Turn(self, prompt, limits)  # validates the prompt, limits and schema
+        stream = Stream()
+        with self._cv:
+            self._queue.append((turn, stream))
+            self._cv.notify()
+        return stream
+
+    def generate(self, messages: Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Stream:
+        """One chat turn: its events (the same as :meth:`submit`'s stream)."""
+        return self.submit(messages, limits)
+
+    def generate_ids(self, prompt: list[int], limits: Limits = DEFAULT_LIMITS) -> Stream:
+        return self.submit(prompt, limits)
+
+    def cancel(self, stream: Stream | None = None) -> None:
+        """Stop a request (queued or running; ``None``: every request) at the next step; its slot
+        is freed. Thread-safe."""
+        with self._cv:
+            targets = [stream] if stream is not None else \
+                [s.stream for s in self._active] + [s for _, s in self._queue]
+            for s in targets:
+                s._cancel.set()
+            self._cv.notify()
+
+    def close(self) -> None:
+        """Cancel what is queued or running, stop the thread, free the context and the model."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        super().close()
+
+    def busy_seqs(self) -> list[int]:
+        """The sequence ids of the slots decoding now (a snapshot; with several slots they stay
+        1..k, so one ubatch holds them all: see :meth:`_compact`)."""
+        return sorted(s.seq for s in list(self._active))
+
+    def kv_tokens(self, seq: int) -> int:
+        """How many positions sequence ``seq`` holds in the KV cache (0: none)."""
+        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq) + 1
+
+    @property
+    def tokens_evaluated(self) -> int:
+        """Every token evaluated so far (prompt chunks and generated): progress for a heartbeat."""
+        return self.stats.tokens_evaluated
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                self._step()
+        except BaseException as e:  # a bug or a backend failure: no stream may hang on it
+            log.exception("the decoding loop failed")
+            for slot in list(self._active):
+                self._drop(slot, BackendError(f"the decoding loop failed: {type(e).__name__}"))
+        finally:
+            for slot in list(self._active):
+                self._finish(slot, "cancelled")
+            with self._cv:
+                waiting, self._closing = list(self._queue), True
+                self._queue.clear()
+            for turn, stream in waiting:
+                turn.end("cancelled")
+                stream._end(turn.events)
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while not (self._closing or self._queue or self._active):
+                self._cv.wait()
+            return not self._closing
+
+    def _step(self) -> None:
+        """Admit, end what must end, evaluate one batch, sample every slot that is due."""
+        self._admit()
+        for slot in list(self._active):
+            self._check_stop(slot)
+        plan = self._fill_batch()
+        if not plan:
+            return
+        rc = llama_cpp.llama_decode(self.ctx, self._batch)
+        self.stats.steps += 1
+        self.stats.max_active = max(self.stats.max_active, len(plan))
+        if rc != 0:
+            for slot, _, _ in plan:
+                self._drop(slot, BackendError(f"llama_decode failed ({rc}): out of KV cache or backend error"))
+            return
+        one = self._prefix is None
+        for slot, n, _ in plan:  # all first: a slot ending below may move another's KV (_compact)
+            p = slot.pending
+            done = p if n == len(p) else p[:n]
+            if one:  # one slot: what its KV stream holds is the next turn's prompt cache
+                self._kept += done
+            slot.pending, slot.n_past = (() if done is p else p[n:]), slot.n_past + n
+            self.stats.tokens_evaluated += n
+            if slot.prefilling:
+                self.stats.prompt_tokens_evaluated += n
+        for slot, _, idx in plan:
+            if idx >= 0 and slot in self._active:
+                try:
+                    self._sample(slot, idx)
+                except Exception as e:  # one request's failure (e.g. its grammar) ends only it
+                    self._drop(slot, e)
+
+    def _admit(self) -> None:
+        """Move queued requests into free slots, starting each from the cached prefix."""
+        while self._free:
+            with self._cv:
+                if not self._queue:
+                    return
+                turn, stream = self._queue.popleft()
+            if stream.cancelled:
+                turn.end("cancelled")
+                stream._end(turn.events)
+                continue
+            prompt = turn.prefill()
+            stream._put(turn.events)
+            seq = min(self._free)  # busy ids stay 1..k (see _compact)
+            self._free.remove(seq)
+            self.set_backend_topk(seq, turn.backend_k())
+            n = self._reuse(seq, prompt)
+            turn.cached = n
+            self.stats.prompt_tokens_reused += n
+            self._active.append(_Slot(seq, turn, stream, prompt, prompt[n:], n))
+
+    def _reuse(self, seq: int, prompt: list[int]) -> int:
+        """Put the longest cached prefix of ``prompt`` into ``seq``; how many tokens that is."""
+        if self._prefix is not None:
+            n = self._prefix.reusable(prompt)
+            if n > 0:
+                self._copy_kv(PREFIX_SEQ, seq, n)
+            return n
+        n = min(common_prefix(self._kept, prompt), len(prompt) - 1)  # one token is always evaluated
+        if n <= 0 or not llama_cpp.llama_memory_seq_rm(self._mem, seq, n, -1):
+            llama_cpp.llama_memory_clear(self._mem, True)
+            n = 0
+        del self._kept[n:]
+        return n
+
+    def _check_stop(self, slot: _Slot) -> None:
+        """Before each step: a cancel, or a deadline passed while the prompt is evaluated, ends it."""
+        if slot.stream.cancelled:
+            self._finish(slot, "cancelled")
+        elif slot.prefilling and slot.turn.stop_due():
+            self._finish(slot)
+
+    def _fill_batch(self) -> list[tuple[_Slot, int, int]]:
+        """Put each slot's pending tokens in the batch, up to n_batch (generating slots get their
+        token first), ordered by sequence id; a slot's last token asks for logits. Returns (slot,
+        tokens taken, logits row or -1). The order matters: with one KV stream per sequence,
+        llama.cpp puts only consecutive, increasing sequence ids in one ubatch, so any other order
+        splits the step into several passes over the weights (measured: 4 streams ran at 60% of
+        llama-batched-bench, slower than 2)."""
+        b, budget, used = self._batch, max(1, self.settings.n_batch), 0
+        chosen = []
+        for slot in sorted(self._active, key=lambda s: s.prefilling):  # stable: admission order kept
+            take = slot.pending[:budget - used]
+            if take:
+                chosen.append((slot, take))
+                used += len(take)
+        plan, i = [], 0
+        for slot, take in sorted(chosen, key=lambda c: c[0].seq):
+            for k, token in enumerate(take):
+                b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, slot.n_past + k, 1, 0
+                b.seq_id[i][0] = slot.seq
+                i += 1
+            last = len(take) == len(slot.pending)
+            if last:
+                b.logits[i - 1] = 1
+            plan.append((slot, len(take), i - 1 if last else -1))
+        b.n_tokens = i
+        return plan
+
+    def _sample(self, slot: _Slot, idx: int) -> None:
+        """The slot's logits are ready: sample, let its turn account the token, queue what to
+        evaluate next. A dropped token (the watchdog refused it) is sampled again from the same
+        logits with the new bans."""
+        turn = slot.turn
+        if slot.prefilling:
+            slot.prefilling = False
+            turn.t_prompt = time.monotonic()
+            self._offer_prefix(slot)
+            if turn.stop_due():
+                return self._finish(slot)
+        while True:
+            if slot.stream.cancelled:
+                return self._finish(slot, "cancelled")
+            if slot.n_past >= self.n_ctx:
+                return self._finish(slot, "context_full")
+            going = turn.token(llama_cpp.llama_sampler_sample(turn.sampler(), self.ctx, idx))
+            if turn.events:
+                slot.stream._put(turn.events)
+            if not going:
+                return self._finish(slot)
+            if turn.feed:
+                slot.pending = turn.feed
+                return
+
+    def _offer_prefix(self, slot: _Slot) -> None:
+        """After a prompt is in the KV cache, refresh the cached prefix from it if it is better."""
+        n = self._prefix.offer(slot.prompt) if self._prefix is not None else 0
+        if n > 0:
+            self._copy_kv(slot.seq, PREFIX_SEQ, n)
+
+    def _copy_kv(self, src: int, dst: int, n: int) -> None:
+        """Make ``dst`` hold ``src``'s first ``n`` positions. Across KV streams llama.cpp copies
+        whole streams only (the copy runs on the device at the next decode), so copy, then trim."""
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._mem, dst, n, -1)
+
+    # --------------------------------------------------------------- ending a slot
+    def _finish(self, slot: _Slot, ended_by: str | None = None) -> None:
+        slot.turn.end(ended_by)
+        self._free_slot(slot, keep_kv=True)  # first: when a client sees its end, the slot is free again
+        slot.stream._end(slot.turn.events)
+
+    def _drop(self, slot: _Slot, error: BaseException) -> None:
+        self._free_slot(slot, keep_kv=False)
+        slot.stream._end(slot.turn.events, error=error)
+
+    def _free_slot(self, slot: _Slot, keep_kv: bool) -> None:
+        slot.turn.release()
+        self._active.remove(slot)
+        if self._prefix is None:  # one slot: what it evaluated is the next turn's prompt cache
+            if not keep_kv:
+                llama_cpp.llama_memory_clear(self._mem, True)
+                self._kept = []
+            self._free.append(slot.seq)
+            return
+        llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        self._compact(slot.seq)
+
+    def _compact(self, hole: int) -> None:
+        """Keep the busy sequence ids 1..k, so one ubatch can hold every slot (see _fill_batch):
+        the slot with the highest id moves into the hole. Its KV stream is copied on the device
+        at the next decode (a whole stream: a few ms at 40k cells on a GPU), once per ended
+        request, instead of every later step paying an extra pass over the weights."""
+        last = max(self._active, key=lambda s: s.seq, default=None)
+        if last is None or last.seq < hole or self._closing:
+            self._free.append(hole)
+            return
+        self._copy_kv(last.seq, hole, last.n_past)
+        llama_cpp.llama_memory_seq_rm(self._mem, last.seq, -1, -1)
+        self.set_backend_topk(hole, last.turn.backend_k())
+        self._free.append(last.seq)
+        last.seq = hole
+        self.stats.moves += 1
+
+
+def load_engine(settings: LoadSettings) -> Engine:
+    """The engine for these settings (one code path whatever ``settings.n_slots`` is)."""
+    return Engine(settings)
+
+
+__all__ = ["Engine", "EngineStats", "PrefixCache", "Stream", "common_prefix", "load_engine"]

@@ -48,20 +48,20 @@ Choices documented here because they are policy:
 
 from __future__ import annotations
 
-import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from edge_magistral.errors import BadInputError
-from edge_magistral.tekken import END_THINK, EOS, THINK
-
-WRAP_UP_TEXT = (
-    "\n\nConsidering the limited time, I have to give the solution based on the thinking directly now.\n"
+from edge_magistral.loops import LoopDetector, NgramNovelty, PeriodicTail  # noqa: F401  (re-exported)
+from edge_magistral.watchdog_config import (  # noqa: F401  (re-exported: the watchdog's settings)
+    MIN_THINKING_TEMPERATURE,
+    WRAP_UP_TEXT,
+    WatchdogConfig,
+    check_sampling,
+    grace_tokens,
+    resolve_think_budget,
 )
-MIN_THINKING_TEMPERATURE = 0.5  # below this, reasoning models fall into loops (greedy is the worst)
 
 
 class Phase(str, Enum):
@@ -142,126 +142,6 @@ class WatchdogUsage:
     events: tuple[WatchdogEvent, ...]
 
 
-@dataclass(frozen=True)
-class WatchdogConfig:
-    """Limits for one turn. ``think_budget=None`` means as much as ``max_tokens`` leaves room for."""
-
-    think_budget: int | None = 8192
-    grace_fraction: float = 0.10  # how long to wait past the budget for a sentence end ...
-    grace_max: int = 256  # ... at most this many tokens
-    answer_budget: int | None = None
-    max_tokens: int = 40960  # all generated tokens: thought, wrap-up and answer
-    deadline_s: float | None = None
-    think_deadline_fraction: float = 0.75
-    ttft_deadline_s: float | None = None
-    wrap_up_text: str = WRAP_UP_TEXT
-    wrap_up_reserve: int = 32  # tokens kept for the wrap-up and [/THINK] when clipping the budget
-    answer_reserve: int = 256  # tokens kept for the answer when clipping the budget
-    min_think_budget: int = 64  # a clipped budget below this is refused (BadInputError)
-    min_answer_tokens: int = 1  # non-blank answer tokens before </s> is allowed
-    max_violations: int = 8
-    loop_max_period: int = 64  # exact periodic tail: pattern sizes 1..loop_max_period ...
-    loop_min_repeats: int = 4  # ... repeated at least this often ...
-    loop_min_span: int = 48  # ... and covering at least this many tokens ("the the" is no loop)
-    novelty_n: int = 4  # n-gram size of the novelty measure
-    novelty_window: int = 512  # tokens in its sliding window
-    novelty_min_thinking: float = 0.35  # distinct n-grams / n-grams below this is a loop (thought)
-    novelty_min_answer: float = 0.25  # ... in the answer, where a false stop costs more
-    think_id: int = THINK
-    end_think_id: int = END_THINK
-    eos_id: int = EOS
-
-    def __post_init__(self) -> None:
-        for problem in _config_problems(self):
-            raise BadInputError(f"invalid watchdog setting: {problem}")
-
-
-def _config_problems(c: WatchdogConfig) -> list[str]:
-    """Every setting out of range, described so that the caller knows what to change."""
-    checks = [
-        (c.think_budget is None or c.think_budget >= 0, "think_budget must be >= 0 (0 = no thinking)"),
-        (0.0 <= c.grace_fraction <= 1.0, "grace_fraction must be within [0, 1]"),
-        (c.grace_max >= 0, "grace_max must be >= 0"),
-        (c.answer_budget is None or c.answer_budget >= 1, "answer_budget must be >= 1"),
-        (c.max_tokens >= 1, "max_tokens must be >= 1"),
-        (c.deadline_s is None or c.deadline_s > 0, "deadline_s must be > 0"),
-        (0.0 < c.think_deadline_fraction <= 1.0, "think_deadline_fraction must be within (0, 1]"),
-        (c.ttft_deadline_s is None or c.ttft_deadline_s > 0, "ttft_deadline_s must be > 0"),
-        (c.wrap_up_reserve >= 1, "wrap_up_reserve must be >= 1"),
-        (c.answer_reserve >= 0, "answer_reserve must be >= 0"),
-        (c.min_think_budget >= 1, "min_think_budget must be >= 1"),
-        (c.min_answer_tokens >= 0, "min_answer_tokens must be >= 0"),
-        (c.max_violations >= 1, "max_violations must be >= 1"),
-        (c.loop_max_period >= 1 and c.loop_min_repeats >= 2 and c.loop_min_span >= 2,
-         "loop_max_period >= 1, loop_min_repeats >= 2, loop_min_span >= 2"),
-        (1 <= c.novelty_n < c.novelty_window, "novelty_n must be >= 1 and < novelty_window"),
-        (0.0 <= c.novelty_min_thinking <= 1.0 and 0.0 <= c.novelty_min_answer <= 1.0,
-         "novelty thresholds must be within [0, 1]"),
-        (len({c.think_id, c.end_think_id, c.eos_id}) == 3, "think_id, end_think_id and eos_id must differ"),
-    ]
-    return [message for ok, message in checks if not ok]
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def check_sampling(temperature: float, thinking: bool) -> tuple[float, str | None]:
-    """The temperature to use and why it was changed (None if unchanged).
-
-    Greedy or near-greedy decoding makes reasoning models repeat themselves until the budget,
-    so in thinking mode the temperature is raised to :data:`MIN_THINKING_TEMPERATURE`.
-    """
-    if not math.isfinite(temperature) or temperature < 0:
-        raise BadInputError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if thinking and temperature < MIN_THINKING_TEMPERATURE:
-        return MIN_THINKING_TEMPERATURE, (
-            f"temperature {temperature:g} raised to {MIN_THINKING_TEMPERATURE:g}: greedy decoding makes a "
-            "reasoning model loop (pass think_budget=0 to answer without thinking at this temperature)")
-    return temperature, None
-
-
-def grace_tokens(budget: int, config: WatchdogConfig) -> int:
-    """How many tokens past the budget the close may wait for a sentence end."""
-    return min(config.grace_max, int(budget * config.grace_fraction))
-
-
-def resolve_think_budget(config: WatchdogConfig) -> tuple[int, bool]:
-    """The effective think budget and whether it was clipped to fit ``max_tokens``.
-
-    The turn needs room for [THINK], budget + grace, the wrap-up and a minimal answer. A budget
-    that does not fit is clipped; one that cannot reach ``min_think_budget`` is refused.
-    """
-    wanted = config.think_budget
-    if wanted == 0:
-        return 0, False
-    answer_reserve = min(config.answer_reserve, config.answer_budget or config.answer_reserve)
-    room = config.max_tokens - 1 - config.wrap_up_reserve - answer_reserve
-    if wanted is not None and wanted + grace_tokens(wanted, config) <= room:
-        return wanted, False
-    fits = _largest_fitting_budget(room, config)
-    if fits < config.min_think_budget:
-        smallest = config.min_think_budget
-        need = smallest + grace_tokens(smallest, config) + config.max_tokens - room
-        raise BadInputError(
-            f"max_tokens={config.max_tokens} leaves no room to think: the smallest think budget "
-            f"({smallest} tokens, plus grace, [THINK], a {config.wrap_up_reserve}-token wrap-up and a "
-            f"{answer_reserve}-token answer) needs max_tokens >= {need}; "
-            "raise max_tokens or set think_budget=0")
-    return fits, wanted is not None
-
-
-def _largest_fitting_budget(room: int, config: WatchdogConfig) -> int:
-    """The largest budget B with B + grace(B) <= room (0 if none)."""
-    if room <= 0:
-        return 0
-    budget = max(room - config.grace_max, int(room / (1.0 + config.grace_fraction)))
-    while budget > 0 and budget + grace_tokens(budget, config) > room:
-        budget -= 1
-    while budget + 1 + grace_tokens(budget + 1, config) <= room:
-        budget += 1
-    return budget
-
-
 _SENTENCE_END = frozenset(".!?;…。！？；")
 _CLOSERS = "\"')]}»”’*_` \t"
 
@@ -274,144 +154,13 @@ def ends_sentence(text: str) -> bool:
     return bool(stripped) and stripped[-1] in _SENTENCE_END
 
 
-# ------------------------------------------------------------------------- loop detectors
-
-
-class PeriodicTail:
-    """Detects an exactly periodic tail: some pattern of 1..max_period tokens repeated at least
-    ``max(min_repeats, ceil(min_span / p))`` times in a row at the end of the stream.
-
-    ``run[p]`` counts how many of the latest tokens each equal the token ``p`` places earlier;
-    the tail is p-periodic over ``run[p] + p`` tokens. Only the periods at which the new token
-    occurred within the last ``max_period`` tokens are touched (found through per-token position
-    queues); other runs are reset lazily by remembering where they last grew. So a token costs
-    O(its occurrences in the last max_period tokens) — a few for text — never a rescan.
-    """
-
-    __slots__ = ("_n", "_need", "_ring", "_where", "_run", "_last", "_i")
-
-    def __init__(self, max_period: int, min_repeats: int, min_span: int):
-        self._n = max_period
-        # run length that proves the repeats: (repeats - 1) * p matches of the token p back
-        self._need = [0] + [(max(min_repeats, -(-min_span // p)) - 1) * p for p in range(1, max_period + 1)]
-        self._ring = [0] * max_period  # token at position i % n
-        self._where: dict[int, deque[int]] = {}  # token -> its positions within the last n
-        self._run = [0] * (max_period + 1)
-        self._last = [-2] * (max_period + 1)
-        self._i = 0
-
-    def push(self, token: int) -> int:
-        """Add a token; the smallest period found repeating at the tail, or 0."""
-        i = self._i
-        self._i = i + 1
-        n, where = self._n, self._where
-        found = 0
-        positions = where.get(token)
-        if positions:
-            run, last, need = self._run, self._last, self._need
-            for j in positions:  # oldest first, so the smallest period is checked last
-                p = i - j
-                r = run[p] + 1 if last[p] == i - 1 else 1
-                run[p] = r
-                last[p] = i
-                if r >= need[p]:
-                    found = p
-        slot = i % n
-        if i >= n:  # position i - n leaves the window
-            old = self._ring[slot]
-            queue = where[old]
-            queue.popleft()
-            if not queue:
-                del where[old]
-        self._ring[slot] = token
-        queue = where.get(token)
-        if queue is None:
-            where[token] = deque((i,))
-        else:
-            queue.append(i)
-        return found
-
-    def repeats(self, period: int) -> int:
-        """How many times the pattern of this period repeats at the tail (for reporting)."""
-        run = self._run[period] if self._last[period] == self._i - 1 else 0
-        return (run + period) // period
-
-
-class NgramNovelty:
-    """Distinct n-grams among the last ``window`` n-grams, kept incrementally (O(1) per token).
-
-    A paraphrasing loop reuses the same phrases in a different order: exact periodicity misses
-    it, but the share of distinct n-grams collapses. N-grams are packed exactly into one int
-    (20 bits per token id), so there are no hash collisions for vocabularies below 2**20.
-    """
-
-    __slots__ = ("_n", "window", "_mask", "_key", "_seen", "_ring", "_grams", "_counts", "distinct", "_min")
-
-    _BITS = 20
-
-    def __init__(self, n: int, window: int, min_fraction: float):
-        self._n = n
-        self.window = window
-        self._mask = (1 << (self._BITS * n)) - 1
-        self._key = 0
-        self._seen = 0
-        self._ring = [0] * window
-        self._grams = 0
-        self._counts: dict[int, int] = {}
-        self.distinct = 0
-        self._min = math.ceil(min_fraction * window)
-
-    def push(self, token: int) -> bool:
-        """Add a token; True when the window is full and too few of its n-grams are distinct."""
-        key = ((self._key << self._BITS) | (token & 0xFFFFF)) & self._mask
-        self._key = key
-        self._seen += 1
-        if self._seen < self._n:
-            return False
-        g, counts = self._grams, self._counts
-        slot = g % self.window
-        if g >= self.window:
-            old = self._ring[slot]
-            c = counts[old] - 1
-            if c:
-                counts[old] = c
-            else:
-                del counts[old]
-                self.distinct -= 1
-        self._ring[slot] = key
-        c = counts.get(key, 0)
-        counts[key] = c + 1
-        if not c:
-            self.distinct += 1
-        self._grams = g + 1
-        return g + 1 >= self.window and self.distinct < self._min
-
-    @property
-    def fraction(self) -> float:
-        return self.distinct / max(1, min(self._grams, self.window))
-
-
-class LoopDetector:
-    """Both loop measures over one phase's tokens."""
-
-    __slots__ = ("periodic", "novelty")
-
-    def __init__(self, config: WatchdogConfig, novelty_min: float):
-        self.periodic = PeriodicTail(config.loop_max_period, config.loop_min_repeats, config.loop_min_span)
-        self.novelty = NgramNovelty(config.novelty_n, config.novelty_window, novelty_min)
-
-    def push(self, token: int) -> str | None:
-        """Add a token; a description of the loop found, or None."""
-        period = self.periodic.push(token)
-        low_novelty = self.novelty.push(token)
-        if period:
-            return f"period {period} repeated {self.periodic.repeats(period)} times"
-        if low_novelty:
-            return f"n-gram novelty {self.novelty.fraction:.2f} over the last {self.novelty.window} tokens"
-        return None
-
-
 # ---------------------------------------------------------------------------- watchdog
+
+
+def _loops(c: WatchdogConfig, novelty_min: float) -> LoopDetector:
+    return LoopDetector(c.loop_max_period, c.loop_min_repeats, c.loop_min_span, c.novelty_n, c.novelty_window,
+                        novelty_min)
+
 
 
 @dataclass
@@ -451,7 +200,7 @@ class Watchdog:
         self.reasoning_truncated = False
         self.stop_reason: Reason | None = None
         self._closing: _Closing | None = None
-        self._loops = LoopDetector(c, c.novelty_min_thinking)
+        self._loops = _loops(c, c.novelty_min_thinking)
         self._timed = c.deadline_s is not None or c.ttft_deadline_s is not None
         self._soft_deadline = None if c.deadline_s is None else c.deadline_s * c.think_deadline_fraction
         # the latest think-token count at which the thought must close so that max_tokens still
@@ -591,7 +340,7 @@ class Watchdog:
         c = self.config
         self.phase = Phase.ANSWER
         self._closing = None
-        self._loops = LoopDetector(c, c.novelty_min_answer)
+        self._loops = _loops(c, c.novelty_min_answer)
         self._feed_phase = self._feed_answer
         banned = {c.think_id, c.end_think_id}
         if c.min_answer_tokens > 0:

@@ -6,23 +6,15 @@ figures are in benchmarks/. Also: ``ignore_eos`` really bans end-of-sequence."""
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from edge_magistral.batch import BatchEngine  # first: loads llama_cpp before numpy
 from edge_magistral.chat import Message
-from edge_magistral.engine import (
-    BACKEND_TOPK_MARGIN,
-    AnswerText,
-    Done,
-    Engine,
-    Limits,
-    LoadSettings,
-    ThinkingText,
-    WatchdogAction,
-    _Turn,
-)
+from edge_magistral.engine import Engine  # before anything that imports numpy
+from edge_magistral.generation import AnswerText, Done, Limits, LoadSettings, ThinkingText, WatchdogAction
+from edge_magistral.turn import BACKEND_TOPK_MARGIN, Turn
 
 ASK = [Message("user", "Tell me a long story about the sea, please.")]
 CASES = {
@@ -76,7 +68,7 @@ def test_device_top_k_gives_the_same_tokens_as_the_host(tiny_gguf_quants, refere
 
 
 def test_batched_streams_with_device_top_k_equal_the_host_engine(tiny_gguf_quants, reference) -> None:
-    b = BatchEngine(settings(tiny_gguf_quants["Q8_0"], backend=True), n_slots=2)
+    b = Engine(replace(settings(tiny_gguf_quants["Q8_0"], backend=True), n_slots=2))
     try:
         names = ["answer", "greedy", "ignore_eos"]
         streams = [b.submit(ASK if not CASES[n].raw else b.prompt_ids(ASK), CASES[n]) for n in names]
@@ -90,11 +82,11 @@ def test_which_turns_can_sample_on_the_device(tiny_gguf_quants) -> None:
     e = Engine(settings(tiny_gguf_quants["Q8_0"], backend=True))
     try:
         prompt = e.prompt_ids(ASK)
-        assert _Turn(e, prompt, Limits(top_k=40)).backend_k() == 40 + BACKEND_TOPK_MARGIN
-        assert _Turn(e, prompt, Limits(raw=True, temperature=0)).backend_k() == 1 + BACKEND_TOPK_MARGIN
-        assert _Turn(e, prompt, Limits(top_k=0)).backend_k() is None  # top-p over the whole vocabulary
+        assert Turn(e, prompt, Limits(top_k=40)).backend_k() == 40 + BACKEND_TOPK_MARGIN
+        assert Turn(e, prompt, Limits(raw=True, temperature=0)).backend_k() == 1 + BACKEND_TOPK_MARGIN
+        assert Turn(e, prompt, Limits(top_k=0)).backend_k() is None  # top-p over the whole vocabulary
         schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-        assert _Turn(e, prompt, Limits(json_schema=schema)).backend_k() is None  # a grammar needs every id
+        assert Turn(e, prompt, Limits(json_schema=schema)).backend_k() is None  # a grammar needs every id
     finally:
         e.close()
 
@@ -108,7 +100,7 @@ def test_auto_samples_on_the_device_only_when_the_logits_are_on_a_gpu(tiny_gguf_
         try:
             assert e.backend_sampling is on_device, ngl
             e.set_backend_topk(0, 48)
-            assert bool(e._backend_topk) is on_device  # nothing attached when the host samples
+            assert (e.backend_topk(0) is not None) is on_device  # nothing attached when the host samples
         finally:
             e.close()
 
@@ -116,18 +108,18 @@ def test_auto_samples_on_the_device_only_when_the_logits_are_on_a_gpu(tiny_gguf_
 def test_ignore_eos_bans_end_of_sequence(tiny_gguf_quants) -> None:
     e = Engine(settings(tiny_gguf_quants["Q8_0"], backend=False))
     try:
-        lc = e._lc
+        lc = e.lc
         for ignore, expect_eos in ((False, True), (True, False)):
-            turn = _Turn(e, e.prompt_ids(ASK), Limits(raw=True, temperature=0.0, ignore_eos=ignore))
-            turn.open()
+            turn = Turn(e, e.prompt_ids(ASK), Limits(raw=True, temperature=0.0, ignore_eos=ignore))
+            turn.prefill()
             for t in e.encode_text("Once upon a time"):  # past the watchdog's own early </s> ban
-                turn.advance(t)
+                turn.token(t)
             data = (lc.llama_token_data * 3)()
             other = e.encode_text(" sea")[0]
             for i, (tok, logit) in enumerate(((e.eos_id, 10.0), (other, 5.0), (other + 1, 1.0))):
                 data[i].id, data[i].logit, data[i].p = tok, logit, 0.0
             arr = lc.llama_token_data_array(data=data, size=3, selected=-1, sorted=False)
-            lc.llama_sampler_apply(turn.sampler_now(), ctypes.byref(arr))
+            lc.llama_sampler_apply(turn.sampler(), ctypes.byref(arr))
             assert (data[arr.selected].id == e.eos_id) is expect_eos
             turn.release()
     finally:

@@ -1,0 +1,299 @@
+"""One turn of generation: the per-token logic every engine path shares.
+
+A :class:`Turn` knows the prompt, the request's limits, the [THINK] watchdog, the detokenizer
+and the stop strings; it knows nothing of the KV cache or of batching, so the engine's scheduler
+drives any number of turns with one code path. Its lifecycle::
+
+    turn = Turn(model, prompt_ids, limits)   # validates: prompt vs context, max_tokens, schema
+    ids = turn.prefill()                     # the ids to evaluate first (the prompt, maybe with
+                                             #   [THINK][/THINK] closed in it for think budget 0)
+    loop, once the last id's logits exist:
+        if turn.stop_due(): turn.end(); break        # a deadline passed (also between prefill chunks)
+        going = turn.token(sampled id)               # sampled with turn.sampler()
+        evaluate turn.feed (the token, then any forced-close injection; empty: sample again)
+        if not going: turn.end(); break
+    turn.end("cancelled" | "context_full" | None)    # appends the held text, the watchdog's events, Done
+    turn.release()                                   # frees the native sampler
+
+Events accumulate in ``turn.events``; the driver hands them out and clears the list. Thinking and
+answer are split by token id ([THINK]/[/THINK]), never by matching text, and text is emitted
+only at UTF-8 code point boundaries. When nothing happens, a token costs one text event and no
+other allocation: the watchdog's CONTINUE decisions are cached, its event list is compared by
+length, and the feed list is reused.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from edge_magistral import tekken as tk
+from edge_magistral.errors import BadInputError, PromptTooLongError
+from edge_magistral.generation import (
+    AnswerText,
+    Done,
+    Event,
+    Limits,
+    ThinkingText,
+    Timings,
+    Usage,
+    WatchdogAction,
+)
+from edge_magistral.watchdog import Action, Decision, Phase, Watchdog, check_sampling
+
+# Candidates a device-side top-k keeps beyond the request's top-k: room for the ids the watchdog
+# bans (at most [THINK], [/THINK] and </s>) and ignore_eos, so the host's choice stays exact.
+BACKEND_TOPK_MARGIN = 8
+ENDED_BY = {"cancelled": "cancelled", "stop_string": "stop", "context_full": "length"}  # → finish_reason
+
+
+class Detokenizer:
+    """Token → text at constant cost: one piece lookup and an incremental UTF-8 decoder."""
+
+    def __init__(self, piece: Callable[[int], bytes]):
+        self._piece = piece
+        self._dec = codecs.getincrementaldecoder("utf-8")("replace")
+        self.complete = True  # no multi-byte character is pending
+
+    def push(self, token: int) -> str:
+        """The text this token completes (``complete`` then says whether bytes are pending)."""
+        b = self._piece(token)
+        text = self._dec.decode(b)
+        self.complete = (b.isascii() and text != "") or not self._dec.getstate()[0]
+        return text
+
+    def flush(self) -> str:
+        self.complete = True
+        return self._dec.decode(b"", final=True)
+
+
+class StopMatcher:
+    """Holds back just enough answer text to find stop strings that span tokens."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.buf = ""
+        self.hit = False  # a stop string was found (the text before it was returned)
+
+    def push(self, text: str) -> str:
+        """The text safe to emit now."""
+        if not self.stops:
+            return text
+        self.buf += text
+        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
+        if hits:
+            out, self.buf, self.hit = self.buf[:min(hits)], "", True
+            return out
+        cut = len(self.buf) - self.hold
+        if cut <= 0:
+            return ""
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Turn:
+    """The state of one request's generation (see the module docstring for its lifecycle).
+
+    ``model`` is a :class:`edge_magistral.model.LoadedModel` (or anything with its tokenization,
+    ``sampler`` and ``watchdog_config``): this module never calls llama.cpp itself."""
+
+    def __init__(self, model: Any, prompt: list[int], limits: Limits):
+        self.model, self.prompt, self.limits = model, prompt, limits
+        self.t0 = time.monotonic()
+        if len(prompt) >= model.n_ctx:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt)} tokens but the context holds {model.n_ctx}: "
+                f"{len(prompt) - model.n_ctx + 1} too many; shorten it or plan a larger --ctx")
+        if limits.max_tokens <= 0:
+            raise BadInputError("max_tokens must be at least 1")
+        self.max_tokens = min(limits.max_tokens, model.n_ctx - len(prompt))
+        self.thinks = model.thinks(limits)
+        self.wd = Watchdog(model.watchdog_config(limits, self.max_tokens))
+        # Only a turn that will think needs the anti-greedy clamp (think budget 0 never thinks).
+        self.temperature, self.temp_note = check_sampling(limits.temperature, self.thinks and self.wd.think_budget > 0)
+        from edge_magistral.model import schema_grammar  # the converter lives beside llama.cpp
+
+        self.grammar = schema_grammar(limits.json_schema) if limits.json_schema is not None else None
+        self.detok = Detokenizer(model.piece)
+        self.stops = StopMatcher(limits.stop)
+        self.events: list[Event] = []  # due to the caller; the driver hands them out and clears
+        self.feed: Sequence[int] = ()  # what to evaluate after the latest token
+        self._one = [0]  # the feed of an ordinary token, reused
+        self._events_seen = 0
+        self._sampler: Any = None
+        self.decision: Decision | None = None  # the watchdog's latest (sampler bans, grammar)
+        self._banned: frozenset[int] = frozenset()
+        self._always_banned = frozenset({model.eos_id}) if limits.ignore_eos and model.eos_id >= 0 else frozenset()
+        self._grammar_on = False
+        self._grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
+        self.cached = 0  # prompt tokens the engine took from its KV cache instead of evaluating
+        self.t_prompt: float | None = None  # when the prompt was evaluated (set by the driver)
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+        self._n_gen = 0
+        self.ended_by: str | None = None  # the engine's own reasons: cancelled, stop_string, context_full
+        self.done: Done | None = None
+
+    # ------------------------------------------------------------------------ lifecycle
+    def prefill(self) -> list[int]:
+        """Start the watchdog; the full prompt to evaluate (events due before it are queued)."""
+        if self.temp_note:
+            self.events.append(WatchdogAction("sampling", "temperature_clamped", self.temp_note))
+        d = self.wd.start()
+        prompt = list(self.prompt)
+        if d.action is Action.FORCE_CLOSE and self.thinks:  # think budget 0: closed in the prompt
+            prompt += [p for p in d.inject if isinstance(p, int)]
+        elif self.limits.force_thinking and self.thinks:
+            prompt.append(tk.THINK)
+            d = self.wd.feed(tk.THINK, "", True)
+        self.decision = d
+        self._watchdog_events()
+        return prompt
+
+    def stop_due(self) -> bool:
+        """Whether a deadline has passed (between prefill chunks, or before sampling)."""
+        return self.wd.poll().action is Action.STOP
+
+    def sampler(self) -> Any:
+        """The native sampler for the next token, rebuilt when the watchdog's bans change or the
+        answer's grammar switches on."""
+        d = self.decision
+        want_grammar = self.grammar is not None and self.wd.phase is Phase.ANSWER
+        if self._sampler is not None and d.banned is self._banned and want_grammar == self._grammar_on:
+            return self._sampler
+        self.release()
+        self._banned, self._grammar_on = d.banned, want_grammar
+        self._sampler = self.model.sampler(self.limits, self.temperature, d.banned | self._always_banned,
+                                           self.grammar if want_grammar else None)
+        for t in self._grammar_tokens if want_grammar else ():  # a new grammar sampler starts from its root
+            self.model.lc.llama_sampler_accept(self._sampler, t)
+        return self._sampler
+
+    def token(self, token: int) -> bool:
+        """Account one sampled token: queue its text, ask the watchdog, set ``feed``. False when
+        the turn ends here (call :meth:`end`)."""
+        wd = self.wd
+        if self._grammar_on:
+            self._grammar_tokens.append(token)
+        self._t_last = time.monotonic()
+        if self._t_first is None:
+            self._t_first = self._t_last
+        self._n_gen += 1
+        phase = wd.phase
+        text = self.detok.push(token)
+        d = self.decision = wd.feed(token, text, self.detok.complete)
+        if phase is Phase.BEFORE:  # a first token that is not [THINK] starts the answer
+            phase = wd.phase
+        self.feed = ()  # nothing to evaluate: dropped or stopping
+        going = d.action is not Action.STOP
+        if not d.drop:
+            if text and not self._emit(text, phase):  # a stop string: the turn ends here
+                self._watchdog_events()
+                return False
+            if going:
+                self._one[0] = token
+                self.feed = self._one
+        if d.action is Action.FORCE_CLOSE:
+            self._force_close(d)
+        if len(wd.events) != self._events_seen:
+            self._watchdog_events()
+        return going
+
+    def end(self, ended_by: str | None = None) -> None:
+        """Close the turn: the held-back answer text, the last watchdog events and Done."""
+        if ended_by is not None:
+            self.ended_by = ended_by
+        if self.ended_by != "stop_string":
+            rest = self.stops.flush()
+            if rest:
+                self.events.append(AnswerText(rest))
+        self._watchdog_events()
+        self.done = self._done()
+        self.events.append(self.done)
+
+    def release(self) -> None:
+        if self._sampler is not None:
+            self.model.lc.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+    def backend_k(self) -> int | None:
+        """The top-k this turn's sampling allows on the device, or None. The host chain then
+        applies its bans and its own top-k to these candidates; with room for every banned id it
+        picks exactly what it would pick from the whole vocabulary. A grammar or top-k 0 needs
+        the whole vocabulary."""
+        if self.grammar is not None:
+            return None
+        if self.temperature <= 0:
+            return 1 + BACKEND_TOPK_MARGIN
+        return self.limits.top_k + BACKEND_TOPK_MARGIN if self.limits.top_k > 0 else None
+
+    # -------------------------------------------------------------------------- helpers
+    def _emit(self, text: str, phase: Phase) -> bool:
+        """Queue a token's text in its phase; False when it completed a stop string."""
+        if phase is Phase.THINKING:
+            self.events.append(ThinkingText(text))
+        elif phase is Phase.ANSWER:
+            out = self.stops.push(text)
+            if out:
+                self.events.append(AnswerText(out))
+            if self.stops.hit:
+                self.ended_by = "stop_string"
+                return False
+        return True
+
+    def _force_close(self, d: Decision) -> None:
+        """Evaluate the wrap-up and [/THINK] after the token (their text streams as reasoning;
+        counted as reasoning)."""
+        tail = self.detok.flush()
+        if tail:
+            self.events.append(ThinkingText(tail))
+        ids = list(self.feed)  # the token itself first, unless it was dropped
+        n = len(ids)
+        for piece in d.inject:
+            if isinstance(piece, int):
+                ids.append(piece)
+            else:
+                ids += self.model.encode_text(piece)
+                self.events.append(ThinkingText(piece))
+        self.wd.injected(len(ids) - n)
+        self.feed = ids
+
+    def _watchdog_events(self) -> None:
+        events = self.wd.events
+        for ev in events[self._events_seen:]:
+            self.events.append(WatchdogAction(ev.action, ev.reason.value, ev.detail))
+        self._events_seen = len(events)
+
+    def _done(self) -> Done:
+        u = self.wd.usage()
+        now = time.monotonic()
+        t_prompt = self.t_prompt or now
+        gen_s = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
+        n_eval = len(self.prompt) - self.cached
+        if self.ended_by is not None:
+            finish, reason = ENDED_BY[self.ended_by], self.ended_by
+        else:
+            finish = u.finish_reason or "length"
+            reason = u.stop_reason.value if u.stop_reason else "max_tokens"
+        timings = Timings(
+            load_s=self.model.load_s, prompt_s=t_prompt - self.t0,
+            ttft_s=(self._t_first - self.t0) if self._t_first else None, generation_s=gen_s,
+            tokens_per_s=(self._n_gen - 1) / gen_s if gen_s > 0 and self._n_gen > 1 else 0.0,
+            prompt_tokens_per_s=n_eval / (t_prompt - self.t0) if t_prompt > self.t0 else 0.0,
+            cached_prompt_tokens=self.cached)
+        return Done(
+            finish_reason=finish, stop_reason=reason,
+            usage=Usage(len(self.prompt), u.reasoning_tokens, u.answer_tokens), timings=timings,
+            reasoning_truncated=u.reasoning_truncated,
+            watchdog_events=[{**asdict(ev), "reason": ev.reason.value} for ev in u.events],
+            sampling={"temperature": self.temperature, "top_p": self.limits.top_p, "top_k": self.limits.top_k,
+                      "min_p": self.limits.min_p, "seed": self.limits.seed,
+                      "think_budget": u.think_budget, "max_tokens": self.max_tokens})
