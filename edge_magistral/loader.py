@@ -59,12 +59,6 @@ class OpenedModel:
     def close(self) -> None:
         self.engine.close()
 
-    def __enter__(self) -> OpenedModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def resolve_model(spec: str | None, store: str | None = None, profile: str | None = None,
                   hardware_file: str | None = None) -> str:
