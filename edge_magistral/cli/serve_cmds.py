@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.errors import ModelNotFoundError
 from edge_magistral.loader import MODEL_ENV
 from edge_magistral.server import ServerConfig

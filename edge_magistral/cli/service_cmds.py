@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.errors import BadInputError, ModelNotFoundError
 from edge_magistral.paths import CONFIG_DIR, UNIT_DIR
 from edge_magistral.systemd import (

@@ -19,7 +19,7 @@ import click
 
 from edge_magistral import store as st
 from edge_magistral.build import manifest as mf
-from edge_magistral.cli import cli
+from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import RichProgress, console, err_console
 from edge_magistral.errors import BadInputError, ModelNotFoundError
 from edge_magistral.units import human_size
