@@ -84,20 +84,27 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def json_depth(x: Any, depth: int = 0) -> int:
-    """How deeply a JSON value nests (a scalar is depth 0)."""
-    if isinstance(x, dict):
-        return max([depth] + [json_depth(v, depth + 1) for v in x.values()])
-    if isinstance(x, list):
-        return max([depth] + [json_depth(v, depth + 1) for v in x])
-    return depth
+def json_depth(x: Any, limit: int | None = None) -> int:
+    """How deeply a JSON value nests (a scalar is depth 0). Iterative, and it stops once past
+    ``limit``: a hostile value cannot exhaust the stack before the cap is checked."""
+    deepest, stack = 0, [(x, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if limit is not None and deepest > limit:
+            return deepest
+        if isinstance(v, dict):
+            stack.extend((c, d + 1) for c in v.values())
+        elif isinstance(v, list):
+            stack.extend((c, d + 1) for c in v)
+    return deepest
 
 
 def check_schema(schema: Any) -> str:
     """The schema as JSON text, once it is known to be an object within the size and depth caps."""
     if not isinstance(schema, dict):
         raise BadInputError("json schema must be a JSON object")
-    if json_depth(schema) > MAX_SCHEMA_DEPTH:
+    if json_depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
         raise BadInputError(f"json schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     raw = json.dumps(schema)
     if len(raw) > MAX_SCHEMA_BYTES:

@@ -1,4 +1,4 @@
-"""Rate-limiting repetitive log lines (RELIABILITY.md 30: a log flood must not fill the disk).
+"""Rate-limiting repetitive log lines (a log flood must not fill the disk).
 
 A crash loop, a client hammering a bad request, or llama.cpp repeating one warning per token can
 write the same line thousands of times a second. :class:`RateLimitFilter` lets ``burst`` similar

@@ -1,4 +1,4 @@
-"""The [THINK] watchdog driven by scripted token streams (RELIABILITY items 16-24 that a pure
+"""The [THINK] watchdog driven by scripted token streams (the runtime rules that a pure
 state machine can own: budget forcing, loops, EOS in thinking, a second [THINK], runaway answers,
 max_tokens clipping, multi-byte characters, greedy sampling, deadlines).
 

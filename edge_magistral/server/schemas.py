@@ -43,9 +43,8 @@ def check_text(s: str, what: str) -> str:
 
 def _check_schema_shape(value: Any) -> None:
     """Refuse a JSON value nested deeper than MAX_SCHEMA_DEPTH (as ``generation.json_depth``
-    counts) or with a lone surrogate anywhere (keys included). Iterative, and it stops at the
-    first level too deep: the recursive ``json_depth`` could exhaust the stack on a request's
-    value before the cap is checked."""
+    counts) or with a lone surrogate anywhere (keys included), in one iterative walk that stops
+    at the first level too deep."""
     stack = [(value, 0)]
     while stack:
         v, d = stack.pop()
