@@ -11,7 +11,7 @@ decodes random tokens and never samples. We run it as
 --output-format jsonl`` with C = max(npl) × (P + G rounded up to 256 cells): one KV stream per
 sequence (its default, like ours).
 
-Ours: one BatchEngine with max(npl) slots per round (llama-batched-bench too allocates max(npl)
+Ours: one Engine with max(npl) slots per round (llama-batched-bench too allocates max(npl)
 sequences for every npl), n_batch 2048, n_ubatch 512, flash attention; npl requests of npp random
 token ids (ids below 1000 left out: the Tekken control tokens) are submitted at once (under the
 engine's lock, so one step admits them all), each a raw completion with the engine's default
@@ -25,8 +25,8 @@ prefill step); S_PP and S_TG as above. Every stream must generate exactly ntg + 
 Unlike llama-batched-bench, each step also samples npl tokens and runs the per-token logic
 (watchdog, detokenizer) in Python: that is the cost measured.
 
-Also npl = 1 through the single-sequence Engine (the same limits): the BatchEngine's overhead at
-one stream against the Engine.
+Also npl = 1 through a one-slot Engine (the same limits; one KV stream, no prefix stream): what
+the N-slot engine's extra streams and bookkeeping cost at one stream (N-slot/1-slot).
 
     python benchmarks/compare_batched.py --model M --llama-batched-bench .llama-tools/bin/llama-batched-bench \
         [--npl 1,2,4,8] [--npp 128] [--ntg 128] [--n-gpu-layers N] [--threads N] [--rounds 3] [--out JSON]
@@ -34,10 +34,11 @@ one stream against the Engine.
 
 from __future__ import annotations
 
-# edge_magistral.batch first (it loads llama_cpp): numpy or gguf loaded before llama_cpp makes a
-# CUDA build segfault at model load; nothing imported here loads numpy
-from edge_magistral.batch import BatchEngine  # isort: skip
-from edge_magistral.engine import Done, Engine, Limits, LoadSettings  # isort: skip
+# llama_cpp first: numpy or gguf loaded before llama_cpp makes a CUDA build segfault at model load;
+# nothing imported here loads numpy
+import llama_cpp  # isort: skip
+from edge_magistral.engine import Engine  # isort: skip
+from edge_magistral.generation import Done, Limits, LoadSettings  # isort: skip
 
 import argparse
 import dataclasses
@@ -124,7 +125,7 @@ def paired_ratio(ours: list[float], theirs: list[float], others: list[float] | N
 def table(ours: dict[int, list[dict]], theirs: dict[int, list[dict]], engine1: list[dict] | None = None,
           others: list[float] | None = None) -> list[dict]:
     """Per npl: both sides' S_TG and S_PP over the rounds and their round-paired ratios; at npl 1
-    also the single-sequence Engine against both."""
+    also the one-slot engine against both (``batch_vs_engine_tg``: N-slot/1-slot)."""
     rows = []
     for pl in sorted(set(ours) | set(theirs)):
         o, t = ours.get(pl, []), theirs.get(pl, [])
@@ -161,11 +162,11 @@ def done_of(events) -> Done:
     return done[0]
 
 
-def batch_run(b: BatchEngine, npl: int, npp: int, ntg: int, rng: random.Random, tries: int = 3) -> dict:
+def batch_run(b: Engine, npl: int, npp: int, ntg: int, rng: random.Random, tries: int = 3) -> dict:
     for attempt in range(tries):
         prompts = [random_prompt(rng, b.n_vocab, npp) for _ in range(npl)]
         seed = rng.randrange(1 << 30)
-        with b._cv:  # the batching thread waits for this lock: one step admits all npl requests
+        with b._cv:  # the decoding thread waits for this lock: one step admits all npl requests
             subs = []
             for i, p in enumerate(prompts):
                 t0 = time.monotonic()
@@ -191,7 +192,7 @@ def engine_run(e: Engine, npp: int, ntg: int, rng: random.Random, tries: int = 3
                  attempts=attempt + 1)
         if r["complete"]:
             return r
-    raise RuntimeError(f"Engine: the stream stopped before {ntg + 1} tokens in {tries} tries: {r}")
+    raise RuntimeError(f"1-slot engine: the stream stopped before {ntg + 1} tokens in {tries} tries: {r}")
 
 
 def no_loop_stop(engine) -> None:
@@ -211,48 +212,28 @@ def warm_up(engine, rng: random.Random) -> None:
     list(engine.generate_ids(random_prompt(rng, engine.n_vocab, 16), limits(1, 0)))
 
 
-def single_engine(settings: LoadSettings, npp: int, ntg: int, rng: random.Random) -> dict:
-    e = Engine(settings)
+def one_slot(settings: LoadSettings, npp: int, ntg: int, rng: random.Random) -> dict:
+    """npl 1 through a one-slot engine (its own load: one KV stream, no prefix stream)."""
+    e = Engine(dataclasses.replace(settings, n_slots=1))
     try:
         no_loop_stop(e)
         warm_up(e, rng)
         return engine_run(e, npp, ntg, rng)
     finally:
-        e.close()
-
-
-def in_own_thread(fn):
-    """Run fn in a thread that ends with it. On a CPU build with OpenMP, a thread that has run
-    ggml's parallel regions keeps its OpenMP pool while it lives, and decodes on any other thread
-    then ran ~1.5× slower on this 2-core box (measured: 6.4 → 10.2 ms/token for SmolLM2). The
-    BatchEngine decodes on its own thread, so the Engine must not leave a pool on the main one."""
-    import threading
-
-    out: dict = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # re-raised in the caller
-            out["error"] = e
-
-    t = threading.Thread(target=target, name="engine-1")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+        e.close()  # its decoding thread ends here, with its OpenMP pool (see ours_round)
 
 
 def ours_round(settings: LoadSettings, npls: list[int], npp: int, ntg: int, rng: random.Random,
                engine1: bool) -> tuple[dict[int, dict], dict | None, dict]:
-    info: dict = {}
-    e1 = None
-    if engine1:
-        e1 = in_own_thread(lambda: single_engine(settings, npp, ntg, rng))
-    b = BatchEngine(settings, n_slots=max(npls))
+    """One round of ours: the one-slot engine at npl 1 (unless ``engine1`` is off), then one
+    engine of max(npl) slots at every npl. Each engine decodes on a thread of its own that ends
+    at close: on a CPU build with OpenMP a thread that has decoded keeps its OpenMP pool while it
+    lives, and decodes on any other thread then ran ~1.5x slower on a 2-core box (measured:
+    6.4 -> 10.2 ms/token for SmolLM2), so nothing here decodes on the main thread."""
+    e1 = one_slot(settings, npp, ntg, rng) if engine1 else None
+    b = Engine(dataclasses.replace(settings, n_slots=max(npls)))
     try:
-        info = {"n_ctx_total": b.n_ctx_total, "n_slots": b.n_slots}
+        info = {"n_ctx_total": llama_cpp.llama_n_ctx(b.ctx), "n_slots": b.n_slots}
         no_loop_stop(b)
         warm_up(b, rng)
         got = {pl: batch_run(b, pl, npp, ntg, rng) for pl in npls}
@@ -275,7 +256,7 @@ def main() -> None:
     ap.add_argument("--n-gpu-layers", type=int, default=None, help="default: 99 with an NVIDIA GPU, else 0")
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--no-engine", action="store_true", help="skip npl=1 through the single-sequence Engine")
+    ap.add_argument("--no-engine", action="store_true", help="skip npl=1 through a one-slot engine")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--backend-sampling", choices=["auto", "on", "off"], default="auto",
@@ -325,7 +306,7 @@ def main() -> None:
                      **({"engine_speed_tg": round(e1["speed_tg"], 2)} if side == "ours" and e1 else {})})
         print(f"[{i + 1}/{2 * a.rounds}] {side:5s} S_TG " +
               "  ".join(f"{pl}:{r['speed_tg']:.1f}" for pl, r in sorted(got.items())) +
-              (f"  (Engine 1: {e1['speed_tg']:.1f})" if side == "ours" and e1 else "") +
+              (f"  (1-slot: {e1['speed_tg']:.1f})" if side == "ours" and e1 else "") +
               f"  ({dt:.0f}s, load {load[0]:.2f}, others {100 * busy[-1]:.0f}% of the CPUs)", flush=True)
     per_round = [max(busy[2 * k], busy[2 * k + 1]) for k in range(a.rounds)]
     rows = table(ours, theirs, engine1, per_round)
@@ -339,9 +320,8 @@ def main() -> None:
         "settings": {"npl": npls, "npp": a.npp, "ntg": a.ntg, "is_pp_shared": False, "threads": threads,
                      "n_gpu_layers": ngl, "n_batch": 2048, "n_ubatch": 512, "flash_attn": True,
                      "ctx_per_seq": settings.n_ctx, "rounds": a.rounds,
-                     "backend_sampling": a.backend_sampling,
-        "eos": "banned (Limits.ignore_eos)",
-                     "ours": our_info},
+                     "backend_sampling": a.backend_sampling, "eos": "banned (Limits.ignore_eos)",
+                     "engines": "N-slot/1-slot", "ours": our_info},
         "rows": rows,
         "others_busy_rounds": [round(x, 3) for x in per_round],
         "raw": {"ours": ours, "llama": theirs, "engine_npl1": engine1},
@@ -353,8 +333,8 @@ def main() -> None:
     a.out.write_text(json.dumps(result, indent=2))
     for r in rows:
         tg = r["speed_tg"]
-        extra = (f"; Engine {r['engine_speed_tg']['mean']:.1f} t/s "
-                 f"(BatchEngine/Engine {100 * r['batch_vs_engine_tg']:.1f}%)"
+        extra = (f"; 1-slot engine {r['engine_speed_tg']['mean']:.1f} t/s "
+                 f"(N-slot/1-slot {100 * r['batch_vs_engine_tg']:.1f}%)"
                  if "engine_speed_tg" in r else "")
         print(f"npl {r['npl']}: S_TG ours {tg['ours']['mean']:.1f}, llama-batched-bench {tg['llama']['mean']:.1f} t/s "
               f"→ {100 * tg['ratio']:.1f}% ({tg['ratio_basis']}){extra}")

@@ -1,6 +1,6 @@
 """Load a GGUF fully on the GPU in one of several ways and decode a few tokens (crash bisection).
 
-    python -X faulthandler benchmarks/gpu_diag.py bare|verbose|ourlog|engine MODEL.gguf
+    python -X faulthandler benchmarks/gpu_diag.py bare|verbose|ourlog|numpyfirst|engine|kwtypes|... MODEL.gguf
 """
 
 import sys
@@ -12,12 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 how, path = sys.argv[1], sys.argv[2]
 t = time.time()
 if how == "engine":
-    from edge_magistral.engine import Done, Engine, Limits, LoadSettings
+    from edge_magistral.engine import Engine  # first: it loads llama_cpp before anything loads numpy
+    from edge_magistral.generation import Done, Limits, LoadSettings
 
     e = Engine(LoadSettings(path, n_ctx=1024, n_gpu_layers=99))
     print("loaded", time.time() - t, flush=True)
     done = [ev for ev in e.generate_ids([1, 3, 1000, 4], Limits(think_budget=0, max_tokens=32)) if isinstance(ev, Done)]
     print(done[0].timings, flush=True)
+    e.close()
 else:
     if how == "numpyfirst":
         import gguf  # noqa: F401  (numpy, yaml) before llama_cpp, as the engine used to

@@ -1,10 +1,15 @@
 #!/bin/bash
-# One GPU-machine session (see benchmarks/README.md): build llama.cpp with CUDA from the sources
-# llama-cpp-python vendors (with llama-bench, llama-batched-bench, llama-quantize from the same
-# tree), then run the issue-7 measurements. Everything lands in $RES and is packed after every step
-# into $OUT/results.tgz (the device tool returns at most 8 files), with the console in $OUT/log.
-#   prepared here first: bash ../shared/gpu/prepare.sh nvidia-ml-py; the Tekken vocab donor
-#   .gpu/tekken-vocab.gguf and .gpu/extra/*.whl (tiktoken, regex) — see benchmarks/README.md.
+# One GPU-machine session (see benchmarks/README.md): build llama.cpp with CUDA for sm_90 from the
+# sources llama-cpp-python vendors (with llama-bench, llama-batched-bench, llama-quantize from the
+# same tree), then run the issue-7 measurements. Everything lands in $RES and is packed after every
+# step into $OUT/results.tgz (the device tool returns at most 8 files), with the console in $OUT/log.
+#   The build step runs $GPU_BUILD_SCRIPT (default .gpu/build.sh, in the git-ignored .gpu/ carried
+#   to the machine): it must build libllama/libggml with CUDA plus the three tools from the vendored
+#   sources (.gpu/llama-src-<version>.tgz), install the pure-Python llama_cpp package and the
+#   wheels it needs (gguf, diskcache, nvidia-ml-py) against that library, and write
+#   /tmp/llama-env.sh (PYTHONPATH, LLAMA_CPP_LIB_PATH, PATH to the tools); it may skip a build
+#   that is already there. Also prepared here first: the Tekken vocab donor .gpu/tekken-vocab.gguf
+#   and .gpu/extra/*.whl (tiktoken, regex) — see benchmarks/README.md.
 # Usage there:  OUT=$OUT [QUANTS="Q4_K_M Q8_0"] bash benchmarks/gpu_run.sh STEP...
 #   bandwidth   device-to-device copy bandwidth (torch, its own process)
 #   quants      per quant in $QUANTS: the build pipeline makes it from a Magistral-shaped BF16 GGUF,
@@ -27,7 +32,7 @@ pack() { tar czf "$OUT/results.tgz.partial" -C "$RES" . && mv "$OUT/results.tgz.
 stamp() { echo "== $(date +%T) $*"; }
 if [ -z "${NO_BUILD:-}" ]; then
   stamp build
-  (time bash .gpu/build.sh) > "$RES/build.log" 2>&1 || { tail -30 "$RES/build.log"; pack; exit 1; }
+  (time bash "${GPU_BUILD_SCRIPT:-.gpu/build.sh}") > "$RES/build.log" 2>&1 || { tail -30 "$RES/build.log"; pack; exit 1; }
   source /tmp/llama-env.sh
   python3 -m pip install -q --no-index --no-deps --target /tmp/site-extra .gpu/extra/*.whl
   export PYTHONPATH=/tmp/site-extra:$PYTHONPATH

@@ -1,8 +1,10 @@
-"""Aggregate generation speed with 1, 2, 4, 8 concurrent streams (BatchEngine) against the
-single-stream Engine, same model, settings and prompts, measured side by side in one run.
+"""Aggregate generation speed with 1, 2, 4, 8 concurrent streams (an Engine with that many slots)
+against one stream through a one-slot Engine, same model, settings and prompts, side by side in
+one run.
 
 Aggregate tokens/s for N streams = all tokens generated ÷ (last token of any stream − first token
-of any stream): prefill is left out, as llama-batched-bench's S_TG does. Writes
+of any stream): prefill is left out, as llama-batched-bench's S_TG does. At 1 stream both sides are
+one-slot engines (the same code): that row shows the noise between two loads. Writes
 benchmarks/out/parallel_decode.json.
 
     python benchmarks/parallel_decode.py --model tiny-Q8_0.gguf [--n-gpu-layers 99] [--tokens 128]
@@ -15,13 +17,14 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
-# edge_magistral.batch first (it loads llama_cpp): numpy or gguf loaded before llama_cpp makes a
+# edge_magistral.engine first (it loads llama_cpp): numpy or gguf loaded before llama_cpp makes a
 # CUDA build segfault at model load; nothing above imports numpy
-from edge_magistral.batch import BatchEngine
+from edge_magistral.engine import Engine  # isort: skip
 from edge_magistral.chat import Message
-from edge_magistral.engine import Done, Engine, Limits, LoadSettings
+from edge_magistral.generation import Done, Limits, LoadSettings
 
 OUT = Path(__file__).resolve().parent / "out" / "parallel_decode.json"
 
@@ -32,12 +35,12 @@ def limits(tokens: int, seed: int) -> Limits:
     return Limits(think_budget=0, max_tokens=tokens, seed=seed)
 
 
-def prompts(engine: Engine | BatchEngine, n: int) -> list[list[int]]:
+def prompts(engine: Engine, n: int) -> list[list[int]]:
     return [engine.prompt_ids([Message("user", f"Stream {i}: write a long story about the sea.")]) for i in range(n)]
 
 
 def single_stream(settings: LoadSettings, tokens: int, repeat: int) -> dict:
-    e = Engine(settings)
+    e = Engine(replace(settings, n_slots=1))
     try:
         list(e.generate_ids(prompts(e, 1)[0], limits(8, 0)))  # warm-up
         runs = [[ev for ev in e.generate_ids(prompts(e, 1)[0], limits(tokens, 1)) if isinstance(ev, Done)][0]
@@ -50,7 +53,7 @@ def single_stream(settings: LoadSettings, tokens: int, repeat: int) -> dict:
 
 
 def parallel(settings: LoadSettings, n: int, tokens: int, repeat: int) -> dict:
-    b = BatchEngine(settings, n_slots=n)
+    b = Engine(replace(settings, n_slots=n))
     try:
         list(b.submit(prompts(b, 1)[0], limits(8, 0)))  # warm-up
         runs = [_parallel_run(b, n, tokens) for _ in range(repeat)]
@@ -61,7 +64,7 @@ def parallel(settings: LoadSettings, n: int, tokens: int, repeat: int) -> dict:
         b.close()
 
 
-def _parallel_run(b: BatchEngine, n: int, tokens: int) -> dict:
+def _parallel_run(b: Engine, n: int, tokens: int) -> dict:
     ids = prompts(b, n)
     t_submit = time.monotonic()
     streams = [b.submit(p, limits(tokens, i + 1)) for i, p in enumerate(ids)]
@@ -88,7 +91,7 @@ def main() -> None:
     a = ap.parse_args()
     settings = LoadSettings(a.model, n_ctx=a.ctx, n_gpu_layers=a.n_gpu_layers, n_threads=a.threads)
     base = single_stream(settings, a.tokens, a.repeat)
-    print(f"single-stream Engine: {base['tokens_per_s']:.1f} t/s")
+    print(f"1-slot engine: {base['tokens_per_s']:.1f} t/s")
     rows = []
     for n in (int(x) for x in a.streams.split(",")):
         r = parallel(settings, n, a.tokens, a.repeat)

@@ -8,7 +8,7 @@ weights, sparse files), and in a child process loads the model with the plan's s
 whole planned context (prompt batches), decodes a few tokens, and reports llama.cpp's logged
 buffer sizes and the process's GPU memory (nvidia-smi --query-compute-apps).
 
-    source /tmp/llama-env.sh   # after .gpu/build.sh (see ../shared/gpu/README.md)
+    source /tmp/llama-env.sh   # written by the CUDA build step (GPU_BUILD_SCRIPT in gpu_run.sh)
     python benchmarks/plan_vs_gpu.py --out "$OUT"
 
 Writes plan_vs_gpu.json to --out (default benchmarks/out/).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 
 if len(sys.argv) == 3 and sys.argv[1] == "--child":
-    # llama_cpp before numpy: the other order segfaults model loads on CUDA (see edge_magistral/engine.py)
+    # llama_cpp before numpy: the other order segfaults model loads on CUDA (see edge_magistral/model.py)
     import llama_cpp  # noqa: F401
 
 import argparse

@@ -240,11 +240,14 @@ def render(data: dict[str, list]) -> str:
             out.append(f"| {r['npl']} | {rate(r['tg']['ours'])} | {rate(r['tg']['llama'])} | {pct(r['tg']['ratio'])} | "
                        f"{r['verdict']} | {rate(r['pp']['ours'])} | {rate(r['pp']['llama'])} | "
                        f"{pct(r['pp']['ratio'])} | {r['rounds']} |")
+        # results from before the one engine compared two engines (BatchEngine, Engine); now slots
+        one, many = ("a one-slot engine", "the N-slot engine") if s.get("engines") else \
+            ("the single-sequence Engine", "the BatchEngine")
         for r in brs:
             if r["engine_tg"]:
-                out += ["", f"npl 1 through the single-sequence Engine: {rate(r['engine_tg'])} t/s "
-                        f"({pct(r['engine_ratio'])} of llama-batched-bench; the BatchEngine at one stream is "
-                        f"{pct(r['batch_vs_engine'])} of the Engine)."]
+                out += ["", f"npl 1 through {one}: {rate(r['engine_tg'])} t/s "
+                        f"({pct(r['engine_ratio'])} of llama-batched-bench; {many} at one stream is "
+                        f"{pct(r['batch_vs_engine'])} of it)."]
         out.append("")
     for name, scenarios in data["plan_vs_gpu"]:
         out += [f"## GPU memory: planned vs measured ({name})", "",

@@ -1,5 +1,5 @@
-"""The pure parts of the issue-7 comparison scripts (benchmarks/compare_llama.py,
-compare_batched.py, bandwidth.py, results_md.py): parsing the llama.cpp tools' output, the
+"""The pure parts of the comparison scripts (benchmarks/compare_llama.py, compare_batched.py,
+bandwidth.py, results_md.py, before_after.py): parsing the llama.cpp tools' output, the
 statistics, the bandwidth floor and the markdown tables, on small fixtures (no model loads)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ SMOL = Path(__file__).resolve().parent.parent / ".cache/test-models/SmolLM2-135M
 def mods():
     sys.path.insert(0, str(BENCH))
     try:
-        yield {n: importlib.import_module(n) for n in ("bandwidth", "compare_llama", "results_md")}
+        yield {n: importlib.import_module(n) for n in ("bandwidth", "compare_llama", "results_md", "before_after")}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -84,6 +84,43 @@ def test_others_busy(mods):
 
 def test_abba_order(mods):
     assert mods["compare_llama"].order(3) == ["ours", "llama", "llama", "ours", "ours", "llama"]
+
+
+# ------------------------------------------------------------------------------ before_after
+
+def test_before_after_tree_goes_first_on_pythonpath(mods):
+    ba = mods["before_after"]
+    env = ba.tree_env(Path("/src/old"), {"PYTHONPATH": "/x", "HOME": "/root"})
+    assert env["PYTHONPATH"].split(":") == ["/src/old", "/x"] and env["HOME"] == "/root"
+    assert ba.tree_env(Path("/src/old"), {})["PYTHONPATH"] == "/src/old"
+
+
+def test_before_after_refuses_a_package_from_elsewhere(mods, tmp_path):
+    ba = mods["before_after"]
+    (tmp_path / "tree" / "edge_magistral").mkdir(parents=True)
+    (tmp_path / "site" / "edge_magistral").mkdir(parents=True)
+    assert ba.check_module_file(tmp_path / "tree", str(tmp_path / "tree/edge_magistral/__init__.py\n")) is None
+    why = ba.check_module_file(tmp_path / "tree", str(tmp_path / "site/edge_magistral/__init__.py"))
+    assert why and str(tmp_path / "site") in why
+
+
+def test_before_after_abba_and_paired_ratio(mods):
+    ba = mods["before_after"]
+    assert ba.side_order(2) == ["before", "after", "after", "before"]
+    c = ba.paired([[9.0, 11.0], [10.0]], [[10.0, 10.0], [20.0]])  # after, before
+    assert c["after"]["mean"] == pytest.approx(10.0) and c["before"]["mean"] == pytest.approx(40 / 3)
+    assert c["ratio_rounds"] == [1.0, 0.5] and c["ratio"] == pytest.approx(0.75) and "ours" not in c
+    c = ba.paired([[10.0], [5.0], [9.8]], [[10.0]] * 3, [0.0, 0.6, 0.05])  # the busy round left out
+    assert c["ratio"] == pytest.approx(0.99) and c["quiet_rounds"] == 2
+
+
+def test_before_after_ttft_over_runs(mods):
+    runs = [{"ttft": [{"prompt_tokens": 1024, "seconds": {"values": [0.5, 0.7]}},
+                      {"prompt_tokens": 8192, "seconds": None}]},
+            {"ttft": [{"prompt_tokens": 1024, "seconds": {"values": [0.6]}},
+                      {"prompt_tokens": 8192, "seconds": None}]}]
+    t = mods["before_after"].ttft_of(runs)
+    assert t["1024"]["mean"] == pytest.approx(0.6) and t["1024"]["n"] == 3 and t["8192"] is None
 
 
 # ---------------------------------------------------------------------- llama-batched-bench
@@ -242,3 +279,12 @@ def test_render_and_load(mods, tmp_path):
     assert "| 1 |" in text and "95.0% of llama-batched-bench" in text
     assert "| h200 | datacenter-80gb | Q8_0 |" in text and "3.00% | PASS" in text
     assert "llama-bench -m tiny" in text and "llama-batched-bench -npl 1,2" in text
+
+
+def test_batched_wording_follows_the_engines_of_the_result(mods):
+    md = mods["results_md"]
+    old = md.render({"compare_llama": [], "bandwidth": [], "plan_vs_gpu": [], "compare_batched": [("old", BATCHED)]})
+    assert "the BatchEngine at one stream is 94.7% of it" in old
+    new = dict(BATCHED, settings={**BATCHED["settings"], "engines": "N-slot/1-slot"})
+    text = md.render({"compare_llama": [], "bandwidth": [], "plan_vs_gpu": [], "compare_batched": [("new", new)]})
+    assert "npl 1 through a one-slot engine: 95.0 ± 1.0 t/s" in text and "the N-slot engine at one stream" in text
