@@ -166,11 +166,8 @@ def batch_run(b: Engine, npl: int, npp: int, ntg: int, rng: random.Random, tries
     for attempt in range(tries):
         prompts = [random_prompt(rng, b.n_vocab, npp) for _ in range(npl)]
         seed = rng.randrange(1 << 30)
-        with b._cv:  # the decoding thread waits for this lock: one step admits all npl requests
-            subs = []
-            for i, p in enumerate(prompts):
-                t0 = time.monotonic()
-                subs.append((t0, b.submit(p, limits(ntg, seed + i))))
+        t0 = time.monotonic()  # one step admits all npl requests
+        subs = [(t0, s) for s in b.submit_all([(p, limits(ntg, seed + i)) for i, p in enumerate(prompts)])]
         done = [(t0, done_of(s)) for t0, s in subs]
         r = rates([(t0, d.timings.ttft_s, d.timings.generation_s, d.usage.completion_tokens) for t0, d in done],
                   npp, ntg)

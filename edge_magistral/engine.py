@@ -200,18 +200,24 @@ class Engine(LoadedModel):
     # --------------------------------------------------------------------------- API
     def submit(self, request: Sequence[int] | Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Stream:
         """Queue a request (prompt ids, or messages to render); bad input raises here, at once."""
+        return self.submit_all([(request, limits)])[0]
+
+    def submit_all(self, requests: Sequence[tuple[Sequence[int] | Sequence[Message], Limits]]) -> list[Stream]:
+        """Queue several requests at once: all are validated first (one bad request queues none),
+        and free slots take them in the same step (benchmarks and tests of concurrency)."""
         if self._closing or self.llm is None:
             raise BackendError("the engine is closed")
-        if request and all(isinstance(t, int) for t in request):
-            prompt = list(request)  # type: ignore[arg-type]
-        else:
-            prompt = self.prompt_ids(request, limits.system_mode)  # type: ignore[arg-type]
-        turn = Turn(self, prompt, limits)  # validates the prompt, limits and schema
-        stream = Stream()
+        turns = [Turn(self, self._prompt(request, limits), limits) for request, limits in requests]
+        streams = [Stream() for _ in turns]
         with self._cv:
-            self._queue.append((turn, stream))
+            self._queue.extend(zip(turns, streams))
             self._cv.notify()
-        return stream
+        return streams
+
+    def _prompt(self, request: Sequence[int] | Sequence[Message], limits: Limits) -> list[int]:
+        if request and all(isinstance(t, int) for t in request):
+            return list(request)  # type: ignore[arg-type]
+        return self.prompt_ids(request, limits.system_mode)  # type: ignore[arg-type]
 
     def generate(self, messages: Sequence[Message], limits: Limits = DEFAULT_LIMITS) -> Stream:
         """One chat turn: its events (the same as :meth:`submit`'s stream)."""

@@ -67,7 +67,7 @@ def reference(single: Engine, prompt: list[int], limits: Limits) -> tuple[str, D
 def test_concurrent_streams_equal_the_single_sequence_engine(single, batch) -> None:
     cases = [(single.prompt_ids(ask(i)), CHAT if i % 2 else GREEDY) for i in range(SLOTS)]
     before = batch.stats.max_active
-    streams = [batch.submit(p, lim) for p, lim in cases]  # ids: submitted within microseconds
+    streams = batch.submit_all(cases)  # admitted in one step
     got = [texts(s) for s in streams]
     for (p, lim), (text, done) in zip(cases, got):
         ref_text, ref_done = reference(single, p, lim)
@@ -95,7 +95,7 @@ def test_a_request_joins_mid_flight(single, batch) -> None:
 def test_cancel_frees_the_slot_and_the_others_continue(single, batch) -> None:
     long = Limits(think_budget=0, max_tokens=400, seed=5)
     prompts = [single.prompt_ids(ask(20 + i)) for i in range(SLOTS)]
-    victim, *others = [batch.submit(p, long if i == 0 else CHAT) for i, p in enumerate(prompts)]
+    victim, *others = batch.submit_all([(p, long if i == 0 else CHAT) for i, p in enumerate(prompts)])
     n = 0
     for ev in victim:
         n += isinstance(ev, AnswerText)
@@ -118,7 +118,7 @@ def test_an_ended_slot_below_the_others_is_filled_by_moving_the_highest(single, 
         Limits(think_budget=0, max_tokens=120, seed=5, ignore_eos=True)
     prompts = [single.prompt_ids(ask(50 + i)) for i in range(SLOTS)]
     moves = batch.stats.moves
-    streams = [batch.submit(p, short if i == 0 else long) for i, p in enumerate(prompts)]
+    streams = batch.submit_all([(p, short if i == 0 else long) for i, p in enumerate(prompts)])
     texts(streams[0])  # the first (sequence 1) ends while the others decode
     seen = batch.busy_seqs()
     got = [texts(s)[0] for s in streams[1:]]
