@@ -119,9 +119,11 @@ class Turn:
         self.wd = Watchdog(model.watchdog_config(limits, self.max_tokens))
         # Only a turn that will think needs the anti-greedy clamp (think budget 0 never thinks).
         self.temperature, self.temp_note = check_sampling(limits.temperature, self.thinks and self.wd.think_budget > 0)
-        from edge_magistral.model import schema_grammar  # the converter lives beside llama.cpp
+        self.grammar: str | None = None
+        if limits.json_schema is not None:
+            from edge_magistral.model import schema_grammar  # the converter lives beside llama.cpp
 
-        self.grammar = schema_grammar(limits.json_schema) if limits.json_schema is not None else None
+            self.grammar = schema_grammar(limits.json_schema)
         self.detok = Detokenizer(model.piece)
         self.stops = StopMatcher(limits.stop)
         self.events: list[Event] = []  # due to the caller; the driver hands them out and clears
