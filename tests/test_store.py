@@ -29,6 +29,7 @@ from edge_magistral.build import manifest as mf
 from edge_magistral.cli import build_cmds, cli, run_cmds, store_cmds  # noqa: F401  (register commands)
 from edge_magistral.hardware import RecordedReader, detect
 from edge_magistral.hashing import sha256_file
+from edge_magistral.loader import resolve_model
 from edge_magistral.store import transfer
 
 REPO = st.DEFAULT_REPO
@@ -493,7 +494,7 @@ def test_first_run_plans_pulls_and_answers(hub: Hub, tiny_gguf_f16: Path, isolat
     assert out["usage"]["completion_tokens"] >= 1 and out["model"]["sha256"] == e.sha256 == sha256(data)
     assert "the planner picks" in r.output
     # the store now answers `run` with no model named, and `--model QUANT` finds it
-    assert run_cmds._model_path(None) == run_cmds._model_path(e.quant) == str(isolated / e.file)
+    assert resolve_model(None) == resolve_model(e.quant) == str(isolated / e.file)
 
 
 # ------------------------------------------------------------------------------- bundle/import

@@ -7,12 +7,12 @@ from functools import lru_cache
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    Progress,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import Progress as Bars  # rich's; not the protocol of the same name
 
 from edge_magistral.progress import Advance
 
@@ -29,10 +29,11 @@ def err_console() -> Console:
 
 class RichProgress:
     """Progress bars on stderr (hidden when it is not a terminal): the CLI's
-    :class:`edge_magistral.progress.Progress`."""
+    :class:`edge_magistral.progress.Progress`, one bar per ``task(description, total)``, moved on
+    by the ``advance(n)`` it returns."""
 
     def __init__(self) -> None:
-        self._p = Progress(TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
+        self._p = Bars(TextColumn("{task.description:<28}"), BarColumn(), TaskProgressColumn(),
                            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console(), transient=False)
 
     def __enter__(self) -> RichProgress:

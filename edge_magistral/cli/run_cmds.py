@@ -18,17 +18,6 @@ from edge_magistral.errors import BadInputError, WatchdogStopError
 from edge_magistral.generation import DEFAULT_LIMITS
 
 
-def _model_path(model: str | None, yes: bool = False, profile: str | None = None) -> str:
-    """The GGUF to run (see ``loader.resolve_model``); an empty store offers the first-run pull,
-    which asks the user and so stays in the CLI."""
-    try:
-        return loader.resolve_model(model, profile=profile)
-    except loader.NoModelError:
-        from edge_magistral.cli.store_cmds import model_for_run
-
-        return model_for_run(None, yes=yes, profile=profile)
-
-
 def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile: str | None, quiet: bool,
           yes: bool = False):
     """Open the model for one request at a time; unless quiet, say what the planner decided and
@@ -37,7 +26,9 @@ def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile:
     try:
         opened = _open(req, quiet)
     except loader.NoModelError:  # first run: the pull asks first, outside the spinner
-        opened = _open(replace(req, model=_model_path(None, yes, profile)), quiet)
+        from edge_magistral.cli.store_cmds import model_for_run
+
+        opened = _open(replace(req, model=model_for_run(None, yes, profile)), quiet)
     return opened.engine, opened.plan
 
 

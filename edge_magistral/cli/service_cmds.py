@@ -100,15 +100,15 @@ def _apply(s: ServiceConfig, overrides: dict, audit_log: str | None) -> ServiceC
 
 
 def _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel=None) -> ServiceConfig:
-    from edge_magistral.hardware import load_hardware
-    from edge_magistral.planner import Request, plan_for_model
+    """The service config of ``loader.plan_model``'s plan for the model (planned for this box, or
+    the one ``hardware_file`` records)."""
+    from edge_magistral.loader import ModelRequest, plan_model
 
     path = os.path.abspath(model)  # not resolved: a `current.gguf` symlink stays the thing served
     if not Path(path).is_file():
         raise ModelNotFoundError(f"{model}: no such model file")
-    hardware = load_hardware(hardware_file) if hardware_file else None
-    request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=parallel)
-    plan, _ = plan_for_model(path, request, hardware, profile)
+    plan, _ = plan_model(ModelRequest(model=path, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=parallel,
+                                      profile=profile, hardware_file=hardware_file))
     return ServiceConfig.from_plan(plan)
 
 

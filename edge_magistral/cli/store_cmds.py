@@ -22,6 +22,7 @@ from edge_magistral.build import manifest as mf
 from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import RichProgress, console, err_console
 from edge_magistral.errors import BadInputError, ModelNotFoundError
+from edge_magistral.loader import NoModelError, resolve_model
 from edge_magistral.units import human_size
 
 if TYPE_CHECKING:
@@ -160,35 +161,12 @@ def _fetch(store: st.Store, plan: st.PullPlan) -> list[mf.FileEntry]:
 
 
 def model_for_run(spec: str | None, yes: bool = False, profile: str | None = None) -> str:
-    """The GGUF ``run`` loads: a path, or a quant in the store; else the store's best for this box;
-    else, on a first run, the quant the planner picks, pulled after saying what and how big."""
-    store = st.Store.default()
-    if spec:
-        if Path(spec).is_file():
-            return spec
-        if (p := store.path_of(spec)) is not None and p.is_file():
-            return str(p)
-        raise ModelNotFoundError(f"{spec}: no such model file, and no {spec} in the store at {store.root}; "
-                                 "check --model or $EDGE_MAGISTRAL_MODEL (`edge-magistral store` lists "
-                                 "the store)")
-    found = [store.root / e.file for e in store.models() if (store.root / e.file).is_file()]
-    if len(found) == 1:
-        return str(found[0])
-    if found:
-        return _best_of(found, profile)
-    return _first_run(store, yes, profile)
-
-
-def _best_of(paths: list[Path], profile: str | None) -> str:
-    from edge_magistral.catalog import from_gguf_info
-    from edge_magistral.gguf_info import read_info
-    from edge_magistral.hardware import detect
-    from edge_magistral.planner import plan
-    from edge_magistral.profiles import choose_profile, load_profiles
-
-    hw = detect()
-    return plan(hw, choose_profile(hw, load_profiles(), profile),
-                [from_gguf_info(read_info(p)) for p in paths]).model_path
+    """The GGUF ``run`` loads (see ``loader.resolve_model``); with no model at all, a first run
+    pulls the quant the planner picks, after saying what and how big (and asking, unless ``yes``)."""
+    try:
+        return resolve_model(spec, profile=profile)
+    except NoModelError:
+        return _first_run(st.Store.default(), yes, profile)
 
 
 def _first_run(store: st.Store, yes: bool, profile: str | None) -> str:

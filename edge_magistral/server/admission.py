@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_magistral.build import manifest as mf
 from edge_magistral.errors import CorruptModelError
 from edge_magistral.hashing import sha256_stream
+from edge_magistral.progress import Progress, Silent
 
 FileId = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+_SILENT = Silent()
 
 
 def file_id(st: os.stat_result) -> FileId:
@@ -44,9 +45,10 @@ class Admitted:
     sha256: str | None = None
 
 
-def admit(model_path: str, verified: FileId | None = None,
-          on_hashing: Callable[[int], None] | None = None) -> Admitted:
+def admit(model_path: str, verified: FileId | None = None, progress: Progress = _SILENT) -> Admitted:
     """Check the model against its manifest; ``verified``: the identity an earlier check passed.
+    ``progress`` hears a task (what is hashed, how big: the worker's STATUS line) before the hash,
+    and its bytes as they are read; nothing when the file is unchanged or refused unread.
 
     Raises CorruptModelError if the file is not what the manifest lists (or the manifest is
     unreadable)."""
@@ -61,16 +63,20 @@ def admit(model_path: str, verified: FileId | None = None,
         if fid[2] != entry.size:
             raise CorruptModelError(f"{path}: {fid[2]} bytes, but {mf.MANIFEST} lists {entry.size}: the file was "
                                     "changed or cut; restore it (pull or build again) or fix the manifest")
-        if on_hashing is not None:
-            on_hashing(entry.size)
+        advance = progress.task(_verifying(model_path, entry.size), entry.size)
         t0 = time.monotonic()
-        digest = sha256_stream(f)
+        digest = sha256_stream(f, advance)
         hash_s = time.monotonic() - t0
     if digest != entry.sha256:
         raise CorruptModelError(f"{path}: sha256 {digest[:16]}… does not match {mf.MANIFEST} "
                                 f"({entry.sha256[:16]}…): these are not the bytes that were built or pulled; "
                                 "restore the file (pull or build again) or fix the manifest")
     return Admitted(fid, f"sha256 verified in {hash_s:.1f} s", hash_s, digest)
+
+
+def _verifying(model_path: str, size: int) -> str:
+    """The hash's task description: what the worker's STATUS line says while it hashes."""
+    return f"verifying {os.path.basename(model_path)}: sha256 of {size / 1e9:.1f} GB against {mf.MANIFEST}"
 
 
 def still_same(model_path: str, verified: FileId | None) -> bool:

@@ -23,11 +23,13 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from edge_magistral import log_limit
 from edge_magistral.generation import Done
+from edge_magistral.progress import Advance
 from edge_magistral.server.protocol import (
     BEAT_INTERVAL_S,
     Cancel,
@@ -82,6 +84,18 @@ class _Running:
 
     cancelled: bool = False
     stream: Any = None
+
+
+@dataclass(frozen=True)
+class _StatusLine:
+    """Admission's progress as the STATUS line: the hash's description, said once as it starts
+    (the heartbeat shows the worker alive meanwhile)."""
+
+    send: Callable[[ToFront], None]
+
+    def task(self, description: str, total: int) -> Advance:
+        self.send(Status(description))
+        return lambda n: None
 
 
 class Worker:
@@ -195,7 +209,7 @@ class Worker:
         from edge_magistral.server.admission import admit, still_same
 
         s = self.settings
-        admitted = admit(s.model_path, s.verified_file, on_hashing=self._say_hashing)
+        admitted = admit(s.model_path, s.verified_file, progress=_StatusLine(self.send))
         t0 = time.monotonic()
         opened = open_model(ModelRequest(model=s.model_path, ctx=s.ctx, n_gpu_layers=s.n_gpu_layers,
                                          parallel=s.parallel, profile=s.profile, hardware_file=s.hardware_file,
@@ -216,10 +230,6 @@ class Worker:
             "admission": {"file_id": admitted.file_id, "note": admitted.note, "hash_s": round(admitted.hash_s, 3),
                           "sha256": admitted.sha256},
         }
-
-    def _say_hashing(self, size: int) -> None:
-        name = os.path.basename(self.settings.model_path)
-        self.send(Status(f"verifying {name}: sha256 of {size / 1e9:.1f} GB against manifest.json"))
 
     # -------------------------------------------------------------------------- jobs
     def _start(self, job_id: str, spec: JobSpec) -> None:
