@@ -227,15 +227,21 @@ def test_admission_hashes_once_and_again_only_when_the_file_changed(tmp_path: Pa
     from edge_magistral.server.admission import admit
 
     model = _listed(tmp_path, b"gguf" * 1000)
-    hashed: list[int] = []
-    first = admit(str(model), on_hashing=hashed.append)
+    hashed: list[int] = []  # the size of each hash admission started
+
+    class Sizes:  # a Progress (edge_magistral.progress) that records each task's total
+        def task(self, description: str, total: int):
+            hashed.append(total)
+            return lambda n: None
+
+    first = admit(str(model), progress=Sizes())
     assert first.file_id is not None and first.note.startswith("sha256 verified in") and hashed == [4000]
-    again = admit(str(model), first.file_id, on_hashing=hashed.append)
+    again = admit(str(model), first.file_id, progress=Sizes())
     assert again.file_id == first.file_id and again.note.startswith("unchanged") and hashed == [4000]
 
     st = model.stat()
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched: hashed again, accepted
-    touched = admit(str(model), first.file_id, on_hashing=hashed.append)
+    touched = admit(str(model), first.file_id, progress=Sizes())
     assert len(hashed) == 2 and touched.file_id != first.file_id
 
     other = tmp_path / "new.partial"  # same size, other bytes, renamed into place
@@ -246,7 +252,7 @@ def test_admission_hashes_once_and_again_only_when_the_file_changed(tmp_path: Pa
 
     model.write_bytes(b"gguf" * 999)  # another size: refused without reading it
     with pytest.raises(CorruptModelError, match="3996 bytes, but manifest.json lists 4000"):
-        admit(str(model), None, on_hashing=hashed.append)
+        admit(str(model), None, progress=Sizes())
     assert len(hashed) == 2
 
 
