@@ -395,6 +395,7 @@ class Engine(LoadedModel):
         turn = slot.turn
         if slot.prefilling:
             slot.prefilling = False
+            llama_cpp.llama_synchronize(self.ctx)  # a GPU may still be evaluating: time the prompt to its end
             turn.t_prompt = time.monotonic()
             self._offer_prefix(slot)
             if turn.stop_due():
