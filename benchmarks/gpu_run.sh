@@ -19,6 +19,8 @@
 #   sampling    our bench with top-k on the host instead of the device (Q4_K_M), for the difference
 #   plan        the profile scenarios of plan_vs_gpu.py (simulated smaller cards)
 #   direct      write the $QUANTS files straight in their final layout (no pipeline; seconds)
+#   compare     ours vs llama-bench (compare_llama.py) on each $QUANTS file already made (by direct or
+#               quants); no pipeline build, no plan_vs_gpu
 #   engine      the engine against a bare llama-cpp-python loop; diag: the CUDA import-order check
 # Locally (CPU, a small shape, no build): SHAPE=small NO_BUILD=1 NGL=0 PATH=.llama-tools/bin:$PATH ...
 set -uo pipefail
@@ -86,6 +88,12 @@ from edge_magistral.shaped_gguf import write_shaped_gguf
 write_shaped_gguf(sys.argv[1], MAGISTRAL_SMALL_1_1, tensor_specs(MAGISTRAL_SMALL_1_1, sys.argv[2]), sys.argv[2],
                   vocab_from=".gpu/tekken-vocab.gguf")
 PY
+    done ;;
+  compare)  # ours vs llama-bench only, on the files direct (or quants) made
+    for q in $QUANTS; do
+      f=$(quant_file "$q"); [ -f "$f" ] || { echo "no $f: run direct first"; continue; }
+      timeout 400 python3 benchmarks/compare_llama.py --model "$f" --llama-bench "$(command -v llama-bench)" \
+        --n-gpu-layers "$NGL" --reps "$REPS" --rounds "$ROUNDS" --out "$RES/compare_llama_$q.json"; pack
     done ;;
   parallel)  # BATCHED_SAMPLING=off also runs ours with top-k on the host
     build_quant Q4_K_M || exit 1
