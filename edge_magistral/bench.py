@@ -128,7 +128,9 @@ def prompt_rate(e: Engine, n: int, prompts: Prompts) -> float:
     that decodes keeps an OpenMP pool of its own spinning beside the engine's (measured: generation
     at 0.4x on two cores)."""
     before = e.tokens_evaluated
-    done = _last_done(e.generate_ids(prompts(n), Limits(raw=True, max_tokens=1, temperature=0.0)))
+    # The turns' own sampling (the warm-up's and tg's): a different top-k would attach another
+    # device-side sampler, and llama.cpp re-reserves its graphs for that (~12% of pp512 on an H100).
+    done = _last_done(e.generate_ids(prompts(n), Limits(raw=True, max_tokens=1, seed=1)))
     _evaluated(e, n, before, "pp")  # the prompt only: the one token sampled ends the turn unevaluated
     if done.timings.cached_prompt_tokens or done.timings.prompt_s <= 0:
         raise BackendError(f"pp: the prompt of {n} tokens was not evaluated from an empty cache")
