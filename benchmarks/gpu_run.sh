@@ -39,7 +39,12 @@ if [ -z "${NO_BUILD:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site-extra .gpu/extra/*.whl
   export PYTHONPATH=/tmp/site-extra:$PYTHONPATH
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv,noheader | tee "$RES/gpu.txt"
+elif [ -f /tmp/llama-env.sh ]; then  # a chained call on the warm machine: the earlier call's build
+  source /tmp/llama-env.sh
+  export PYTHONPATH=/tmp/site-extra:$PYTHONPATH
 fi
+# which code was measured (the device's copy may have no .git: pass GIT_COMMIT from the caller)
+echo "${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" > "$RES/commit.txt"
 BF16=$M/Magistral-shaped-BF16.gguf
 shaped_bf16() {  # Magistral Small 1.1's exact shapes, real Tekken vocab, zero weights in a sparse file
   [ -f "$BF16" ] && return
