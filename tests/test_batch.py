@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_magistral.batch import PrefixCache
 from edge_magistral.chat import Message
-from edge_magistral.engine import Engine, PrefixCache  # before anything that imports numpy
+from edge_magistral.engine import Engine  # before anything that imports numpy
 from edge_magistral.generation import AnswerText, Done, Limits, LoadSettings, ThinkingText
 from edge_magistral.tekken import END_SYSTEM
 

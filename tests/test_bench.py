@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from edge_magistral import bench  # first: it imports the engine, which loads llama_cpp before numpy
-from edge_magistral.engine import LoadSettings
 from edge_magistral.errors import BadInputError
+from edge_magistral.generation import LoadSettings
 
 
 def _settings(path: Path, n_ctx: int = 512) -> LoadSettings:

@@ -13,16 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from edge_magistral.chat import Message
-from edge_magistral.engine import (  # first: loads llama_cpp before numpy
-    AnswerText,
-    Done,
-    Engine,
-    Limits,
-    LoadSettings,
-    ThinkingText,
-    WatchdogAction,
-)
+from edge_magistral.engine import Engine  # first: loads llama_cpp before numpy
 from edge_magistral.errors import BadInputError, CorruptModelError
+from edge_magistral.generation import AnswerText, Done, Limits, LoadSettings, ThinkingText, WatchdogAction
 from edge_magistral.watchdog import WRAP_UP_TEXT
 
 
