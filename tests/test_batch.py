@@ -3,7 +3,7 @@ tokens as the one-slot engine, requests join mid-flight and queue beyond the slo
 cancel frees its slot, and the system prompt is taken from the prefix cache, not re-evaluated.
 
 Flash attention is off here: llama.cpp's CPU flash-attention kernel takes another path for a short
-prompt suffix, so even the single-sequence Engine's own prefix cache changes its last bits with it
+prompt suffix, so even the one-slot engine's own prompt cache changes its last bits with it
 on (measured); without it, token equality is exact and a fair test of the batching itself."""
 
 from __future__ import annotations
