@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-TINY = Path("/tmp/m/tiny/tiny-Q8_0.gguf")
 SMOL = Path(__file__).resolve().parent.parent / ".cache/test-models/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -175,21 +174,21 @@ def test_batched_table_ratios(batched):
 
 # --------------------------------------------------------------------------------- bandwidth
 
-@pytest.mark.skipif(not TINY.exists(), reason="the tiny Magistral GGUF is not built")
-def test_floor_of_the_tiny_model(mods):
+def test_floor_of_the_tiny_model(mods, tiny_gguf_quants):
     from edge_magistral.gguf_info import read_info
 
+    tiny = tiny_gguf_quants["Q8_0"]
     bw = mods["bandwidth"]
-    info = read_info(TINY)
-    b = bw.bytes_per_token(TINY)
+    info = read_info(tiny)
+    b = bw.bytes_per_token(tiny)
     assert not b["tied_output"]
     embd = b["token_embd_bytes"]
     # everything but the gathered embedding (one row of it is read)
     assert b["weights_read_bytes"] == info.tensor_bytes - embd + embd // info.n_vocab
-    f = bw.bandwidth_floor(TINY, 10.0)
+    f = bw.bandwidth_floor(tiny, 10.0)
     assert f["max_tokens_per_s"] == pytest.approx(10e9 / b["weights_read_bytes"])
     assert bw.percent_of_floor(f["max_tokens_per_s"] / 2, b["weights_read_bytes"], 10.0) == pytest.approx(50.0)
-    deep = bw.bandwidth_floor(TINY, 10.0, depth=64)
+    deep = bw.bandwidth_floor(tiny, 10.0, depth=64)
     assert deep["kv_read_bytes"] == 64 * 2 * info.n_layers * info.n_head_kv * info.head_dim * 2
 
 
