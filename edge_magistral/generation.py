@@ -18,6 +18,10 @@ from edge_magistral.errors import BadInputError
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
+# Tools (function calling): each tool's parameters schema has the caps above; these bound the set.
+MAX_TOOLS = 128  # OpenAI's own limit
+MAX_TOOLS_BYTES = 256 * 1024  # the [AVAILABLE_TOOLS] JSON, UTF-8
+MAX_TOOL_CALLS = 128  # calls in one assistant message
 
 
 # ------------------------------------------------------------------------------- settings

@@ -26,7 +26,7 @@ from llama_cpp import _internals
 
 from edge_magistral import llama_log
 from edge_magistral import tekken as tk
-from edge_magistral.chat import Message, magistral_prompt, render_template
+from edge_magistral.chat import Message, ToolSpec, magistral_prompt, render_template
 from edge_magistral.errors import BackendError, BadInputError
 from edge_magistral.generation import KV_TYPES, Limits, LoadSettings, check_schema
 from edge_magistral.gguf_info import GGUFInfo, check_model, read_info
@@ -144,9 +144,12 @@ class LoadedModel:
             return self.tokenizer.encode(text)
         return self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=False, special=False)
 
-    def prompt_ids(self, messages: Sequence[Message], system_mode: str = "replace") -> list[int]:
+    def prompt_ids(self, messages: Sequence[Message], system_mode: str = "replace",
+                   tools: Sequence[ToolSpec] = ()) -> list[int]:
         if self.is_magistral:
-            return magistral_prompt(messages, self.encode_text, system_mode)
+            return magistral_prompt(messages, self.encode_text, system_mode, tools)
+        if tools:
+            raise BadInputError("tools need a Magistral model; this model's own chat template gets plain chats only")
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise BadInputError(f"{self.info.path} has no chat template; use a Magistral GGUF or raw completion")

@@ -35,7 +35,8 @@ SPECIAL_TOKENS: dict[int, str] = {
     25: "[BEGIN_AUDIO]", 32: "[ARGS]", 33: "[CALL_ID]", 34: "[THINK]", 35: "[/THINK]",
 }
 UNK, BOS, EOS, INST, END_INST = 0, 1, 2, 3, 4
-TOOL_CALLS, SYSTEM, END_SYSTEM, THINK, END_THINK = 9, 17, 18, 34, 35
+AVAILABLE_TOOLS, END_AVAILABLE_TOOLS, TOOL_RESULTS, END_TOOL_RESULTS, TOOL_CALLS = 5, 6, 7, 8, 9
+SYSTEM, END_SYSTEM, ARGS, THINK, END_THINK = 17, 18, 32, 34, 35
 
 GGUF_PATTERN_KEY = "tokenizer.tekken.pattern"  # where the build records the split pattern
 
@@ -243,6 +244,20 @@ class TekkenTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` with control tokens dropped; invalid UTF-8 becomes U+FFFD."""
         return b"".join(self.token_bytes(t) for t in ids).decode("utf-8", "replace")
+
+    def text_with_specials(self, ids: list[int]) -> str:
+        """Text of ``ids`` with each control token written as its name (``[INST]``, ``<SPECIAL_20>``).
+
+        For people reading a prompt: text typed as ``[INST]`` looks the same as the control token."""
+        out, run = [], bytearray()
+        for t in ids:
+            if NUM_SPECIAL <= t < self.n_vocab:
+                run += self.token_bytes(t)
+                continue
+            self.token_bytes(t)  # refuses an id outside the vocabulary
+            out += [run.decode("utf-8", "replace"), SPECIAL_TOKENS.get(t, f"<SPECIAL_{t}>")]
+            run.clear()
+        return "".join([*out, run.decode("utf-8", "replace")])
 
 
 @functools.lru_cache(maxsize=4)

@@ -19,6 +19,7 @@ def main() -> None:
         build_cmds,
         model_cmds,
         plan_cmds,
+        prompt_cmds,
         run_cmds,
         serve_cmds,
         service_cmds,
