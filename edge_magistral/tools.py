@@ -292,7 +292,7 @@ def canonical_arguments(where: str, raw: Any) -> str:
     if not isinstance(value, dict):
         raise BadInputError(f"{where} must be a JSON object (as a string), not {type(value).__name__}")
     try:
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)  # 1e400 parses as inf: not JSON
     except RecursionError:
         raise BadInputError(f"{where} nests too deeply") from None
     except (TypeError, ValueError) as e:

@@ -411,3 +411,12 @@ def test_cli_bad_requests_are_one_line(tiny_gguf_f32: Path, stdin: str, why: str
 def test_cli_missing_request_file(tmp_path: Path, tiny_gguf_f32: Path) -> None:
     r = run_cli(str(tmp_path / "absent.json"), "--model", str(tiny_gguf_f32))
     assert r.exit_code == BadInputError.exit_code and "cannot read it" in r.stderr
+
+
+def test_arguments_that_overflow_to_infinity_are_refused() -> None:
+    from edge_magistral.errors import BadInputError
+    from edge_magistral.tools import canonical_arguments
+
+    with pytest.raises(BadInputError, match="is not JSON"):
+        canonical_arguments("the call's arguments", '{"x": 1e400}')
+    assert canonical_arguments("args", '{"x": 1.5, "s": "é"}') == '{"x": 1.5, "s": "é"}'
