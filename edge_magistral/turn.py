@@ -100,6 +100,16 @@ class StopMatcher:
         return out
 
 
+def _always_banned(model: Any, limits: Limits, thinks: bool) -> frozenset[int]:
+    """Ids this turn may never sample, whatever the watchdog decides: ``</s>`` under ignore_eos,
+    and in a Magistral chat turn ``[TOOL_CALLS]``, since no turn offers tools yet (a call would
+    reach the client as nothing; inside ``[THINK]`` a call is never allowed)."""
+    banned = {model.eos_id} if limits.ignore_eos and model.eos_id >= 0 else set()
+    if thinks:
+        banned.add(tk.TOOL_CALLS)
+    return frozenset(banned)
+
+
 class Turn:
     """The state of one request's generation (see the module docstring for its lifecycle).
 
@@ -134,7 +144,7 @@ class Turn:
         self._sampler: Any = None
         self.decision: Decision | None = None  # the watchdog's latest (sampler bans, grammar)
         self._banned: frozenset[int] = frozenset()
-        self._always_banned = frozenset({model.eos_id}) if limits.ignore_eos and model.eos_id >= 0 else frozenset()
+        self._always_banned = _always_banned(model, limits, self.thinks)
         self._grammar_on = False
         self._grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
         self.cached = 0  # prompt tokens the engine took from its KV cache instead of evaluating

@@ -7,6 +7,7 @@ Magistral's ([THINK] 34, [/THINK] 35, </s> 2)."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -34,6 +35,11 @@ class FakeModel:
 
     def piece(self, token: int) -> bytes:
         return f"w{token} ".encode() if token >= 1000 else b""
+
+    lc = SimpleNamespace(llama_sampler_free=lambda sampler: None)  # the "native" samplers below are sets
+
+    def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
+        return banned  # what the native chain would ban: enough to check the turn's choice
 
     def encode_text(self, text: str) -> list[int]:
         return [900_000 + len(text)]  # one id per text (the wrap-up, when the thought is forced closed)
@@ -133,3 +139,16 @@ def test_bad_requests_are_refused_when_the_turn_is_made() -> None:
         Turn(FakeModel(), [1000] * 4096, Limits())
     with pytest.raises(BadInputError, match="max_tokens must be at least 1"):
         Turn(FakeModel(), [1000], Limits(max_tokens=0))
+
+
+def test_a_chat_turn_never_samples_a_tool_call() -> None:
+    """No request offers tools yet: [TOOL_CALLS] is banned in a Magistral chat turn, thinking or
+    answering (inside [THINK] a call is never allowed), and left alone in a raw completion."""
+    turn = thinking_turn(Limits(think_budget=512, max_tokens=1024))
+    assert tk.TOOL_CALLS in turn.sampler()
+    turn.token(5000)
+    assert turn.token(tk.END_THINK)
+    assert tk.TOOL_CALLS in turn.sampler()  # in the answer too
+    raw = Turn(FakeModel(), [tk.BOS, 1000], Limits(raw=True))
+    raw.prefill()
+    assert tk.TOOL_CALLS not in raw.sampler()
