@@ -199,10 +199,6 @@ class Engine(LoadedModel):
         1..k, so one ubatch holds them all: see :meth:`_compact`)."""
         return sorted(s.seq for s in list(self._active))
 
-    def kv_tokens(self, seq: int) -> int:
-        """How many positions sequence ``seq`` holds in the KV cache (0: none)."""
-        return llama_cpp.llama_memory_seq_pos_max(self._mem, seq) + 1
-
     @property
     def tokens_evaluated(self) -> int:
         """Every token evaluated so far (prompt chunks and generated): progress for a heartbeat."""

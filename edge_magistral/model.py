@@ -63,7 +63,6 @@ class LoadedModel:
         t0 = time.monotonic()
         self.llm = _load(settings)
         self.load_s = time.monotonic() - t0
-        self.lc = llama_cpp
         self.ctx = self.llm.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_ctx = settings.n_ctx if settings.n_slots > 1 else llama_cpp.llama_n_ctx(self.ctx)
@@ -79,7 +78,7 @@ class LoadedModel:
             self.llm.close()
             self.llm = None
         for _, chain in getattr(self, "_backend_topk", {}).values():  # the context no longer uses them
-            self.lc.llama_sampler_free(chain)
+            llama_cpp.llama_sampler_free(chain)
         self._backend_topk = {}
 
     # ----------------------------------------------------------- sampling on the device
@@ -99,7 +98,7 @@ class LoadedModel:
         held = self._backend_topk.get(seq)
         if (held[0] if held else None) == k:
             return
-        lc = self.lc
+        lc = llama_cpp
         chain = None
         if k is not None:
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
@@ -132,10 +131,10 @@ class LoadedModel:
     def llama_piece(self, token: int, special: bool = False) -> bytes:
         """llama.cpp's bytes for a token, growing the buffer when a piece is longer than 256 bytes."""
         buf = ctypes.create_string_buffer(256)
-        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         return buf.raw[:max(n, 0)]
 
     def encode_text(self, text: str) -> list[int]:
@@ -153,7 +152,7 @@ class LoadedModel:
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
             raise BadInputError(f"{self.info.path} has no chat template; use a Magistral GGUF or raw completion")
-        bos = self.piece_text(self.lc.llama_vocab_bos(self.vocab), special=True)
+        bos = self.piece_text(llama_cpp.llama_vocab_bos(self.vocab), special=True)
         eos = self.piece_text(self.eos_id, special=True)
         rendered = render_template(template, messages, bos_token=bos, eos_token=eos)
         ids: list[int] = []
@@ -171,7 +170,7 @@ class LoadedModel:
         return self.llama_piece(token, special).decode("utf-8", "replace") if token >= 0 else ""
 
     def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
-        lc = self.lc
+        lc = llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if banned:
             arr = (lc.llama_logit_bias * len(banned))()
@@ -196,6 +195,16 @@ class LoadedModel:
             seed = limits.seed if limits.seed is not None else lc.LLAMA_DEFAULT_SEED
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
+
+    @staticmethod
+    def free_sampler(chain: Any) -> None:
+        llama_cpp.llama_sampler_free(chain)
+
+    @staticmethod
+    def accept(chain: Any, tokens: Sequence[int]) -> None:
+        """Replay accepted tokens into a new chain (a grammar starts from its root)."""
+        for t in tokens:
+            llama_cpp.llama_sampler_accept(chain, t)
 
     def thinks(self, limits: Limits) -> bool:
         """Whether this turn has a [THINK] phase: Magistral chat turns, not raw completions."""

@@ -186,8 +186,8 @@ class Turn:
         self._banned, self._grammar_on = d.banned, want_grammar
         self._sampler = self.model.sampler(self.limits, self.temperature, d.banned | self._always_banned,
                                            self.grammar if want_grammar else None)
-        for t in self._grammar_tokens if want_grammar else ():  # a new grammar sampler starts from its root
-            self.model.lc.llama_sampler_accept(self._sampler, t)
+        if want_grammar:  # a new grammar sampler starts from its root
+            self.model.accept(self._sampler, self._grammar_tokens)
         return self._sampler
 
     def token(self, token: int) -> bool:
@@ -234,7 +234,7 @@ class Turn:
 
     def release(self) -> None:
         if self._sampler is not None:
-            self.model.lc.llama_sampler_free(self._sampler)
+            self.model.free_sampler(self._sampler)
             self._sampler = None
 
     def backend_k(self) -> int | None:

@@ -9,6 +9,7 @@ import ctypes
 from dataclasses import replace
 from pathlib import Path
 
+import llama_cpp  # noqa: I001
 import pytest
 
 from edge_magistral.chat import Message
@@ -94,8 +95,6 @@ def test_which_turns_can_sample_on_the_device(tiny_gguf_quants) -> None:
 
 
 def test_auto_samples_on_the_device_only_when_the_logits_are_on_a_gpu(tiny_gguf_quants) -> None:
-    import llama_cpp
-
     gpu_build = bool(llama_cpp.llama_supports_gpu_offload())
     for ngl, on_device in ((99, gpu_build), (2, False)):  # the tiny model has 2 layers + the output layer
         e = Engine(LoadSettings(str(tiny_gguf_quants["Q8_0"]), n_ctx=256, n_threads=2, n_gpu_layers=ngl))
@@ -110,7 +109,7 @@ def test_auto_samples_on_the_device_only_when_the_logits_are_on_a_gpu(tiny_gguf_
 def test_ignore_eos_bans_end_of_sequence(tiny_gguf_quants) -> None:
     e = Engine(settings(tiny_gguf_quants["Q8_0"], backend=False))
     try:
-        lc = e.lc
+        lc = llama_cpp
         for ignore, expect_eos in ((False, True), (True, False)):
             turn = Turn(e, e.prompt_ids(ASK), Limits(raw=True, temperature=0.0, ignore_eos=ignore))
             turn.prefill()

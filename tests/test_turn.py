@@ -7,7 +7,6 @@ Magistral's ([THINK] 34, [/THINK] 35, </s> 2)."""
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 
@@ -36,10 +35,11 @@ class FakeModel:
     def piece(self, token: int) -> bytes:
         return f"w{token} ".encode() if token >= 1000 else b""
 
-    lc = SimpleNamespace(llama_sampler_free=lambda sampler: None)  # the "native" samplers below are sets
-
     def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
         return banned  # what the native chain would ban: enough to check the turn's choice
+
+    def free_sampler(self, chain) -> None:
+        pass
 
     def encode_text(self, text: str) -> list[int]:
         return [900_000 + len(text)]  # one id per text (the wrap-up, when the thought is forced closed)
