@@ -12,6 +12,7 @@ the server's front can plan and the CLI can print the plan before anything heavy
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -67,6 +68,11 @@ def resolve_model(spec: str | None, store: str | None = None, profile: str | Non
     the one the planner picks among several for this box (or the one ``hardware_file`` records).
 
     Raises ModelNotFoundError for a spec that names nothing, NoModelError for an empty store."""
+    return _resolve(spec, store, profile, lambda: _hardware(hardware_file, store))
+
+
+def _resolve(spec: str | None, store: str | None, profile: str | None, hardware: Callable[[], Hardware]) -> str:
+    """:func:`resolve_model`, asking ``hardware`` for the box only when the planner must pick."""
     from edge_magistral.store import Store
 
     spec = spec or os.environ.get(MODEL_ENV) or None
@@ -84,7 +90,7 @@ def resolve_model(spec: str | None, store: str | None = None, profile: str | Non
                            "or `edge-magistral pull` one")
     if len(found) == 1:
         return str(found[0])
-    return _best_of(found, profile, _hardware(hardware_file, store))
+    return _best_of(found, profile, hardware())
 
 
 def _best_of(paths: list[Path], profile: str | None, hw: Hardware) -> str:
@@ -116,8 +122,9 @@ def plan_model(req: ModelRequest) -> tuple[Plan, LoadSettings]:
 
     if req.threads is not None and req.threads < 1:
         raise BadInputError(f"threads must be at least 1, not {req.threads}")
-    path = resolve_model(req.model, req.store, req.profile, req.hardware_file)
-    hw = _hardware(req.hardware_file, req.store)
+    hardware = functools.cache(lambda: _hardware(req.hardware_file, req.store))  # detected once
+    path = _resolve(req.model, req.store, req.profile, hardware)
+    hw = hardware()
     request = Request(ctx=req.ctx, n_gpu_layers=req.n_gpu_layers, parallel=req.parallel)
     plan, _ = plan_for_model(path, request, hw, profile_name=req.profile)
     return plan, _settings(plan, req)
