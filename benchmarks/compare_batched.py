@@ -167,14 +167,13 @@ def batch_run(b: Engine, npl: int, npp: int, ntg: int, rng: random.Random, tries
         prompts = [random_prompt(rng, b.n_vocab, npp) for _ in range(npl)]
         seed = rng.randrange(1 << 30)
         t0 = time.monotonic()  # one step admits all npl requests
-        subs = [(t0, s) for s in b.submit_all([(p, limits(ntg, seed + i)) for i, p in enumerate(prompts)])]
-        done = [(t0, done_of(s)) for t0, s in subs]
-        r = rates([(t0, d.timings.ttft_s, d.timings.generation_s, d.usage.completion_tokens) for t0, d in done],
+        streams = b.submit_all([(p, limits(ntg, seed + i)) for i, p in enumerate(prompts)])
+        done = [done_of(s) for s in streams]
+        r = rates([(t0, d.timings.ttft_s, d.timings.generation_s, d.usage.completion_tokens) for d in done],
                   npp, ntg)
-        r["stop_reasons"] = sorted({d.stop_reason for _, d in done})
-        r["cached_prompt_tokens"] = sum(d.timings.cached_prompt_tokens for _, d in done)
+        r["stop_reasons"] = sorted({d.stop_reason for d in done})
+        r["cached_prompt_tokens"] = sum(d.timings.cached_prompt_tokens for d in done)
         r["attempts"] = attempt + 1
-        time.sleep(0.05)  # let the thread free the slots
         if r["complete"]:
             return r
     raise RuntimeError(f"npl {npl}: streams stopped before {ntg + 1} tokens in {tries} tries: {r}")
