@@ -83,6 +83,26 @@ class Limits:
     force_thinking: bool = False  # open [THINK] in the prompt instead of letting the model choose
     raw: bool = False  # a raw completion: no thinking handling, every token is answer text
     ignore_eos: bool = False  # never sample end-of-sequence (benchmarks: a fixed number of tokens)
+    tools: ToolUse | None = None  # the tools this turn may call (None: calls are banned)
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a turn may call and how decoding is constrained (see :mod:`edge_magistral.tool_decoding`).
+
+    ``choice``: ``auto`` (the model decides; once it opens a call, the name is one of ``tools``
+    and the arguments follow that tool's schema), ``required`` (after the thought, the answer is
+    one or more calls) or ``function`` (calls of ``name`` only). ``tool_choice: "none"`` is no
+    ToolUse at all: the tools stay in the prompt and ``[TOOL_CALLS]`` is banned."""
+
+    tools: tuple[tuple[str, dict[str, Any]], ...]  # (name, parameters JSON schema)
+    choice: str = "auto"
+    name: str | None = None
+    parallel: bool = True  # False: at most one call per turn
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.tools)
 
 
 DEFAULT_LIMITS = Limits()
@@ -138,6 +158,34 @@ class WatchdogAction:
 
 
 @dataclass(frozen=True)
+class CallStart:
+    """A tool call's name is complete and known: stream ``{index, id, type, function: {name}}`` once."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallArguments:
+    """A piece of a call's argument text, as generated: stream ``{index, function: {arguments}}``."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    """A complete call: its place in the turn, the id we gave it, a known name, a JSON object."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str  # json.dumps(value, ensure_ascii=False): the form the prompt carries
+    raw_arguments: str  # the text the model wrote (the streamed pieces, concatenated)
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     reasoning_tokens: int
@@ -163,13 +211,15 @@ class Timings:
 class Done:
     """The last event: why the turn ended, what it cost, what the watchdog did."""
 
-    finish_reason: str  # OpenAI's: "stop" | "length" (+ "cancelled" when the caller cancelled)
+    finish_reason: str  # OpenAI's: "stop" | "length" | "tool_calls" (+ "cancelled" when the caller cancelled)
     stop_reason: str  # ours, more precise: eos, stop_string, max_tokens, loop, deadline, context_full, ...
     usage: Usage
     timings: Timings
     reasoning_truncated: bool
     watchdog_events: list[dict[str, Any]] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)
+    tool_calls: tuple[ParsedCall, ...] = ()  # complete calls (finish_reason "tool_calls")
+    tool_error: str | None = None  # the output left the call grammar: no call is reported
 
 
-Event = ThinkingText | AnswerText | WatchdogAction | Done
+Event = ThinkingText | AnswerText | WatchdogAction | CallStart | CallArguments | Done

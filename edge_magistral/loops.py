@@ -145,3 +145,13 @@ class LoopDetector:
         if low_novelty:
             return f"n-gram novelty {self.novelty.fraction:.2f} over the last {self.novelty.window} tokens"
         return None
+
+
+class NoLoops:
+    """The detector of a stretch that is not free text (a tool call under its grammar): a list of
+    similar items in the arguments is structure, not a loop."""
+
+    __slots__ = ()
+
+    def push(self, token: int) -> str | None:
+        return None

@@ -169,7 +169,9 @@ class LoadedModel:
     def piece_text(self, token: int, special: bool = False) -> str:
         return self.llama_piece(token, special).decode("utf-8", "replace") if token >= 0 else ""
 
-    def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
+    def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None,
+                root: str = "root"):
+        """A native chain: bans, the grammar from rule ``root``, then Magistral's sampling."""
         lc = llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if banned:
@@ -178,10 +180,10 @@ class LoadedModel:
                 arr[i].token, arr[i].bias = t, float("-inf")
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(banned), arr))
         if grammar is not None:
-            g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode(), root.encode())
             if not g:
                 lc.llama_sampler_free(chain)
-                raise BadInputError("the JSON schema's grammar did not parse")
+                raise BadInputError("the grammar (from a JSON schema or the tools' parameters) did not parse")
             lc.llama_sampler_chain_add(chain, g)
         if temperature <= 0:
             lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())

@@ -48,7 +48,14 @@ from enum import Enum
 
 from edge_magistral import tekken as tk
 from edge_magistral.chat import ToolCall
-from edge_magistral.generation import MAX_TOOL_CALLS, AnswerText, ThinkingText
+from edge_magistral.generation import (
+    MAX_TOOL_CALLS,
+    AnswerText,
+    CallArguments,
+    CallStart,
+    ParsedCall,
+    ThinkingText,
+)
 
 CALL_ID_ALPHABET = string.ascii_letters + string.digits
 JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -60,39 +67,45 @@ def random_call_id() -> str:
     return "call_" + "".join(secrets.choice(CALL_ID_ALPHABET) for _ in range(24))
 
 
+def as_tool_call(call: ParsedCall) -> ToolCall:
+    """A parsed call as an assistant message carries it back into a conversation."""
+    return ToolCall(call.id, call.name, call.arguments)
+
+
+class JsonScan:
+    """Where a JSON text stands, character by character: inside a string, how deep, whether the
+    first value has closed. Enough to tell when a call's arguments object is complete (the text
+    is known to be valid JSON while a grammar constrains it)."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.opened = False
+        self.in_string = False
+        self.escaped = False
+
+    @property
+    def closed(self) -> bool:
+        return self.opened and self.depth == 0
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+                self.opened = True
+            elif ch in "}]":
+                self.depth -= 1
+
+
 # ------------------------------------------------------------------------------------ events
-
-@dataclass(frozen=True)
-class ParsedCall:
-    """A complete call: its place in the turn, the id we gave it, a known name, a JSON object."""
-
-    index: int
-    id: str
-    name: str
-    arguments: str  # json.dumps(value, ensure_ascii=False): the form the prompt carries
-    raw_arguments: str  # the text the model wrote (the streamed pieces, concatenated)
-
-    def as_tool_call(self) -> ToolCall:
-        """The call as an assistant message carries it back into a conversation."""
-        return ToolCall(self.id, self.name, self.arguments)
-
-
-@dataclass(frozen=True)
-class CallStart:
-    """A call's name is complete and known: stream ``{index, id, type, function: {name}}`` once."""
-
-    index: int
-    id: str
-    name: str
-
-
-@dataclass(frozen=True)
-class CallArguments:
-    """A piece of a call's argument text, as generated: stream ``{index, function: {arguments}}``."""
-
-    index: int
-    text: str
-
 
 @dataclass(frozen=True)
 class CallDone:
@@ -167,11 +180,22 @@ class ToolCallParser:
         self._name: list[str] = []
         self._args: list[str] = []
         self._id = ""
+        self._scan = JsonScan()
         self._finished = False
 
     @property
     def failed(self) -> bool:
         return self.state is State.FAILED
+
+    @property
+    def in_call(self) -> bool:
+        """Inside a call: its name or its arguments."""
+        return self.state in (State.NAME, State.ARGS)
+
+    @property
+    def args_open(self) -> bool:
+        """Inside a call's arguments, before their JSON object has closed."""
+        return self.state is State.ARGS and not self._scan.closed
 
     # ------------------------------------------------------------------------ public
     def push(self, token: int, text: str | None = None) -> list[ToolEvent]:
@@ -235,6 +259,7 @@ class ToolCallParser:
                 return self._unknown_tool()
             return []
         self._args.append(text)  # State.ARGS
+        self._scan.feed(text)
         return [CallArguments(len(self.calls), text)]
 
     def _control(self, token: int) -> list[ToolEvent]:
@@ -259,7 +284,7 @@ class ToolCallParser:
             if len(self.calls) >= self.max_calls:
                 return out + self._fail("too_many_calls", f"more than {self.max_calls} calls in one turn",
                                         len(self.calls))
-            self.state, self._name, self._args = State.NAME, [], []
+            self.state, self._name, self._args, self._scan = State.NAME, [], [], JsonScan()
             return out
         if token == tk.ARGS and s is State.NAME:
             return self._open_arguments()

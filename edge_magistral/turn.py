@@ -27,7 +27,7 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from edge_magistral import tekken as tk
@@ -35,6 +35,8 @@ from edge_magistral.errors import BadInputError, PromptTooLongError
 from edge_magistral.generation import (
     DEFAULT_LIMITS,
     AnswerText,
+    CallArguments,
+    CallStart,
     Done,
     Event,
     Limits,
@@ -43,12 +45,17 @@ from edge_magistral.generation import (
     Usage,
     WatchdogAction,
 )
+from edge_magistral.toolcalls import ParseError
 from edge_magistral.watchdog import Action, Decision, Phase, Watchdog, check_sampling
 
 # Candidates a device-side top-k keeps beyond the request's top-k: room for the ids the watchdog
 # bans (at most [THINK], [/THINK] and </s>) and ignore_eos, so the host's choice stays exact.
 BACKEND_TOPK_MARGIN = 8
-ENDED_BY = {"cancelled": "cancelled", "stop_string": "stop", "context_full": "length"}  # → finish_reason
+ENDED_BY = {"cancelled": "cancelled", "stop_string": "stop", "context_full": "length",
+            "tool_error": "stop"}  # → finish_reason
+# A grammar's alternative start for the first token of a thinking turn: open the thought, or
+# begin the constrained answer (llama.cpp matches <[id]> by token id).
+FIRST_RULE = f"\nthink-or-answer ::= <[{tk.THINK}]> | root\n"
 
 
 class Detokenizer:
@@ -102,12 +109,26 @@ class StopMatcher:
 
 def _always_banned(model: Any, limits: Limits, thinks: bool) -> frozenset[int]:
     """Ids this turn may never sample, whatever the watchdog decides: ``</s>`` under ignore_eos,
-    and in a Magistral chat turn ``[TOOL_CALLS]``, since no turn offers tools yet (a call would
-    reach the client as nothing; inside ``[THINK]`` a call is never allowed)."""
+    and ``[TOOL_CALLS]`` in a Magistral chat turn that offers no tools (a call would reach the
+    client as nothing). A turn with tools bans it inside ``[THINK]`` only (see tool_decoding)."""
     banned = {model.eos_id} if limits.ignore_eos and model.eos_id >= 0 else set()
-    if thinks:
+    if thinks and limits.tools is None:
         banned.add(tk.TOOL_CALLS)
     return frozenset(banned)
+
+
+def _tooling(model: Any, limits: Limits, thinks: bool) -> Any:
+    """The turn's call decoding, or None when it offers no tools."""
+    if limits.tools is None:
+        return None
+    if not thinks:
+        raise BadInputError("tools need a Magistral chat turn (not a raw completion or another model's template)")
+    if limits.json_schema is not None:
+        raise BadInputError("response_format and tools together are not supported: use tool_choice none, "
+                            "or drop response_format")
+    from edge_magistral.tool_decoding import ToolDecoding  # the grammar converter lives beside llama.cpp
+
+    return ToolDecoding(limits.tools)
 
 
 class Turn:
@@ -130,11 +151,17 @@ class Turn:
         self.wd = Watchdog(model.watchdog_config(limits, self.max_tokens))
         # Only a turn that will think needs the anti-greedy clamp (think budget 0 never thinks).
         self.temperature, self.temp_note = check_sampling(limits.temperature, self.thinks and self.wd.think_budget > 0)
-        self.grammar: str | None = None
+        self.tooling = _tooling(model, limits, self.thinks)
+        self.grammar: str | None = None  # the answer's grammar: a JSON schema's, or the tool calls'
         if limits.json_schema is not None:
             from edge_magistral.model import schema_grammar  # the converter lives beside llama.cpp
 
             self.grammar = schema_grammar(limits.json_schema)
+        elif self.tooling is not None:
+            self.grammar = self.tooling.grammar
+        # The grammar holds from the answer's first token (a JSON schema, a required call), or
+        # from the first [TOOL_CALLS] (auto).
+        self._from_answer = self.grammar is not None and (self.tooling is None or self.tooling.from_answer)
         self.detok = Detokenizer(model.piece)
         self.stops = StopMatcher(limits.stop)
         self.events: list[Event] = []  # due to the caller; the driver hands them out and clears
@@ -144,8 +171,10 @@ class Turn:
         self._sampler: Any = None
         self.decision: Decision | None = None  # the watchdog's latest (sampler bans, grammar)
         self._banned: frozenset[int] = frozenset()
+        self._tool_bans: frozenset[int] = frozenset()
         self._always_banned = _always_banned(model, limits, self.thinks)
         self._grammar_on = False
+        self._root: str | None = None  # the grammar's start rule in use (None: no grammar)
         self._grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
         self.cached = 0  # prompt tokens the engine took from its KV cache instead of evaluating
         self.t_prompt: float | None = None  # when the prompt was evaluated (set by the driver)
@@ -163,9 +192,9 @@ class Turn:
         d = self.wd.start()
         prompt = list(self.prompt)
         if d.action is Action.FORCE_CLOSE and self.thinks:  # think budget 0: closed in the prompt
-            prompt += [p for p in d.inject if isinstance(p, int)]
+            prompt += self._to_parser([p for p in d.inject if isinstance(p, int)])
         elif self.limits.force_thinking and self.thinks:
-            prompt.append(tk.THINK)
+            prompt += self._to_parser([tk.THINK])
             d = self.wd.feed(tk.THINK, "", True)
         self.decision = d
         self._watchdog_events()
@@ -176,19 +205,33 @@ class Turn:
         return self.wd.poll().action is Action.STOP
 
     def sampler(self) -> Any:
-        """The native sampler for the next token, rebuilt when the watchdog's bans change or the
-        answer's grammar switches on."""
+        """The native sampler for the next token, rebuilt when the watchdog's bans or the call
+        bans change, or the grammar switches on or off."""
         d = self.decision
-        want_grammar = self.grammar is not None and self.wd.phase is Phase.ANSWER
-        if self._sampler is not None and d.banned is self._banned and want_grammar == self._grammar_on:
+        root = self._grammar_root() if self.grammar is not None else None
+        tool_bans = self.tooling.bans(self.wd.phase is Phase.THINKING) if self.tooling is not None else self._tool_bans
+        if (self._sampler is not None and d.banned is self._banned and root == self._root
+                and tool_bans is self._tool_bans):
             return self._sampler
         self.release()
-        self._banned, self._grammar_on = d.banned, want_grammar
-        self._sampler = self.model.sampler(self.limits, self.temperature, d.banned | self._always_banned,
-                                           self.grammar if want_grammar else None)
-        if want_grammar:  # a new grammar sampler starts from its root
+        self._banned, self._root, self._tool_bans, self._grammar_on = d.banned, root, tool_bans, root is not None
+        grammar = None if root is None else self.grammar + FIRST_RULE if root != "root" else self.grammar
+        self._sampler = self.model.sampler(self.limits, self.temperature, d.banned | self._always_banned | tool_bans,
+                                           grammar, root or "root")
+        if root is not None:  # a new grammar sampler starts from its root
             self.model.accept(self._sampler, self._grammar_tokens)
         return self._sampler
+
+    def _grammar_root(self) -> str | None:
+        """Which start rule the grammar holds from now, or None while it does not hold."""
+        phase = self.wd.phase
+        if not self._from_answer:  # tools, auto: from the first [TOOL_CALLS] to the end
+            return "root" if self.tooling.started and phase is Phase.ANSWER else None
+        if phase is Phase.ANSWER:
+            return "root"
+        if phase is Phase.BEFORE:  # the first token: open the thought, or begin the answer constrained
+            return "think-or-answer" if self.thinks else "root"
+        return None
 
     def token(self, token: int) -> bool:
         """Account one sampled token: queue its text, ask the watchdog, set ``feed``. False when
@@ -205,10 +248,13 @@ class Turn:
         d = self.decision = wd.feed(token, text, self.detok.complete)
         if phase is Phase.BEFORE:  # a first token that is not [THINK] starts the answer
             phase = wd.phase
+            if phase is Phase.THINKING:  # [THINK] under a grammar's first rule: the grammar waits
+                self._grammar_tokens.clear()
         self.feed = ()  # nothing to evaluate: dropped or stopping
         going = d.action is not Action.STOP
         if not d.drop:
-            if text and not self._emit(text, phase):  # a stop string: the turn ends here
+            emitted = self._emit(text, phase) if self.tooling is None else self._emit_tools(token, text)
+            if not emitted:  # a stop string, or output that left the call grammar: the turn ends here
                 self._watchdog_events()
                 return False
             if going:
@@ -229,8 +275,11 @@ class Turn:
             if rest:
                 self.events.append(AnswerText(rest))
         self._watchdog_events()
-        self.done = self._done()
-        self.events.append(self.done)
+        done = self._done()
+        if self.tooling is not None:
+            done = self._with_calls(done)
+        self.done = done
+        self.events.append(done)
 
     def release(self) -> None:
         if self._sampler is not None:
@@ -242,7 +291,7 @@ class Turn:
         applies its bans and its own top-k to these candidates; with room for every banned id it
         picks exactly what it would pick from the whole vocabulary. A grammar or top-k 0 needs
         the whole vocabulary."""
-        if self.grammar is not None:
+        if self.grammar is not None:  # a JSON schema, or tools (a grammar may switch on mid-turn)
             return None
         need = 1 if self.temperature <= 0 else self.limits.top_k
         if need <= 0:
@@ -254,6 +303,8 @@ class Turn:
     # -------------------------------------------------------------------------- helpers
     def _emit(self, text: str, phase: Phase) -> bool:
         """Queue a token's text in its phase; False when it completed a stop string."""
+        if not text:
+            return True
         if phase is Phase.THINKING:
             self.events.append(ThinkingText(text))
         elif phase is Phase.ANSWER:
@@ -265,6 +316,46 @@ class Turn:
                 return False
         return True
 
+    def _emit_tools(self, token: int, text: str) -> bool:
+        """A turn with tools: the parser splits thought, answer text and calls. Stop strings
+        apply to the answer text only; False when one completed, or the output left the grammar."""
+        t = self.tooling
+        was_in_call = t.parser.in_call
+        for ev in t.push(token, text):
+            if isinstance(ev, AnswerText):
+                out = self.stops.push(ev.text)
+                if out:
+                    self.events.append(AnswerText(out))
+                if self.stops.hit:
+                    self.ended_by = "stop_string"
+                    return False
+            elif isinstance(ev, (ThinkingText, CallStart, CallArguments)):
+                self.events.append(ev)
+            elif isinstance(ev, ParseError):
+                self.ended_by = "tool_error"
+                return False
+        if t.parser.in_call and not was_in_call:  # a call opened: the held answer text goes first
+            rest = self.stops.flush()
+            if rest:
+                self.events.append(AnswerText(rest))
+            self.wd.stop_loop_checks()
+            if not self._grammar_on:  # auto: the grammar starts at this [TOOL_CALLS]
+                self._grammar_tokens = [token]
+        return True
+
+    def _to_parser(self, ids: list[int]) -> list[int]:
+        """Control ids the engine injects (never sampled) also move the call parser."""
+        if self.tooling is not None:
+            for t in ids:
+                self.tooling.push(t, "")
+        return ids
+
+    def _with_calls(self, done: Done) -> Done:
+        """Done with the parser's verdict: the calls, "tool_calls" or "length" (cut in a call)."""
+        fin = self.tooling.parser.end(done.finish_reason)[-1]
+        return replace(done, finish_reason=fin.reason, tool_calls=fin.calls,
+                       tool_error=fin.error.message if fin.error else None)
+
     def _force_close(self, d: Decision) -> None:
         """Evaluate the wrap-up and [/THINK] after the token (their text streams as reasoning;
         counted as reasoning)."""
@@ -275,7 +366,7 @@ class Turn:
         n = len(ids)
         for piece in d.inject:
             if isinstance(piece, int):
-                ids.append(piece)
+                ids += self._to_parser([piece])
             else:
                 ids += self.model.encode_text(piece)
                 self.events.append(ThinkingText(piece))

@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from edge_magistral.loops import LoopDetector, NgramNovelty, PeriodicTail  # noqa: F401  (re-exported)
+from edge_magistral.loops import LoopDetector, NgramNovelty, NoLoops, PeriodicTail  # noqa: F401  (re-exported)
 from edge_magistral.watchdog_config import (  # noqa: F401  (re-exported: the watchdog's settings)
     MIN_THINKING_TEMPERATURE,
     WRAP_UP_TEXT,
@@ -245,6 +245,11 @@ class Watchdog:
                 return stop
         self.counts.fed += 1
         return self._feed_phase(token_id, text, complete)
+
+    def stop_loop_checks(self) -> None:
+        """A tool call began: its name and arguments follow a grammar, so loops are not looked
+        for until the phase changes (the answer budget and max_tokens still hold)."""
+        self._loops = NoLoops()
 
     def injected(self, n_tokens: int) -> None:
         """Count the tokens the engine fed for a FORCE_CLOSE (wrap-up text and [/THINK])."""

@@ -25,6 +25,7 @@ from edge_magistral.toolcalls import (
     Finish,
     ParseError,
     ToolCallParser,
+    as_tool_call,
     parse_arguments,
     random_call_id,
 )
@@ -308,7 +309,7 @@ def test_generated_call_ids_have_openais_shape() -> None:
 
 def test_a_parsed_call_goes_back_into_a_conversation() -> None:
     (call,) = finish(parse(CALL, "now", ARGS, '{"tz":"UTC"}', EOS)).calls
-    tc = call.as_tool_call()
+    tc = as_tool_call(call)
     assert (tc.id, tc.name, tc.arguments) == ("call_0", "now", '{"tz": "UTC"}')
 
 

@@ -35,7 +35,8 @@ class FakeModel:
     def piece(self, token: int) -> bytes:
         return f"w{token} ".encode() if token >= 1000 else b""
 
-    def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None):
+    def sampler(self, limits: Limits, temperature: float, banned: frozenset[int], grammar: str | None,
+                root: str = "root"):
         return banned  # what the native chain would ban: enough to check the turn's choice
 
     def free_sampler(self, chain) -> None:
