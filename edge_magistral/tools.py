@@ -55,6 +55,7 @@ from edge_magistral.generation import (
     MAX_TOOL_CALLS,
     MAX_TOOLS,
     MAX_TOOLS_BYTES,
+    ToolUse,
     json_depth,
 )
 
@@ -78,6 +79,14 @@ class Conversation:
     def prompt_ids(self, encode: Callable[[str], list[int]]) -> list[int]:
         """The prompt's token ids (``encode``: plain text → ids, never a control token)."""
         return magistral_prompt(self.messages, encode, self.system_mode, self.tools)
+
+    def tool_use(self) -> ToolUse | None:
+        """What decoding may call: None (``[TOOL_CALLS]`` banned) for tool_choice "none" or no tools;
+        the tools then stay in the prompt, the turn just cannot call them."""
+        if self.tool_choice == "none" or not self.tools:
+            return None
+        return ToolUse(tuple((t.name, t.parameters) for t in self.tools), self.tool_choice, self.tool_name,
+                       self.parallel_tool_calls)
 
 
 def conversation_from_request(body: Mapping[str, Any]) -> Conversation:
