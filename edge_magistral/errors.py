@@ -59,3 +59,8 @@ class BackendError(EdgeMagistralError, RuntimeError):
     """llama.cpp is missing, failed, or lacks the backend needed for this box."""
 
     exit_code = 8
+
+
+# Not an error: ``run`` exits with this when the model called tools (stdout holds the assistant
+# message with its tool_calls). Kept beside the errors' codes so that no error takes it.
+TOOL_CALLS_EXIT = 10

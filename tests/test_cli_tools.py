@@ -1,0 +1,163 @@
+"""Tool calling from the command line, on the tiny random Magistral (the real engine, no fake).
+
+``run --tools`` prints the assistant message with its calls and exits 10; the message and a
+tool result fed back with ``--messages`` run again; ``chat --tools`` shows a call and takes its
+result from the user. The random model's calls are valid because decoding makes them so: every
+complete call is checked against the tool's schema with jsonschema. It rarely ends a turn on its
+own, so some seeds run into --max-tokens (exit 6, no call reported): the tests try a few seeds
+until one completes, and check every run on the way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from click.testing import CliRunner, Result
+
+from edge_magistral.errors import TOOL_CALLS_EXIT, BadInputError, WatchdogStopError
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"type": "string", "enum": ["c", "f"]}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                            "parameters": WEATHER}}]
+SMALL = ("--ctx", "1024", "--think-budget", "0", "--max-tokens", "48")
+SEEDS = (2, 3, 1, 4, 5, 6)  # 2 and 3 complete one call in 48 tokens; the rest are spares
+
+
+def cli_run(*args: str, input: str | None = None) -> Result:
+    from edge_magistral.cli import cli, run_cmds  # noqa: F401  (registers run and chat)
+
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+def write(path: Path, value: object) -> str:
+    path.write_text(json.dumps(value), encoding="utf-8")
+    return str(path)
+
+
+def check_calls(message: dict) -> list[dict]:
+    """The message's calls, each an OpenAI tool call whose arguments the schema accepts."""
+    assert message["role"] == "assistant" and message["tool_calls"], message
+    for call in message["tool_calls"]:
+        assert call["id"].startswith("call_") and call["type"] == "function"
+        assert call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+    return message["tool_calls"]
+
+
+def run_until_calls(model: Path, *args: str) -> tuple[int, Result]:
+    """The first seed whose run exits 10. Every other run must be a cut turn (exit 6) with no call."""
+    for seed in SEEDS:
+        r = cli_run("run", "--model", str(model), *SMALL, "--seed", str(seed), *args)
+        if r.exit_code == TOOL_CALLS_EXIT:
+            return seed, r
+        assert r.exit_code == WatchdogStopError.exit_code, r.output
+        assert "tool_calls" not in r.stdout
+    pytest.fail("no seed completed a tool call")
+
+
+@pytest.fixture
+def tools_file(tmp_path: Path) -> str:
+    return write(tmp_path / "tools.json", TOOLS)
+
+
+def test_required_prints_the_assistant_message_and_exits_10(tiny_gguf_f32: Path, tools_file: str,
+                                                             tmp_path: Path) -> None:
+    saved = tmp_path / "conversation.json"
+    _, r = run_until_calls(tiny_gguf_f32, "--tools", tools_file, "--tool-choice", "required",
+                           "--no-parallel-tool-calls", "--save-conversation", str(saved), "Weather in Paris?")
+    message = json.loads(r.stdout)  # stdout is the message and nothing else
+    assert message["content"] is None and len(check_calls(message)) == 1
+    assert json.loads(saved.read_text()) == [{"role": "user", "content": "Weather in Paris?"}, message]
+
+
+def test_tool_choice_none_never_calls(tiny_gguf_f32: Path, tools_file: str) -> None:
+    """The seed that calls under required answers in text under none (same prompt, same sampling)."""
+    seed, called = run_until_calls(tiny_gguf_f32, "--tools", tools_file, "--tool-choice", "required", "--json", "Hi")
+    assert check_calls(json.loads(called.stdout)["message"])
+    r = cli_run("run", "--model", str(tiny_gguf_f32), *SMALL, "--seed", str(seed), "--tools", tools_file,
+                "--tool-choice", "none", "--json", "Hi")
+    assert r.exit_code in (0, WatchdogStopError.exit_code), r.output
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] in ("stop", "length") and out["tool_error"] is None
+    assert out["message"] == {"role": "assistant", "content": out["answer"]}
+
+
+def test_a_tool_result_fed_back_runs_the_next_turn(tiny_gguf_f32: Path, tools_file: str, tmp_path: Path) -> None:
+    """The loop a script runs: exit 10, run the tool, append its result, run again with --messages
+    (here a request body with the tools in it, which is saved back as a body)."""
+    conv = tmp_path / "conversation.json"
+    run_until_calls(tiny_gguf_f32, "--tools", tools_file, "--tool-choice", "get_weather", "--no-parallel-tool-calls",
+                    "--save-conversation", str(conv), "Weather in Paris?")
+    messages = json.loads(conv.read_text())
+    [call] = check_calls(messages[-1])
+    messages.append({"role": "tool", "tool_call_id": call["id"], "content": '{"temp": 21}'})
+    body = write(tmp_path / "request.json", {"messages": messages, "tools": TOOLS, "tool_choice": "required",
+                                             "parallel_tool_calls": False, "note": "kept"})
+    audit, out = tmp_path / "audit.jsonl", tmp_path / "next.json"
+    _, second = run_until_calls(tiny_gguf_f32, "--messages", body, "--save-conversation", str(out),
+                                "--audit-log", str(audit))
+    prompt = json.loads(audit.read_text().splitlines()[-1])["prompt"]
+    assert [m["role"] for m in prompt] == ["user", "assistant", "tool"]
+    assert prompt[1]["tool_calls"] == [{"id": call["id"], "name": "get_weather",
+                                        "arguments": call["function"]["arguments"]}]
+    assert prompt[2]["tool_call_id"] == call["id"] and prompt[2]["content"] == '{"temp": 21}'
+    saved = json.loads(out.read_text())
+    assert saved["note"] == "kept" and saved["tools"] == TOOLS
+    assert saved["messages"] == [*messages, json.loads(second.stdout)]
+    assert len(check_calls(saved["messages"][-1])) == 1  # parallel_tool_calls false
+
+
+@pytest.mark.parametrize(("files", "args", "says"), [
+    ({"tools.json": {"x": 1}}, ["--tools", "tools.json", "hi"], "'tools' key"),
+    ({"tools.json": "[not json"}, ["--tools", "tools.json", "hi"], "not JSON"),
+    ({"tools.json": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     ["--tools", "tools.json", "hi"], "must describe an object"),
+    ({"tools.json": TOOLS}, ["--tools", "tools.json", "--tool-choice", "get_time", "hi"], "not one of the tools"),
+    ({}, ["--tool-choice", "required", "hi"], "needs tools"),
+    ({}, ["--tools", "missing.json", "hi"], "cannot read"),
+    ({"m.json": {"msgs": []}}, ["--messages", "m.json"], "messages list"),
+    ({"m.json": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "user", "content": "and?"}]}, ["--messages", "m.json"], "have no tool message"),
+    ({"m.json": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+     ["--messages", "m.json", "--system", "be long"], "give one of them"),
+    ({}, ["--messages", "-", "-"], "reads stdin"),
+    ({"tools.json": TOOLS, "s.json": {"type": "object"}}, ["--tools", "tools.json", "--json-schema", "s.json", "hi"],
+     "not supported"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_gguf_f32: Path, tmp_path: Path, monkeypatch, files: dict,
+                                          args: list[str], says: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, value in files.items():
+        Path(name).write_text(value if isinstance(value, str) else json.dumps(value), encoding="utf-8")
+    r = cli_run("run", "--model", str(tiny_gguf_f32), *args)
+    assert r.exit_code == BadInputError.exit_code, r.output
+    assert r.stdout == "" and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_chat_shows_a_call_and_takes_its_result(tiny_gguf_f32: Path, tools_file: str, tmp_path: Path) -> None:
+    """The typed result becomes the tool message of the next turn (read back from the audit log)."""
+    for seed in SEEDS:
+        audit = tmp_path / f"audit-{seed}.jsonl"
+        r = cli_run("chat", "--model", str(tiny_gguf_f32), *SMALL, "--seed", str(seed), "--tools", tools_file,
+                    "--tool-choice", "required", "--no-parallel-tool-calls", "--audit-log", str(audit),
+                    input='Weather in Paris?\n{"temp": 21}\n/exit\n')
+        assert r.exit_code == 0, r.output
+        if "tool call: get_weather (call_" in r.stdout:
+            break
+    else:
+        pytest.fail("no seed made a call")
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert len(records) == 2 and records[0]["finish_reason"] == "tool_calls"
+    user, assistant, result = records[1]["prompt"]  # the second turn's prompt
+    assert user == {"role": "user", "content": "Weather in Paris?", "reasoning": None, "tool_calls": [],
+                    "tool_call_id": None}
+    [call] = assistant["tool_calls"]
+    assert call["name"] == "get_weather" and f"result of get_weather ({call['id']})> " in r.stdout
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER)
+    assert result == {"role": "tool", "content": '{"temp": 21}', "reasoning": None, "tool_calls": [],
+                      "tool_call_id": call["id"]}
