@@ -189,7 +189,7 @@ def run(prompt, files, as_json, json_schema, messages_path, tools_path, tool_cho
     --save-conversation, 130 interrupted."""
     req = tool_io.build_request(_request_options(prompt, files, messages_path, tools_path, tool_choice, no_parallel,
                                                  system, system_mode))
-    use = tool_io.tool_use(req.conversation)
+    use = req.conversation.tool_use()
     limits = _limits(think_budget, max_tokens, temperature, seed, json_schema, req.conversation.system_mode, use)
     engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=as_json, yes=yes)
     try:
@@ -321,7 +321,7 @@ def _chat_exchange(engine, history: list[dict], line: str, tools: tool_io.ChatTo
     try:
         for turn in itertools.count():
             conv = conversation_from_request(tools.body(messages, limits.system_mode, first=turn == 0))
-            answer, reasoning, done = _stream(engine, conv, replace(limits, tools=tool_io.tool_use(conv)),
+            answer, reasoning, done = _stream(engine, conv, replace(limits, tools=conv.tool_use()),
                                               show_thinking, True)
             audit(conv.messages, reasoning, answer, done)
             message = tool_io.reply_message(answer, reasoning, done)

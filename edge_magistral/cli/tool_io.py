@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_magistral.errors import BadInputError, StorageError
-from edge_magistral.generation import Done, ParsedCall, ToolUse
+from edge_magistral.generation import Done, ParsedCall
 from edge_magistral.tools import (
     TOOL_CHOICES,
     Conversation,
@@ -142,14 +142,6 @@ def _base_body(messages_path: str | None) -> tuple[dict[str, Any], bool]:
     if isinstance(raw, dict) and isinstance(raw.get("messages"), list):
         return {**raw, "messages": list(raw["messages"])}, True
     raise BadInputError(f"{messages_path}: give a messages list or a request body with a 'messages' list")
-
-
-def tool_use(conv: Conversation) -> ToolUse | None:
-    """How the turn may call the conversation's tools (None: it may not: no tools, or tool_choice none)."""
-    if conv.tool_choice == "none" or not conv.tools:
-        return None
-    return ToolUse(tuple((t.name, t.parameters) for t in conv.tools), conv.tool_choice, conv.tool_name,
-                   conv.parallel_tool_calls)
 
 
 def assistant_message(answer: str, reasoning: str, calls: Sequence[ParsedCall]) -> dict[str, Any]:
