@@ -161,3 +161,24 @@ def test_chat_shows_a_call_and_takes_its_result(tiny_gguf_f32: Path, tools_file:
     jsonschema.validate(json.loads(call["arguments"]), WEATHER)
     assert result == {"role": "tool", "content": '{"temp": 21}', "reasoning": None, "tool_calls": [],
                       "tool_call_id": call["id"]}
+
+
+def test_save_conversation_keeps_the_file_form_and_writes_whole_files(tmp_path: Path) -> None:
+    from edge_magistral.cli import tool_io
+    from edge_magistral.errors import StorageError
+
+    msgs = write(tmp_path / "m.json", [{"role": "user", "content": "hi"}])
+    as_list = tool_io.build_request(tool_io.RequestOptions(messages_path=msgs, prompt="and?"))
+    reply = {"role": "assistant", "content": "yes"}
+    tool_io.save_conversation(msgs, as_list, reply)  # over its own input
+    assert json.loads(Path(msgs).read_text()) == [{"role": "user", "content": "hi"},
+                                                  {"role": "user", "content": "and?"}, reply]
+    body = write(tmp_path / "b.json", {"messages": [{"role": "user", "content": "hi"}], "seed": 3})
+    as_body = tool_io.build_request(tool_io.RequestOptions(messages_path=body, system="be brief"))
+    out = tmp_path / "out.json"
+    tool_io.save_conversation(str(out), as_body, {"role": "assistant", "content": ""})  # nothing said: not kept
+    assert json.loads(out.read_text()) == {"messages": [{"role": "system", "content": "be brief"},
+                                                        {"role": "user", "content": "hi"}], "seed": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "m.json", "out.json"]  # no temporary left
+    with pytest.raises(StorageError):
+        tool_io.save_conversation(str(tmp_path / "no-such-dir" / "c.json"), as_list, reply)

@@ -241,7 +241,7 @@ def _json_result(answer, reasoning, done, message, plan, engine, sha: str) -> di
     }
 
 
-def _finish(done, req: tool_io.ToolRequest, message: dict, save_path: str | None) -> None:
+def _finish(done, req: tool_io.RunRequest, message: dict, save_path: str | None) -> None:
     """Save the conversation and exit: 10 for calls, 6 for a cut answer (not saved), else 0."""
     if done.finish_reason == "length":
         raise WatchdogStopError(f"the answer was cut: {done.stop_reason} "

@@ -31,7 +31,7 @@ from edge_magistral.tools import (
 
 
 @dataclass(frozen=True)
-class ToolRequest:
+class RunRequest:
     """A validated request and the body it came from (the body's messages are saved back)."""
 
     body: dict[str, Any]  # the OpenAI request body: the file's fields, then the command line's
@@ -111,7 +111,7 @@ def chat_tools(tools_path: str | None, choice: str | None, parallel: bool | None
     return ChatTools(tools, value, parallel)
 
 
-def build_request(opts: RequestOptions) -> ToolRequest:
+def build_request(opts: RequestOptions) -> RunRequest:
     """The request body of the files and options, validated as the service validates it."""
     body, from_body = _base_body(opts.messages_path)
     if opts.system:  # --system "" is no system prompt, as it always was
@@ -129,7 +129,7 @@ def build_request(opts: RequestOptions) -> ToolRequest:
         body["parallel_tool_calls"] = opts.parallel_tool_calls
     if opts.system_mode is not None:
         body["system_mode"] = opts.system_mode
-    return ToolRequest(body, conversation_from_request(body), from_body)
+    return RunRequest(body, conversation_from_request(body), from_body)
 
 
 def _base_body(messages_path: str | None) -> tuple[dict[str, Any], bool]:
@@ -165,10 +165,12 @@ def reply_message(answer: str, reasoning: str, done: Done) -> dict[str, Any]:
     return assistant_message(answer, reasoning, done.tool_calls if done.finish_reason == "tool_calls" else ())
 
 
-def save_conversation(path: str, req: ToolRequest, message: dict[str, Any]) -> None:
+def save_conversation(path: str, req: RunRequest, message: dict[str, Any]) -> None:
     """The request's messages and the new assistant message, written atomically to PATH: a list,
-    or the request body (its other fields kept) when --messages was one."""
-    messages = [*req.body["messages"], message]
+    or the request body (its other fields kept) when --messages was one. An empty answer is not
+    kept (a request refuses an assistant message with nothing in it)."""
+    empty = not (message.get("content") or message.get("tool_calls"))
+    messages = [*req.body["messages"], *([] if empty else [message])]
     saved: Any = {**req.body, "messages": messages} if req.from_body else messages
     write_json_atomic(Path(path), saved)
 
