@@ -6,8 +6,9 @@ keys, no spaces, UTF-8, no NaN) followed by ``\\n``. A record holds:
 - ``v`` (format version, 1), ``seq`` (1, 2, 3, … = its line number; ordering that survives a wall
   clock stepping backwards), ``time`` (UTC ISO-8601 with microseconds, ``Z``), ``redact`` (mode),
 - the request: ``request_id``, ``model_sha256``, ``quant``, ``plan``, ``sampling``, ``prompt``,
-  ``output`` (``{"thinking": …, "answer": …}``), ``watchdog`` (list of events), ``usage``,
-  ``finish_reason``, ``timings``,
+  ``output`` (``{"thinking": …, "answer": …}``, plus ``tool_calls``, ``[{"id", "name",
+  "arguments"}]``, when the model called tools and ``tool_error`` when its call was botched),
+  ``watchdog`` (list of events), ``usage``, ``finish_reason``, ``timings``,
 - ``prev``: the previous record's ``hash`` (``GENESIS``, 64 zeros, for the first record), and
 - ``hash``: sha256 (hex) of the canonical JSON of the record *without* its ``hash`` key.
 
@@ -34,12 +35,15 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from edge_magistral.chat import Message, results_in_call_order, uses_tools
 from edge_magistral.errors import BadInputError, StorageError
+from edge_magistral.tools import Conversation
 
 FORMAT_VERSION = 1
 GENESIS = "0" * 64
@@ -59,8 +63,9 @@ class CorruptAuditLogError(BadInputError):
 class AuditRecord:
     """What the caller knows about one finished request; the log adds time, seq and hashes.
 
-    ``prompt`` is any JSON value (the chat messages as ``[{"role": …, "content": …}]`` or a string).
-    Dataclasses, tuples, paths and enums inside ``plan`` etc. are converted to JSON.
+    ``prompt`` is any JSON value (see :func:`chat_prompt`, or a raw prompt's string). Dataclasses,
+    tuples, paths and enums inside ``plan`` etc. are converted to JSON. ``tool_calls``: the calls
+    the model made (anything with ``id``, ``name`` and ``arguments``, as ParsedCall).
     """
 
     request_id: str
@@ -75,6 +80,8 @@ class AuditRecord:
     usage: dict[str, Any] = field(default_factory=dict)
     finish_reason: str | None = None
     timings: dict[str, Any] = field(default_factory=dict)
+    tool_calls: Sequence[Any] = ()
+    tool_error: str | None = None
 
 
 @dataclass
@@ -152,15 +159,52 @@ def _redacted(value: Any) -> dict[str, str]:
     return {"redacted": "sha256", "sha256": sha256_hex(data)}
 
 
+def chat_prompt(conv: Conversation) -> Any:
+    """A chat's ``prompt`` as the log keeps it: the messages as the model read them (``developer``
+    as ``system``, text parts joined, tool results in the order of their calls), in OpenAI's shape.
+
+    A plain chat is the list ``[{"role", "content"}, …]``. A tool conversation (tools offered, or
+    tool calls and results in the messages) is ``{"messages", "tools", "tool_choice",
+    "parallel_tool_calls"}``, its messages with ``reasoning_content``, ``tool_calls`` (``[{"id",
+    "type", "function": {"name", "arguments"}}]``) and ``tool_call_id`` where they have them, the
+    tools as the prompt lists them, ``tool_choice`` as OpenAI writes it.
+    """
+    if not uses_tools(conv.messages, conv.tools):
+        return [_message(m) for m in conv.messages]
+    messages = [_message(m) for m in results_in_call_order(conv.messages)]
+    choice = ({"type": "function", "function": {"name": conv.tool_name}} if conv.tool_choice == "function"
+              else conv.tool_choice)
+    return {"messages": messages, "tools": [t.as_json() for t in conv.tools], "tool_choice": choice,
+            "parallel_tool_calls": conv.parallel_tool_calls}
+
+
+def _message(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.reasoning is not None:
+        out["reasoning_content"] = m.reasoning
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
 def record_body(record: AuditRecord, redact: str) -> dict[str, Any]:
     """The request part of a log line (no seq/time/hashes), with ``redact`` applied."""
     prompt, thinking, answer = (to_json_value(x) for x in (record.prompt, record.thinking, record.answer))
+    output: dict[str, Any] = {"thinking": thinking, "answer": answer}
+    if record.tool_calls:
+        output["tool_calls"] = to_json_value([{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                              for c in record.tool_calls])
+    if record.tool_error is not None:
+        output["tool_error"] = to_json_value(record.tool_error)
     if redact in ("prompt", "all"):
         prompt = _redacted(prompt)
     if redact in ("thinking", "all"):
-        thinking = _redacted(thinking)
-    if redact == "all":
-        answer = _redacted(answer)
+        output["thinking"] = _redacted(thinking)
+    if redact == "all":  # the calls' arguments are the model's output as much as its answer is
+        output.update((k, _redacted(v)) for k, v in output.items() if k != "thinking")
     return {
         "request_id": to_json_value(record.request_id),
         "model_sha256": to_json_value(record.model_sha256),
@@ -168,7 +212,7 @@ def record_body(record: AuditRecord, redact: str) -> dict[str, Any]:
         "plan": to_json_value(record.plan),
         "sampling": to_json_value(record.sampling),
         "prompt": prompt,
-        "output": {"thinking": thinking, "answer": answer},
+        "output": output,
         "watchdog": to_json_value(record.watchdog_events),
         "usage": to_json_value(record.usage),
         "finish_reason": to_json_value(record.finish_reason),

@@ -72,6 +72,7 @@ class AuditSink:
                 sampling={**d.sampling, "kind": kind}, prompt=prompt, thinking="".join(o.thinking),
                 answer="".join(o.answer), watchdog_events=d.watchdog_events,
                 usage={**asdict(d.usage), "completion_tokens": d.usage.completion_tokens},
+                tool_calls=d.tool_calls, tool_error=d.tool_error,
                 finish_reason=d.finish_reason, timings=asdict(d.timings)))
         except Exception:  # a full disk must not take the service down; the log stays valid
             log.exception("could not write the audit record of %s", request_id)
