@@ -34,9 +34,10 @@ from edge_magistral.server.protocol import (
 )
 from edge_magistral.server.supervisor import Job, State, Supervisor, SupervisorConfig
 from edge_magistral.server.worker import Worker, WorkerSettings
+from edge_magistral.tools import conversation_from_request
 
 DONE = Done("stop", "eos", Usage(3, 0, 1), Timings(0.0, 0.0, None, 0.0, 0.0, 0.0, 0), False)
-SPEC = JobSpec("chat", messages=(("user", "hi"),))
+SPEC = JobSpec("chat", conversation=conversation_from_request({"messages": [{"role": "user", "content": "hi"}]}))
 BOUND_S = 10  # only ever reached when the behaviour under test is broken
 
 
@@ -83,7 +84,7 @@ class _Engine:
         self.tokenizing = threading.Event()
         self._cv = threading.Condition()
 
-    def prompt_ids(self, messages, system_mode) -> list[int]:
+    def prompt_ids(self, messages, system_mode, tools=()) -> list[int]:
         if self.gate is not None:
             self.tokenizing.set()
             assert self.gate.wait(BOUND_S)

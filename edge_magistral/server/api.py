@@ -3,8 +3,10 @@ OpenAI responses (JSON or server-sent events), one builder for both response typ
 format for each (chat.completion vs text_completion).
 
 The thought goes in ``reasoning_content``, the answer in ``content`` (a raw completion: all of
-it in ``text``); ``finish_reason`` is ``stop`` or ``length`` only, as OpenAI clients expect; what
-the [THINK] watchdog did is in the extension object ``watchdog``;
+it in ``text``), the calls in ``tool_calls`` (streamed as OpenAI streams them: id and name once,
+then argument pieces); ``finish_reason`` is ``tool_calls``, ``stop`` or ``length`` only, as
+OpenAI clients expect; what the [THINK] watchdog did, and a call the model botched
+(``tool_error``), is in the extension object ``watchdog``;
 ``usage.completion_tokens_details.reasoning_tokens`` counts the thought. A streamed response
 sends its headers only once the first event is known, so that an error before the first token
 (a prompt too long, a worker crash) is still a proper 4xx/503.
@@ -24,17 +26,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from edge_magistral.generation import DEFAULT_LIMITS, AnswerText, Done, Event, Limits, ThinkingText
+from edge_magistral.audit import chat_prompt
+from edge_magistral.chat import uses_tools
+from edge_magistral.errors import BadInputError
+from edge_magistral.generation import AnswerText, CallArguments, CallStart, Done, Event, Limits, ThinkingText
 from edge_magistral.server.errors import ApiError
 from edge_magistral.server.protocol import JobSpec
 from edge_magistral.server.schemas import ChatCompletionRequest, CompletionRequest
 from edge_magistral.server.supervisor import Job, State, Supervisor
+from edge_magistral.tools import Conversation, conversation_from_request
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 EFFORT_BUDGETS = {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": None}  # None: server default
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OUTPUT = (ThinkingText, AnswerText, CallStart, CallArguments)  # the events a client sees as output
+Piece = ThinkingText | AnswerText | CallStart | CallArguments
 
 
 # ------------------------------------------------------------------------- request → job
@@ -67,18 +75,48 @@ def think_budget(req: ChatCompletionRequest, default: int, n_ctx: int) -> int | 
 
 
 def chat_job(req: ChatCompletionRequest, info: dict[str, Any], cap: int) -> JobSpec:
-    n_ctx = info["n_ctx"]
+    conv = conversation(req, info)
     limits = _common_limits(req, req.max_completion_tokens or req.max_tokens, cap)
     _check_max(req.max_answer_tokens, cap, "max_answer_tokens")
+    schema, tool_use = req.response_format.schema_dict() if req.response_format else None, conv.tool_use()
+    if schema is not None and tool_use is not None:
+        raise ApiError(400, "response_format constrains a text answer and cannot be combined with tools the "
+                       "model may call; drop response_format or set tool_choice to none", param="response_format")
     limits.update(
-        think_budget=think_budget(req, info["think_budget"], n_ctx),
+        think_budget=think_budget(req, info["think_budget"], info["n_ctx"]),
         answer_budget=req.max_answer_tokens,
-        json_schema=req.response_format.schema_dict() if req.response_format else None,
-        system_mode=req.system_mode or DEFAULT_LIMITS.system_mode,
+        json_schema=schema,
+        system_mode=conv.system_mode,
         force_thinking=bool(req.force_thinking),
+        tools=tool_use,
     )
-    messages = tuple(("system" if m.role == "developer" else m.role, m.text()) for m in req.messages)
-    return JobSpec("chat", Limits(**limits), messages=messages)
+    return JobSpec("chat", Limits(**limits), conversation=conv)
+
+
+CONVERSATION_FIELDS = {"messages", "tools", "tool_choice", "parallel_tool_calls", "system_mode"}
+
+
+def conversation(req: ChatCompletionRequest, info: dict[str, Any]) -> Conversation:
+    """The request's conversation, by the one conversion the ``prompt`` command uses too; what it
+    refuses is a 400 with its message. Tools and tool turns need a Magistral model."""
+    body = req.model_dump(by_alias=True, exclude_none=True, include=CONVERSATION_FIELDS)
+    try:
+        conv = conversation_from_request(body)
+    except BadInputError as e:
+        raise ApiError(400, str(e), param=_param_of(str(e)), code="invalid_value") from None
+    if not info.get("is_magistral", True) and uses_tools(conv.messages, conv.tools):
+        raise ApiError(400, "tools, tool calls and tool messages need a Magistral model; this model's own chat "
+                       "template gets plain chats only", param="tools", code="invalid_value")
+    return conv
+
+
+def _param_of(message: str) -> str | None:
+    """The request field a conversion error is about (OpenAI's ``param``), when it is plain."""
+    for needle, param in (("tool_choice", "tool_choice"), ("parallel_tool_calls", "parallel_tool_calls"),
+                          ("message", "messages"), ("tool", "tools"), ("system_mode", "system_mode")):
+        if needle in message:
+            return param
+    return None
 
 
 def raw_job(req: CompletionRequest, cap: int) -> JobSpec:
@@ -115,10 +153,10 @@ class RequestRun:
         """The next event, recorded in the outcome."""
         ev = await self.job.events.get()
         o = self.outcome
+        if isinstance(ev, OUTPUT) and o.first_text_at is None:
+            o.first_text_at = time.monotonic()
         match ev:
             case ThinkingText(text=text) | AnswerText(text=text):
-                if o.first_text_at is None:
-                    o.first_text_at = time.monotonic()
                 (o.thinking if isinstance(ev, ThinkingText) else o.answer).append(text)
             case Done():
                 o.done = ev
@@ -185,15 +223,28 @@ def usage(done: Done) -> dict[str, Any]:
 
 
 def watchdog_ext(done: Done) -> dict[str, Any]:
-    """The extension object: why the turn ended and every intervention of the watchdog."""
+    """The extension object: why the turn ended, every intervention of the watchdog, and
+    ``tool_error`` when the model's output left the call grammar (no call is reported then)."""
     return {"stop_reason": done.stop_reason, "reasoning_truncated": done.reasoning_truncated,
             "reasoning_tokens": done.usage.reasoning_tokens, "think_budget": done.sampling.get("think_budget"),
-            "events": done.watchdog_events}
+            "events": done.watchdog_events, "tool_error": done.tool_error}
 
 
 def finish_reason(done: Done) -> str:
-    """OpenAI's values only: a cancelled turn (deadline, shutdown) was cut, so "length"."""
+    """OpenAI's values only: "tool_calls" when the answer is calls, "stop"; a cancelled turn
+    (deadline, shutdown) was cut, so "length" (a call cut short is no call, and "length" too)."""
+    if done.finish_reason == "tool_calls" and done.tool_calls:
+        return "tool_calls"
     return "stop" if done.finish_reason == "stop" else "length"
+
+
+def tool_calls(done: Done) -> list[dict[str, Any]]:
+    """OpenAI's ``message.tool_calls``, the arguments as canonical JSON text; none unless the
+    answer ended as calls (a turn cut by max_tokens after a complete call reports no call)."""
+    if finish_reason(done) != "tool_calls":
+        return []
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in done.tool_calls]
 
 
 def sse(obj: Any) -> bytes:
@@ -209,15 +260,25 @@ class ChatFormat:
     def opening(self) -> dict[str, Any] | None:
         return {"delta": {"role": "assistant", "content": ""}}
 
-    def piece(self, ev: ThinkingText | AnswerText) -> dict[str, Any]:
+    def piece(self, ev: Piece) -> dict[str, Any]:
+        """A text delta, or OpenAI's ``delta.tool_calls``: a call's id and name once, then pieces
+        of its argument text as the model writes them."""
+        match ev:
+            case CallStart(index=i, id=call_id, name=name):
+                return {"delta": {"tool_calls": [{"index": i, "id": call_id, "type": "function",
+                                                  "function": {"name": name, "arguments": ""}}]}}
+            case CallArguments(index=i, text=text):
+                return {"delta": {"tool_calls": [{"index": i, "function": {"arguments": text}}]}}
         return {"delta": {"reasoning_content" if isinstance(ev, ThinkingText) else "content": ev.text}}
 
     def closing(self) -> dict[str, Any]:
         return {"delta": {}}
 
     def whole(self, o: Outcome) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": "".join(o.answer),
-                            "reasoning_content": "".join(o.thinking) or None}}
+        answer, calls = "".join(o.answer), tool_calls(o.done)
+        message = {"role": "assistant", "content": None if calls and not answer else answer,
+                   "reasoning_content": "".join(o.thinking) or None}
+        return {"message": {**message, "tool_calls": calls} if calls else message}
 
 
 class TextFormat:
@@ -229,8 +290,8 @@ class TextFormat:
     def opening(self) -> dict[str, Any] | None:
         return None
 
-    def piece(self, ev: ThinkingText | AnswerText) -> dict[str, Any]:
-        return {"text": ev.text}
+    def piece(self, ev: Piece) -> dict[str, Any]:
+        return {"text": ev.text}  # a raw completion has no tools: only text comes
 
     def closing(self) -> dict[str, Any]:
         return {"text": ""}
@@ -279,7 +340,7 @@ CHAT, TEXT = ChatFormat(), TextFormat()
 async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
     info = _ready_info(request)
     spec = chat_job(req, info, _cap(request, info))
-    payload = [{"role": r, "content": c} for r, c in spec.messages]
+    payload = chat_prompt(spec.conversation)
     return await _respond(request, req, spec, Reply(CHAT, info["model"]), "chat", payload)
 
 
@@ -330,7 +391,7 @@ async def _events_until_text(run: RequestRun) -> list[Event]:
         if isinstance(ev, ApiError):
             raise ev
         seen.append(ev)
-        if isinstance(ev, (ThinkingText, AnswerText, Done)):
+        if isinstance(ev, (*OUTPUT, Done)):
             return seen
 
 
@@ -355,7 +416,7 @@ async def _chunks(run: RequestRun, reply: Reply, include_usage: bool, after: Any
         yield reply.chunk(opening)
     async for ev in _chain(first, events):
         match ev:
-            case ThinkingText() | AnswerText():
+            case ThinkingText() | AnswerText() | CallStart() | CallArguments():
                 yield reply.chunk(reply.fmt.piece(ev))
             case ApiError():
                 yield sse(ev.body())

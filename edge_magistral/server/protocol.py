@@ -28,18 +28,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_magistral.generation import DEFAULT_LIMITS, Event, Limits
+from edge_magistral.tools import Conversation
 
 BEAT_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One generation: a chat (``messages`` as (role, content) pairs) or a raw text ``prompt``
+    """One generation: a chat (its validated ``conversation``: messages, tools, system mode; the
+    worker encodes it, and ``limits.tools`` says what the turn may call) or a raw text ``prompt``
     (tokenized without special tokens; ``limits.raw`` is set for it)."""
 
     kind: str  # "chat" | "raw"
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
-    messages: tuple[tuple[str, str], ...] = ()
+    conversation: Conversation | None = None
     prompt: str = ""
 
 

@@ -5,6 +5,11 @@ Strict: wrong types are refused (no "5" for 5), unknown fields are refused as Op
 them, every number has a range, NaN/Infinity are refused, text with lone surrogates is refused,
 and JSON schemas are size- and depth-checked here, before anything reaches the worker. Limits
 that depend on the loaded model (context size) are checked in :mod:`edge_magistral.server.api`.
+
+Function calling: the shapes are checked here (tool calls, tool messages, sizes, surrogates, the
+tools' nesting); what they mean (tool names, parameters schemas, calls answered by tool messages,
+tool_choice naming a tool) is checked by :func:`edge_magistral.tools.conversation_from_request`,
+the one conversion the ``prompt`` command shares, and refused as a 400 with its message.
 """
 
 from __future__ import annotations
@@ -13,9 +18,21 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from edge_magistral.generation import DEFAULT_LIMITS, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH
+from edge_magistral.generation import DEFAULT_LIMITS, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOL_CALLS, MAX_TOOLS
+from edge_magistral.tools import MAX_ID_CHARS
 
 INT64 = 2**63
 MAX_STOP = 4
@@ -41,23 +58,23 @@ def check_text(s: str, what: str) -> str:
     return s
 
 
-def _check_schema_shape(value: Any) -> None:
-    """Refuse a JSON value nested deeper than MAX_SCHEMA_DEPTH (as ``generation.json_depth``
-    counts) or with a lone surrogate anywhere (keys included), in one iterative walk that stops
-    at the first level too deep."""
+def _check_schema_shape(value: Any, depth: int = MAX_SCHEMA_DEPTH, what: str = "the JSON schema") -> None:
+    """Refuse a JSON value nested deeper than ``depth`` (as ``generation.json_depth`` counts) or
+    with a lone surrogate anywhere (keys included), in one iterative walk that stops at the first
+    level too deep."""
     stack = [(value, 0)]
     while stack:
         v, d = stack.pop()
-        if d > MAX_SCHEMA_DEPTH:
-            raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if d > depth:
+            raise ValueError(f"{what} nests deeper than {depth} levels")
         if isinstance(v, dict):
             for k, x in v.items():
-                check_text(k, "the JSON schema")
+                check_text(k, what)
                 stack.append((x, d + 1))
         elif isinstance(v, list):
             stack.extend((x, d + 1) for x in v)
         elif isinstance(v, str):
-            check_text(v, "the JSON schema")
+            check_text(v, what)
 
 
 class _Strict(BaseModel):
@@ -76,24 +93,89 @@ class TextPart(_Strict):
         return check_text(v, "text")
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"] = Field(
-        description="'developer' is taken as 'system'; tool messages are not supported")
-    content: str | list[TextPart] = Field(description="Text, or text parts (no images or audio)")
-    name: str | None = Field(None, max_length=256, description="Accepted and ignored")
-    reasoning_content: str | None = Field(None, description="Accepted and ignored: earlier thinking is never replayed")
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's (and mistral-common's) function names
 
-    @field_validator("content")
+
+class FunctionCall(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="The function called (one of the tools offered then)")
+    arguments: str = Field(description="Its arguments: a JSON object, as text")
+
+    @field_validator("name", "arguments")
     @classmethod
-    def _content(cls, v: str | list[TextPart]) -> str | list[TextPart]:
-        if isinstance(v, str):
-            check_text(v, "message content")
-        return v
+    def _text(cls, v: str) -> str:
+        return check_text(v, "a tool call")
 
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(p.text for p in self.content)
+
+class ToolCall(_Strict):
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="Pairs the call with its tool message")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_text(v, "a tool call id")
+
+
+def _message_text(v: str) -> str:
+    return check_text(v, "message content")
+
+
+Text = Annotated[str, AfterValidator(_message_text)]
+Content = Text | list[TextPart]
+_CONTENT = "Text, or text parts (no images or audio)"
+
+
+class _Message(_Strict):
+    name: str | None = Field(None, max_length=256, description="Accepted and ignored")
+
+    @field_validator("name", "tool_call_id", "reasoning_content", "reasoning", check_fields=False)
+    @classmethod
+    def _texts(cls, v: str | None) -> str | None:
+        return v if v is None else check_text(v, "a message field")
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"] = Field(description="'developer' is taken as 'system'; first only")
+    content: Content = Field(description=_CONTENT)
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content = Field(description=_CONTENT)
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = Field(None, description=f"{_CONTENT}; null with tool_calls")
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOL_CALLS,
+                                              description="Its calls (answer each with a tool message right after it)")
+    reasoning_content: str | None = Field(
+        None, description="Its thought: kept in a tool conversation (the thought that led to a call), dropped in a "
+                          "plain chat (earlier thinking is not replayed)")
+    reasoning: str | None = Field(None, description="Same as reasoning_content")
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content = Field(description="The call's result, fed to the model as it is")
+    tool_call_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="The id of the call it answers")
+
+
+_ROLE_TAGS = {"system": "system-message", "developer": "system-message", "user": "user-message",
+              "assistant": "assistant-message", "tool": "tool-message"}  # a dash: not a field in error paths
+
+
+def _role_tag(v: Any) -> str | None:
+    role = v.get("role") if isinstance(v, dict) else getattr(v, "role", None)
+    return _ROLE_TAGS.get(role) if isinstance(role, str) else None
+
+
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("system-message")] | Annotated[UserMessage, Tag("user-message")]
+    | Annotated[AssistantMessage, Tag("assistant-message")] | Annotated[ToolMessage, Tag("tool-message")],
+    Discriminator(_role_tag, custom_error_type="invalid_role",
+                  custom_error_message="role must be system, developer, user, assistant or tool")]
 
 
 class StreamOptions(_Strict):
@@ -197,12 +279,29 @@ class _Sampling(_Strict):
 MAX_INT = 2**31 - 1
 
 
+def _closed(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+# What the OpenAPI document says of a tool and a named tool_choice; they are validated as plain
+# objects here and by edge_magistral.tools (whose messages say what is wrong in words).
+_NAME = {"type": "string", "pattern": NAME_PATTERN}
+TOOL_SCHEMA = _closed({"type": {"const": "function"}, "function": _closed(
+    {"name": _NAME, "description": {"type": "string"}, "strict": {"type": "boolean"},
+     "parameters": {"type": "object", "description": "A JSON schema of the arguments (an object)"}}, ["name"])},
+    ["type", "function"])
+NAMED_SCHEMA = _closed({"type": {"const": "function"}, "function": _closed({"name": _NAME}, ["name"])},
+                       ["type", "function"])
+NamedToolChoice = Annotated[dict[str, Any], WithJsonSchema(NAMED_SCHEMA)]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096, description="The last one from the user")
     max_tokens: Int | None = Field(None, ge=1, le=MAX_INT, description="All generated tokens, thinking included")
     max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_INT, description="Same as max_tokens")
     response_format: ResponseFormat | None = Field(
-        None, description="json_object or json_schema constrain the answer; the thinking stays free")
+        None, description="json_object or json_schema constrain the answer; the thinking stays free (not with "
+                          "tools unless tool_choice is none)")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
         None, description="Think budget: none 0, minimal 256, low 1024, medium 4096, high the server's default "
                           "(each at most the server's default)")
@@ -214,20 +313,43 @@ class ChatCompletionRequest(_Sampling):
         None, description="Extension: a system message replaces (default) or extends Magistral's system prompt")
     logprobs: bool | None = _unsupported({"enum": [False, None]}, "Only false (not supported)")
     top_logprobs: Int | None = _unsupported({"enum": [None]}, "Only null (not supported)")
-    tools: list[dict[str, Any]] | None = _unsupported({"maxItems": 0}, "Only empty (not supported)")
-    functions: list[dict[str, Any]] | None = _unsupported({"maxItems": 0}, "Only empty (not supported)")
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Annotated[dict[str, Any], WithJsonSchema(TOOL_SCHEMA)]] | None = Field(
+        None, max_length=MAX_TOOLS, description="Function tools ({type: function, function: {name, description, "
+        "parameters}}): the model may call them (Magistral models only); a call's arguments always validate "
+        "against its parameters schema")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default with tools), "none" (no call), "required" (the answer is calls) or '
+                          '{"type": "function", "function": {"name": ...}} (calls of that tool)')
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call per answer")
+    functions: list[dict[str, Any]] | None = _unsupported({"maxItems": 0}, "Only empty: use tools")
+    function_call: str | dict[str, Any] | None = _unsupported({"enum": [None]}, "Only null: use tool_choice")
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = Field(None, max_length=64)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for tool in v or []:  # the rest (names, schemas, sizes) is checked in edge_magistral.tools
+            _check_schema_shape(tool, MAX_SCHEMA_DEPTH + 3, "a tool")  # tool → function → parameters → …
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(v, dict):
+            fn = v.get("function")
+            if set(v) - {"type", "function"} or not isinstance(fn, dict) or set(fn) != {"name"}:
+                raise ValueError('a named tool_choice is {"type": "function", "function": {"name": ...}}')
+            _check_schema_shape(v, 2, "tool_choice")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.logprobs or self.top_logprobs is not None:
             raise ValueError("logprobs are not supported")
-        if self.tools or self.functions:
-            raise ValueError("tools and functions are not supported")
+        if self.functions or self.function_call is not None:
+            raise ValueError("functions and function_call are OpenAI's deprecated form: use tools and tool_choice")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens differ: give one")

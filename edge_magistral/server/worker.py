@@ -279,13 +279,13 @@ class Worker:
         self.send(last)
 
     def _prompt_ids(self, spec: JobSpec) -> list[int]:
-        """Chat: the model's own prompt format. Raw: BOS (when the model wants one) + the text,
+        """Chat: the model's own prompt format (with the tools, for a Magistral model; another
+        model refuses tools as bad input). Raw: BOS (when the model wants one) + the text,
         tokenized without special-token parsing, so a raw prompt can never forge control tokens.
         The engine refuses a prompt that does not fit (PromptTooLongError)."""
-        from edge_magistral.chat import Message
-
         if spec.kind == "chat":
-            return self.engine.prompt_ids([Message(r, c) for r, c in spec.messages], spec.limits.system_mode)
+            conv = spec.conversation
+            return self.engine.prompt_ids(list(conv.messages), conv.system_mode, conv.tools)
         return self.engine.raw_prompt_ids(spec.prompt)
 
 
