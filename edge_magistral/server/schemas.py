@@ -315,8 +315,8 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Int | None = _unsupported({"enum": [None]}, "Only null (not supported)")
     tools: list[Annotated[dict[str, Any], WithJsonSchema(TOOL_SCHEMA)]] | None = Field(
         None, max_length=MAX_TOOLS, description="Function tools ({type: function, function: {name, description, "
-        "parameters}}): the model may call them (Magistral models only); a call's arguments always validate "
-        "against its parameters schema")
+        "parameters}}): the model may call them (Magistral models only); a grammar built from a tool's "
+        "parameters schema constrains its arguments")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description='"auto" (the default with tools), "none" (no call), "required" (the answer is calls) or '
                           '{"type": "function", "function": {"name": ...}} (calls of that tool)')
