@@ -15,6 +15,13 @@ reads its own output with :class:`~edge_magistral.toolcalls.ToolCallParser` and 
   and the first token may still open it (``[THINK]``).
 - ``parallel_tool_calls: false``: the grammar allows one call.
 
+The grammar enforces a schema's structure: types, ``properties``, ``required``,
+``additionalProperties``, ``enum``/``const``, ``anyOf``/``oneOf``, array ``items``, string
+lengths and patterns. Some keywords have no grammar form in llama-cpp-python's converter (number
+bounds such as ``minimum``/``maximum``, ``multipleOf``, ``uniqueItems``...): every finished call
+is therefore validated against its tool's schema (jsonschema), and one that breaks it is never
+reported as a call: the turn ends with a ``tool_error`` (``schema_mismatch``).
+
 A grammar on llama.cpp matches a control token by its text when a character rule is on top (a
 JSON string would accept ``[TOOL_CALLS]`` as twelve characters), so inside a call every control
 token is banned except those the format needs there: ``[ARGS]`` only right after the name,
@@ -69,16 +76,38 @@ def tools_grammar(use: ToolUse) -> str:
     return head + converter.format_grammar().replace(_LOOSE_CHAR, _STRICT_CHAR)
 
 
+def _validators(use: ToolUse) -> dict[str, Any]:
+    import jsonschema
+
+    return {name: jsonschema.Draft7Validator(schema) for name, schema in use.tools}
+
+
+def jsonschema_error(validator: Any, value: Any) -> str | None:
+    """The first way ``value`` breaks the schema (where, and why), or None."""
+    error = next(iter(validator.iter_errors(value)), None)
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where or 'the object'}: {error.message}"[:300]
+
+
 class ToolDecoding:
     """One turn's calls: the parser of its output, the grammar, and the bans of the moment."""
 
     def __init__(self, use: ToolUse, new_id: Any = None):
         self.use = use
         kw = {"new_id": new_id} if new_id is not None else {}
-        self.parser = ToolCallParser(use.names, max_calls=MAX_TOOL_CALLS if use.parallel else 1, **kw)
+        self._validators = _validators(use)
+        self.parser = ToolCallParser(use.names, max_calls=MAX_TOOL_CALLS if use.parallel else 1,
+                                     check=self._check, **kw)
         self.grammar = tools_grammar(use)
         self.from_answer = use.choice != "auto"  # the grammar holds from the answer's first token
         self.started = False  # a [TOOL_CALLS] was written: the grammar holds from there
+
+    def _check(self, name: str, arguments: str) -> str | None:
+        """Why a finished call's arguments break its tool's schema, or None."""
+        error = jsonschema_error(self._validators[name], json.loads(arguments))
+        return None if error is None else f"the arguments break the tool's schema: {error}"
 
     def push(self, token: int, text: str) -> list[Any]:
         """The parser's events for one kept token (control tokens it does not read are skipped,

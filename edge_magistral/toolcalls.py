@@ -128,6 +128,7 @@ class ParseError:
     # ``message`` quotes the model's output: it goes to the requester, never to the log.
     code: str  # unknown_tool | bad_arguments | not_an_object | text_after_call | think_after_content
     #            | call_in_thinking | missing_arguments | unexpected_token | too_many_calls | after_end
+    #            | schema_mismatch
     message: str
     index: int | None = None  # the call it concerns, if any
 
@@ -167,8 +168,9 @@ class ToolCallParser:
 
     def __init__(self, known_tools: Iterable[str], piece: Callable[[int], bytes | str] | None = None, *,
                  new_id: Callable[[], str] = random_call_id, max_calls: int = MAX_TOOL_CALLS,
-                 thinking: bool = False):
+                 thinking: bool = False, check: Callable[[str, str], str | None] | None = None):
         self.known = frozenset(known_tools)
+        self._check = check  # (name, arguments JSON) → why they break the tool's schema, or None
         self._piece = piece
         self._new_id = new_id
         self.max_calls = max_calls
@@ -322,7 +324,11 @@ class ToolCallParser:
         if error is not None:
             code, why = error
             return self._fail(code, f"call {index} ({''.join(self._name)}): {why}", index)
-        call = ParsedCall(index, self._id, "".join(self._name), value, raw)
+        name = "".join(self._name)
+        why = self._check(name, value) if self._check is not None else None
+        if why is not None:
+            return self._fail("schema_mismatch", f"call {index} ({name}): {why}", index)
+        call = ParsedCall(index, self._id, name, value, raw)
         self.calls.append(call)
         return [CallDone(call)]
 

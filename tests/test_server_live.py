@@ -130,9 +130,9 @@ def test_openai_errors(tiny_server, oai):
                                     extra_body={"max_thinking_tokens": 100})
     with pytest.raises(openai.BadRequestError, match="more than this server allows"):
         oai.chat.completions.create(model="tiny-F32", messages=USER, max_tokens=100_000)
-    with pytest.raises(openai.BadRequestError, match="not supported"):
-        oai.chat.completions.create(model="tiny-F32", messages=USER, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object"}}}])
+    with pytest.raises(openai.BadRequestError, match="use tools"):
+        oai.chat.completions.create(model="tiny-F32", messages=USER, functions=[{
+            "name": "f", "parameters": {"type": "object"}}])
     bad = openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="wrong-key-0123456789", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()

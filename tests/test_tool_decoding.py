@@ -322,3 +322,13 @@ def test_a_required_call_may_follow_a_thought(engine) -> None:
         if of(events, ThinkingText) and events[-1].finish_reason == "tool_calls":
             return  # the thought opened first (the grammar's alternative start) and the call followed
     pytest.fail("no seed thought before calling")
+
+
+def test_arguments_the_grammar_cannot_bound_are_checked_and_never_reported_as_a_call() -> None:
+    days = {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+    turn, v = turn_with(ToolUse((("forecast", days),)), think_budget=0)
+    done = run(turn, v.ids(tk.TOOL_CALLS, "forecast", tk.ARGS, '{"days": -6}', tk.EOS))[-1]
+    assert done.tool_calls == () and done.stop_reason == "tool_error"
+    assert "days" in done.tool_error and "minimum" in done.tool_error
+    turn, v = turn_with(ToolUse((("forecast", days),)), think_budget=0)
+    assert run(turn, v.ids(tk.TOOL_CALLS, "forecast", tk.ARGS, '{"days": 6}', tk.EOS))[-1].finish_reason == "tool_calls"
