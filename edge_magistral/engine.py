@@ -51,6 +51,7 @@ from edge_magistral.chat import Message
 from edge_magistral.errors import BackendError
 from edge_magistral.generation import DEFAULT_LIMITS, Done, Event, Limits, LoadSettings
 from edge_magistral.model import LoadedModel
+from edge_magistral.speculate import NGRAM_SIZES, Speculator, VerifyCost
 from edge_magistral.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class _Slot:
     pending: Sequence[int]  # the rest of the prompt while prefilling, then the sampled/injected tokens
     n_past: int  # tokens of this sequence in the KV cache (its next position)
     prefilling: bool = True
+    spec: Speculator | None = None  # the turn's guesses (None: speculation is off)
+    draft: Sequence[int] = ()  # the guesses at the end of ``pending``, verified with it
 
 
 @dataclass
@@ -124,6 +127,8 @@ class EngineStats:
     prompt_tokens_reused: int = 0  # prompt tokens taken from the KV cache instead
     max_active: int = 0  # the most slots decoding in one step
     moves: int = 0  # slots moved to a lower sequence id when one below them ended
+    drafted: int = 0  # speculative guesses verified
+    accepted: int = 0  # guesses the model agreed with
 
 
 class Engine(LoadedModel):
@@ -140,6 +145,8 @@ class Engine(LoadedModel):
         self._kept: list[int] = []  # one slot: the tokens its KV stream holds between turns
         self._free = [0] if one else list(range(self.n_slots, 0, -1))  # several: ids 1..N, 0 is the prefix
         self._active: list[_Slot] = []
+        self.verify_cost = VerifyCost()  # how a step's time grows with its tokens (speculation's price)
+        self.ngram_sizes = NGRAM_SIZES  # the n-gram lengths guesses are looked up by
         self._queue: collections.deque[tuple[Turn, Stream]] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -237,7 +244,11 @@ class Engine(LoadedModel):
         plan = self._fill_batch()
         if not plan:
             return
+        t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self._batch.struct)
+        if rc == 0 and not any(slot.prefilling for slot, _, _ in plan):  # generation only: the cost of guesses
+            llama_cpp.llama_synchronize(self.ctx)
+            self.verify_cost.observe(self._batch.struct.n_tokens, time.perf_counter() - t0, len(plan))
         self.stats.steps += 1
         self.stats.max_active = max(self.stats.max_active, len(plan))
         if rc != 0:
@@ -280,7 +291,9 @@ class Engine(LoadedModel):
             n = self._reuse(seq, prompt)
             turn.cached = n
             self.stats.prompt_tokens_reused += n
-            self._active.append(_Slot(seq, turn, stream, prompt, prompt[n:], n))
+            spec = Speculator(prompt, self.verify_cost, sizes=self.ngram_sizes) \
+                if self.settings.speculate == "ngram" else None
+            self._active.append(_Slot(seq, turn, stream, prompt, prompt[n:], n, spec=spec))
 
     def _reuse(self, seq: int, prompt: list[int]) -> int:
         """Put the longest cached prefix of ``prompt`` into ``seq``; how many tokens that is."""
@@ -313,6 +326,8 @@ class Engine(LoadedModel):
         b, budget, used = self._batch, max(1, self.settings.n_batch), 0
         chosen = []
         for slot in sorted(self._active, key=lambda s: s.prefilling):  # stable: admission order kept
+            if slot.draft and len(slot.pending) > budget - used:  # no room to verify guesses: plain step
+                slot.pending, slot.draft = slot.pending[:1], ()
             take = slot.pending[:budget - used]
             if take:
                 chosen.append((slot, take))
@@ -321,16 +336,19 @@ class Engine(LoadedModel):
         for slot, take in sorted(chosen, key=lambda c: c[0].seq):
             i = b.put(i, take, slot.n_past, slot.seq)
             last = len(take) == len(slot.pending)
+            first = i - 1 - len(slot.draft)  # guesses want logits too: one row per verified position
             if last:
-                b.want_logits(i - 1)
-            plan.append((slot, len(take), i - 1 if last else -1))
+                for row in range(first, i):
+                    b.want_logits(row)
+            plan.append((slot, len(take), first if last else -1))
         b.struct.n_tokens = i
         return plan
 
     def _sample(self, slot: _Slot, idx: int) -> None:
         """The slot's logits are ready: sample, let its turn account the token, queue what to
         evaluate next. A dropped token (the watchdog refused it) is sampled again from the same
-        logits with the new bans."""
+        logits with the new bans. With guesses, row ``idx + i`` holds the logits after guess i:
+        sampling goes on row by row while the sampled token equals the guess (see speculate.py)."""
         turn = slot.turn
         if slot.prefilling:
             slot.prefilling = False
@@ -339,19 +357,61 @@ class Engine(LoadedModel):
             self._offer_prefix(slot)
             if turn.stop_due():
                 return self._finish(slot)
+        draft, slot.draft = slot.draft, ()
+        row = 0  # guesses accepted so far
         while True:
             if slot.stream.cancelled:
-                return self._finish(slot, "cancelled")
-            if slot.n_past >= self.n_ctx:
-                return self._finish(slot, "context_full")
-            going = turn.token(llama_cpp.llama_sampler_sample(turn.sampler(), self.ctx, idx))
+                return self._end_verify(slot, draft, row, "cancelled")
+            if slot.n_past - (len(draft) - row) >= self.n_ctx:
+                return self._end_verify(slot, draft, row, "context_full")
+            token = llama_cpp.llama_sampler_sample(turn.sampler(), self.ctx, idx + row)
+            going = turn.token(token)
             if turn.events:
                 slot.stream._put(turn.events)
             if not going:
-                return self._finish(slot)
-            if turn.feed:
-                slot.pending = turn.feed
-                return
+                return self._end_verify(slot, draft, row, None)
+            feed = turn.feed
+            if not feed:
+                continue
+            if row < len(draft) and token == draft[row] and len(feed) == 1:
+                row += 1  # the guess was right: its logits are the next row
+                slot.spec.accepted_token(token)
+                continue
+            self._verified(slot, draft, row)
+            slot.pending = feed
+            if slot.spec is not None:
+                self._guess(slot, feed)
+            return
+
+    def _guess(self, slot: _Slot, feed: Sequence[int]) -> None:
+        """Append the guesses to verify with the next token, when they pay (see speculate.py)."""
+        if len(feed) != 1:  # an injection (a forced [/THINK]): history, no guesses
+            slot.spec.injected(feed)
+            return
+        room = min(self.n_ctx - slot.n_past - 1, slot.turn.remaining)
+        guesses = slot.spec.next(feed[0], room)
+        if guesses:
+            slot.pending, slot.draft = [feed[0], *guesses], guesses
+
+    def _verified(self, slot: _Slot, draft: Sequence[int], row: int) -> None:
+        """Account a verify step and drop the rejected guesses from the KV cache."""
+        if not draft:
+            return
+        slot.spec.verified(len(draft), row)
+        slot.turn.drafted += len(draft)
+        slot.turn.accepted += row
+        self.stats.drafted += len(draft)
+        self.stats.accepted += row
+        rejected = len(draft) - row
+        if rejected:
+            slot.n_past -= rejected
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, slot.n_past, -1)
+            if self._prefix is None:
+                del self._kept[slot.n_past:]
+
+    def _end_verify(self, slot: _Slot, draft: Sequence[int], row: int, ended_by: str | None) -> None:
+        self._verified(slot, draft, row)
+        self._finish(slot, ended_by)
 
     def _offer_prefix(self, slot: _Slot) -> None:
         """After a prompt is in the KV cache, refresh the cached prefix from it if it is better."""

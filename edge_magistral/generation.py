@@ -45,6 +45,7 @@ class LoadSettings:
     # top-k on the device that computes the logits (None: when the output layer is on a GPU)
     backend_sampling: bool | None = None
     n_slots: int = 1  # requests decoded together (1: one KV stream; N > 1: N + 1, see batch.py)
+    speculate: str = "ngram"  # "ngram": verify prompt-lookup guesses when they pay (see speculate.py); "off"
 
     @classmethod
     def from_plan(cls, plan: Any) -> LoadSettings:
@@ -61,6 +62,8 @@ class LoadSettings:
                 raise BadInputError(f"{name} {t!r} is not one of {', '.join(KV_TYPES)}")
         if self.n_slots < 1:
             raise BadInputError(f"n_slots must be at least 1, not {self.n_slots}")
+        if self.speculate not in ("ngram", "off"):
+            raise BadInputError(f"speculate must be ngram or off, not {self.speculate!r}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,8 @@ class Timings:
     tokens_per_s: float  # generation speed, first token excluded
     prompt_tokens_per_s: float
     cached_prompt_tokens: int  # prompt tokens reused from the KV cache instead of evaluated
+    drafted_tokens: int = 0  # speculative guesses verified
+    accepted_tokens: int = 0  # guesses the model agreed with (each one a token for a shared step)
 
 
 @dataclass(frozen=True)

@@ -176,7 +176,9 @@ class Turn:
         self._grammar_on = False
         self._root: str | None = None  # the grammar's start rule in use (None: no grammar)
         self._grammar_tokens: list[int] = []  # accepted by the grammar so far (replayed on a rebuild)
+        self.n_prefill = len(prompt)  # the prompt as prefill() returns it
         self.cached = 0  # prompt tokens the engine took from its KV cache instead of evaluating
+        self.drafted = self.accepted = 0  # speculative guesses verified and accepted (set by the engine)
         self.t_prompt: float | None = None  # when the prompt was evaluated (set by the driver)
         self._t_first: float | None = None
         self._t_last: float | None = None
@@ -198,6 +200,7 @@ class Turn:
             d = self.wd.feed(tk.THINK, "", True)
         self.decision = d
         self._watchdog_events()
+        self.n_prefill = len(prompt)
         return prompt
 
     def stop_due(self) -> bool:
@@ -265,6 +268,11 @@ class Turn:
         if len(wd.events) != self._events_seen:
             self._watchdog_events()
         return going
+
+    @property
+    def remaining(self) -> int:
+        """Tokens this turn may still generate."""
+        return self.max_tokens - self._n_gen
 
     def end(self, ended_by: str | None = None) -> None:
         """Close the turn: the held-back answer text, the last watchdog events and Done."""
@@ -384,7 +392,7 @@ class Turn:
         now = time.monotonic()
         t_prompt = self.t_prompt or now
         gen_s = (self._t_last - self._t_first) if self._t_first and self._t_last else 0.0
-        n_eval = len(self.prompt) - self.cached
+        n_eval = self.n_prefill - self.cached  # the prompt as evaluated ([THINK][/THINK] appended or not)
         if self.ended_by is not None:
             finish, reason = ENDED_BY[self.ended_by], self.ended_by
         else:
@@ -395,7 +403,7 @@ class Turn:
             ttft_s=(self._t_first - self.t0) if self._t_first else None, generation_s=gen_s,
             tokens_per_s=(self._n_gen - 1) / gen_s if gen_s > 0 and self._n_gen > 1 else 0.0,
             prompt_tokens_per_s=n_eval / (t_prompt - self.t0) if t_prompt > self.t0 else 0.0,
-            cached_prompt_tokens=self.cached)
+            cached_prompt_tokens=self.cached, drafted_tokens=self.drafted, accepted_tokens=self.accepted)
         return Done(
             finish_reason=finish, stop_reason=reason,
             usage=Usage(len(self.prompt), u.reasoning_tokens, u.answer_tokens), timings=timings,

@@ -1,0 +1,176 @@
+"""Speculative decoding: cheap guesses of the next tokens, verified by the model in one batch.
+
+Decoding one token reads every weight once; verifying ``k + 1`` tokens in one batch reads them
+once too, so each accepted guess is a token for (nearly) nothing where memory bandwidth is the
+limit. The engine (``engine.py``) evaluates ``[t, d1 .. dk]`` with logits for every position and
+then samples position by position with the turn's own sampler, exactly as plain decoding would:
+a guess is accepted when the sampled token equals it, and the first mismatch is the corrected
+token. With guesses that are fixed tokens (a point-mass proposal) this is the standard
+accept/reject scheme and keeps the target's distribution exactly; with a seed, each accepted
+token consumed the same random draw plain decoding would, so the output is the same tokens. The
+turn sees every accepted token in order, so its watchdog, bans, grammar and stop strings hold; a
+token it drops, or an injection (a forced ``[/THINK]``), discards the rest of the guesses.
+
+Guesses here are model-free: :class:`NgramDraft` looks the last few tokens up in the prompt and
+the turn so far and proposes what followed them last time (reasoning repeats itself: quotes of
+the question, code, tables, lists). :class:`Speculator` decides how many to verify from what it
+costs and what it wins: it keeps a running acceptance rate (also measured while not verifying,
+by comparing each proposal with the token that came) and a verify-cost slope the engine measures
+on its own steps, and picks the ``k`` that maximizes expected tokens per unit of step time, 0
+(plain decoding) when no ``k`` is worth it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SPECULATE_MODES = ("ngram", "off")
+DRAFT_MAX = 8  # the most guesses verified in one step
+NGRAM_SIZES = (4, 3, 2)  # the longest match found first: longer contexts guess better
+ACCEPT_PRIOR = 0.5  # the acceptance rate assumed before anything is measured
+ACCEPT_WEIGHT = 0.1  # each observation's weight in the running acceptance rate
+COST_PRIOR = 0.1  # a guess's extra cost, as a fraction of a one-token step, before it is measured
+
+
+class NgramDraft:
+    """Prompt lookup over one turn's tokens: an index from each n-gram to where it last ended."""
+
+    def __init__(self, history: Sequence[int], sizes: Sequence[int] = NGRAM_SIZES):
+        self.sizes = tuple(sizes)
+        self.tokens: list[int] = []
+        self.index: list[dict[tuple[int, ...], int]] = [{} for _ in self.sizes]
+        for t in history:
+            self.push(t)
+
+    def push(self, token: int) -> None:
+        """Append a token; index the n-grams that end just before it (each points at it)."""
+        toks = self.tokens
+        end = len(toks)
+        for n, index in zip(self.sizes, self.index):
+            if end >= n:
+                index[tuple(toks[end - n:end])] = end
+        toks.append(token)
+
+    def propose(self, k: int) -> list[int]:
+        """``k`` tokens that followed the latest earlier occurrence of the longest suffix that
+        occurred before ([] when none did). A match that runs into the end copies on from its own
+        proposal (as LZ77 does): a repeating stretch is proposed for as long as asked."""
+        toks = self.tokens
+        end = len(toks)
+        for n, index in zip(self.sizes, self.index):
+            if end < n:
+                continue
+            at = index.get(tuple(toks[end - n:end]))
+            if at is not None:
+                out = toks[at:at + k]
+                while len(out) < k:
+                    out.append(out[len(out) - (end - at)])
+                return out
+        return []
+
+
+@dataclass
+class SpecStats:
+    """Counters of one turn's (or one engine's) speculation."""
+
+    drafted: int = 0  # guesses verified
+    accepted: int = 0  # guesses that were the sampled token
+    steps: int = 0  # verify steps (a step with at least one guess)
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+class VerifyCost:
+    """How a step's time grows with its tokens, measured on the engine's own generating steps:
+    ``t(n) = t1 + slope * (n - 1)``; ``relative`` is slope / t1 (what one more guess costs, as a
+    fraction of a one-token step)."""
+
+    def __init__(self, prior: float = COST_PRIOR, fixed: float | None = None):
+        self.t1: float | None = None
+        self.slope: float | None = None
+        self.prior = prior
+        self.fixed = fixed  # a known relative cost (tests, benchmarks): measurements are ignored
+
+    def observe(self, n_tokens: int, seconds: float, n_sequences: int) -> None:
+        if n_tokens == n_sequences:  # every sequence decoded one token: the base cost
+            self.t1 = seconds / n_sequences if self.t1 is None else 0.9 * self.t1 + 0.1 * seconds / n_sequences
+        elif self.t1 is not None and n_tokens > n_sequences:
+            extra = max(0.0, (seconds - self.t1 * n_sequences) / (n_tokens - n_sequences))
+            self.slope = extra if self.slope is None else 0.8 * self.slope + 0.2 * extra
+
+    @property
+    def relative(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        if self.t1 is None or self.slope is None or self.t1 <= 0:
+            return self.prior
+        return self.slope / self.t1
+
+
+def best_k(rate: float, cost: float, available: int, k_max: int = DRAFT_MAX) -> int:
+    """The number of guesses that maximizes expected tokens per step time: with acceptance rate
+    ``rate`` (each guess accepted given the previous was), a step with ``k`` guesses yields
+    ``1 + rate + ... + rate**k`` tokens and costs ``1 + cost * k`` one-token steps."""
+    best, best_gain, tokens, p = 0, 1.0, 1.0, 1.0
+    for k in range(1, min(available, k_max) + 1):
+        p *= rate
+        tokens += p
+        gain = tokens / (1.0 + cost * k)
+        if gain > best_gain:
+            best, best_gain = k, gain
+    return best
+
+
+class Speculator:
+    """One turn's guesses: the draft source, the acceptance rate, and what was proposed."""
+
+    def __init__(self, history: Sequence[int], cost: VerifyCost, k_max: int = DRAFT_MAX,
+                 sizes: Sequence[int] = NGRAM_SIZES):
+        self.draft = NgramDraft(history, sizes)
+        self.cost = cost
+        self.k_max = k_max
+        self.rate = ACCEPT_PRIOR
+        self.stats = SpecStats()
+        self._shadow: int | None = None  # the first guess of a proposal not verified
+
+    def next(self, token: int, room: int) -> list[int]:
+        """``token`` was sampled and goes to the KV cache next: the guesses to verify with it
+        (at most ``room``), maybe none."""
+        if self._shadow is not None:  # the last proposal was not verified: was it right?
+            self._learn(self._shadow == token)
+            self._shadow = None
+        self.draft.push(token)
+        proposal = self.draft.propose(min(self.k_max, room))
+        if not proposal:
+            return []
+        k = best_k(self.rate, self.cost.relative, len(proposal), self.k_max)
+        if k == 0:
+            self._shadow = proposal[0]
+        return proposal[:k]
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A step verified ``drafted`` guesses and the model agreed with the first ``accepted``."""
+        self.stats.steps += 1
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        for _ in range(accepted):
+            self._learn(True)
+        if accepted < drafted:
+            self._learn(False)
+
+    def accepted_token(self, token: int) -> None:
+        """An accepted guess is a token of the turn: the draft index learns it as well."""
+        self.draft.push(token)
+
+    def injected(self, ids: Sequence[int]) -> None:
+        """Tokens the turn injected (a forced ``[/THINK]`` and its wrap-up) are history too; a
+        proposal made before them is no longer about the next token."""
+        self._shadow = None
+        for t in ids:
+            self.draft.push(t)
+
+    def _learn(self, hit: bool) -> None:
+        self.rate += ACCEPT_WEIGHT * ((1.0 if hit else 0.0) - self.rate)

@@ -1,0 +1,220 @@
+"""Speculative decoding: the n-gram guesses, the choice of k, and the engine's verification.
+
+The engine tests fix the verify cost at 0 so every proposal is verified at full length (the
+real engine measures the cost and may decline): speculation must then change nothing in what a
+turn produces, greedy or seeded, through the watchdog's forced close, stop strings, a JSON
+schema and tool calls; only the counters say it ran.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from edge_magistral.chat import Message
+from edge_magistral.generation import Done, Limits, LoadSettings, ToolUse
+from edge_magistral.speculate import NgramDraft, Speculator, VerifyCost, best_k
+from edge_magistral.turn import Turn
+
+# ------------------------------------------------------------------------------ units
+
+
+def test_the_draft_proposes_what_followed_the_latest_longest_match() -> None:
+    d = NgramDraft([1, 2, 3, 4, 5, 9, 2, 3, 7, 8])
+    for t in (1, 2, 3):
+        d.push(t)
+    # "1 2 3" occurred at the start, followed by 4 5 9; "2 3" last occurred before 7 8
+    assert d.propose(3) == [4, 5, 9]
+    d.push(6)
+    assert d.propose(3) == []  # "3 6" never occurred, nor "1 2 3 6"
+    short = NgramDraft([5, 6, 5])
+    short.push(6)
+    assert short.propose(5) == [5, 6, 5, 6, 5]  # a match at the end copies on from itself
+
+
+def test_best_k_grows_with_acceptance_and_shrinks_with_cost() -> None:
+    assert best_k(0.0, 0.0, 8) == 0 and best_k(0.9, 1.0, 8) == 0  # nothing accepted, or a guess costs a step
+    assert best_k(0.9, 0.0, 8) == 8 and best_k(0.9, 0.0, 3) == 3  # free guesses: all that are offered
+    assert 0 < best_k(0.6, 0.05, 8) < best_k(0.9, 0.05, 8)
+    assert best_k(0.5, 0.69, 8) == 0  # this CPU with SmolLM2: guesses at half acceptance do not pay
+
+
+def test_the_cost_is_measured_from_steps_of_different_sizes() -> None:
+    c = VerifyCost(prior=0.1)
+    assert c.relative == 0.1
+    c.observe(1, 0.010, 1)
+    c.observe(5, 0.014, 1)  # four guesses cost 4 ms over a 10 ms step
+    assert c.relative == pytest.approx(0.1)
+    c.observe(2, 0.020, 2)  # two sequences, one token each: 10 ms per sequence still
+    assert c.t1 == pytest.approx(0.010)
+
+
+def test_the_speculator_learns_acceptance_from_verified_and_unverified_guesses() -> None:
+    s = Speculator([1, 2, 3, 1, 2, 3, 1, 2], VerifyCost(fixed=0.0))
+    guesses = s.next(3, room=8)
+    assert guesses == [1, 2, 3, 1, 2, 3, 1, 2]  # as many as asked, at no cost (the repeat copies on)
+    s.verified(len(guesses), 8)
+    assert s.rate > 0.5
+    expensive = Speculator([1, 2, 3, 1, 2, 3, 1, 2], VerifyCost(fixed=5.0))
+    assert expensive.next(3, room=8) == []  # not worth verifying, but remembered
+    rate = expensive.rate
+    expensive.next(9, room=8)  # the guess was 1: a miss
+    assert expensive.rate < rate
+
+
+# ------------------------------------------------------------------------- the engine
+
+def run(engine, request, limits: Limits) -> tuple[list, Done]:
+    events = list(engine.submit(request, limits))
+    return events[:-1], events[-1]
+
+
+def make_engine(path: Path, speculate: str, **kw):
+    from edge_magistral.engine import Engine
+
+    e = Engine(LoadSettings(str(path), n_ctx=2048, n_threads=2, speculate=speculate, **kw))
+    e.verify_cost = VerifyCost(fixed=0.0)  # verify every proposal at full length
+    e.ngram_sizes = (2, 1)  # random weights rarely repeat 2-grams: single tokens give guesses to verify
+    return e
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_gguf_f32: Path):
+    on, off = make_engine(tiny_gguf_f32, "ngram", think_budget=48), make_engine(tiny_gguf_f32, "off", think_budget=48)
+    yield on, off
+    on.close()
+    off.close()
+
+
+REPEAT = [Message("user", "alpha beta gamma delta " * 30)]
+
+
+def evaluated_ids(engine, request, limits: Limits, monkeypatch) -> list[int]:
+    """Every id a plain turn evaluates, in order: the prompt as prefilled, then each feed."""
+    seq: list[int] = []
+    prefill, token = Turn.prefill, Turn.token
+
+    def logged_prefill(self: Turn) -> list[int]:
+        ids = prefill(self)
+        seq.extend(ids)
+        return ids
+
+    def logged_token(self: Turn, t: int) -> bool:
+        going = token(self, t)
+        seq.extend(self.feed)
+        return going
+
+    with monkeypatch.context() as m:
+        m.setattr(Turn, "prefill", logged_prefill)
+        m.setattr(Turn, "token", logged_token)
+        list(engine.submit(request, limits))
+    return seq
+
+
+def oracle(monkeypatch, reference: list[int]) -> None:
+    """Guesses that know the plain turn's future, with every third proposal's second guess wrong:
+    long runs are accepted and rejections happen at every depth. Random weights never repeat
+    themselves when sampling, so n-gram guesses alone would leave the verification untested."""
+    def propose(self: NgramDraft, k: int) -> list[int]:
+        at = len(self.tokens)
+        out = list(reference[at:at + k])
+        if at % 3 == 0 and len(out) > 1:
+            out[1] += 1
+        return out
+
+    monkeypatch.setattr(NgramDraft, "propose", propose)
+
+
+# Greedy output must be the same tokens, and so must the sampling chain's at top-k 1 (a thinking
+# turn raises temperature 0 to its minimum, so the forced-close case samples). A guess's logits
+# come from a batch, which differ from a one-token step's in the last float bits (up to 5e-4 on
+# this F32 model on a CPU, as between llama.cpp's own batch sizes): where two candidates tie that
+# closely, either path may pick either, as llama.cpp's speculative decoding may. Random weights
+# have such near ties every few hundred tokens, so these turns are short; seeded sampling at
+# top-k > 1 is held to the same distribution instead (below).
+@pytest.mark.parametrize("limits", [
+    Limits(temperature=0.0, think_budget=0, max_tokens=200),
+    Limits(seed=3, top_k=1, think_budget=40, max_tokens=400, answer_budget=24, force_thinking=True),  # closed mid-draft
+    Limits(temperature=0.0, think_budget=0, max_tokens=200, stop=("a",)),
+    Limits(temperature=0.0, think_budget=0, max_tokens=120, json_schema={"type": "object", "properties": {
+        "xs": {"type": "array", "items": {"enum": ["alpha", "beta"]}}}}),
+], ids=["greedy", "forced-close", "stop-string", "json-schema"])
+def test_speculation_changes_nothing_a_turn_produces(tiny_pair, limits: Limits, monkeypatch) -> None:
+    on, off = tiny_pair
+    oracle(monkeypatch, evaluated_ids(off, REPEAT, limits, monkeypatch))
+    ev_on, done_on = run(on, REPEAT, limits)
+    ev_off, done_off = run(off, REPEAT, limits)
+    assert ev_on == ev_off
+    t = done_on.timings
+    assert 0 < t.accepted_tokens <= t.drafted_tokens  # guesses were verified (a long turn also rejects some)
+    assert t.drafted_tokens < 20 or t.accepted_tokens < t.drafted_tokens
+    assert (done_on.finish_reason, done_on.stop_reason, done_on.usage) == \
+        (done_off.finish_reason, done_off.stop_reason, done_off.usage)
+    assert done_off.timings.drafted_tokens == 0
+
+
+def test_tool_calls_are_the_same_with_speculation(tiny_pair, monkeypatch) -> None:
+    on, off = tiny_pair
+    unit = {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"]}
+    use = ToolUse((("units", unit),), choice="required")
+    for seed in range(3):
+        limits = Limits(tools=use, seed=seed, top_k=1, think_budget=0, max_tokens=48)
+        oracle(monkeypatch, evaluated_ids(off, REPEAT, limits, monkeypatch))
+        ev_on, done_on = run(on, REPEAT, limits)
+        ev_off, done_off = run(off, REPEAT, limits)
+        assert [type(e) for e in ev_on] == [type(e) for e in ev_off]  # call ids are random; the rest is equal
+        calls = [[(c.name, c.arguments) for c in d.tool_calls] for d in (done_on, done_off)]
+        assert calls[0] == calls[1] and done_on.finish_reason == done_off.finish_reason
+        assert done_on.timings.accepted_tokens > 0
+
+
+def test_sampling_keeps_its_distribution_when_guesses_are_verified(tiny_pair, monkeypatch) -> None:
+    """Three tokens sampled at top-k 2 (8 outcomes), 300 seeds each way; the guesses are the
+    greedy continuation, accepted about half of the time. A chi-square test of homogeneity at
+    p = 0.001 (7 degrees of freedom: 24.32); the seeds are fixed, so the result is too."""
+    on, off = tiny_pair
+    oracle(monkeypatch, evaluated_ids(off, REPEAT, Limits(temperature=0.0, think_budget=0, max_tokens=8),
+                                      monkeypatch))
+    counts: list[dict[tuple[str, ...], int]] = [{}, {}]
+    for side, engine in enumerate((on, off)):
+        for seed in range(300):
+            events, _ = run(engine, REPEAT, Limits(seed=seed, top_k=2, think_budget=0, max_tokens=3))
+            key = tuple(e.text for e in events if hasattr(e, "text"))
+            counts[side][key] = counts[side].get(key, 0) + 1
+    cells = set(counts[0]) | set(counts[1])
+    chi2 = sum((counts[0].get(c, 0) - counts[1].get(c, 0)) ** 2 / (counts[0].get(c, 0) + counts[1].get(c, 0))
+               for c in cells)
+    assert len(cells) > 2 and chi2 < 24.32, (chi2, counts)
+    assert on.stats.accepted > 0 and on.stats.drafted > on.stats.accepted
+
+
+def test_several_slots_verify_their_own_guesses_in_one_batch(tiny_gguf_f32: Path, tiny_pair, monkeypatch) -> None:
+    _, off = tiny_pair
+    requests = [(REPEAT, Limits(temperature=0.0, think_budget=0, max_tokens=n)) for n in (60, 90, 120)]
+    oracle(monkeypatch, evaluated_ids(off, *requests[-1], monkeypatch))  # greedy: the others are its prefixes
+    many = make_engine(tiny_gguf_f32, "ngram", think_budget=48, n_slots=3)
+    try:
+        together = [list(s) for s in many.submit_all(requests)]
+        alone = [list(off.submit(r, lim)) for r, lim in requests]
+        for a, b in zip(together, alone):
+            assert a[:-1] == b[:-1]
+        assert many.stats.max_active == 3 and many.stats.accepted > 0
+    finally:
+        many.close()
+
+
+def test_smollm2_greedy_is_identical_with_speculation(smollm2_gguf: Path) -> None:
+    rng = random.Random(0)
+    text = " ".join(rng.choice(["one", "two", "three", "four"]) for _ in range(60))
+    messages = [Message("user", f"Repeat exactly: {text}")]
+    outs = []
+    for mode in ("ngram", "off"):
+        e = make_engine(smollm2_gguf, mode)
+        try:
+            outs.append(run(e, messages, Limits(temperature=0.0, max_tokens=160)))
+        finally:
+            e.close()
+    (ev_on, done_on), (ev_off, _) = outs
+    assert ev_on == ev_off and done_on.timings.accepted_tokens > 0
