@@ -15,6 +15,7 @@ from typing import Any
 
 from edge_magistral.errors import BadInputError
 
+SPECULATE_MODES = ("ngram", "draft", "off")
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
@@ -45,7 +46,11 @@ class LoadSettings:
     # top-k on the device that computes the logits (None: when the output layer is on a GPU)
     backend_sampling: bool | None = None
     n_slots: int = 1  # requests decoded together (1: one KV stream; N > 1: N + 1, see batch.py)
-    speculate: str = "ngram"  # "ngram": verify prompt-lookup guesses when they pay (see speculate.py); "off"
+    # Speculative decoding (speculate.py): "ngram" verifies prompt-lookup guesses when they pay,
+    # "draft" a small draft model's (``draft_model``, same Tekken vocabulary), "off" decodes plainly.
+    speculate: str = "ngram"
+    draft_model: str | None = None
+    draft_gpu_layers: int = 0
 
     @classmethod
     def from_plan(cls, plan: Any) -> LoadSettings:
@@ -62,8 +67,10 @@ class LoadSettings:
                 raise BadInputError(f"{name} {t!r} is not one of {', '.join(KV_TYPES)}")
         if self.n_slots < 1:
             raise BadInputError(f"n_slots must be at least 1, not {self.n_slots}")
-        if self.speculate not in ("ngram", "off"):
-            raise BadInputError(f"speculate must be ngram or off, not {self.speculate!r}")
+        if self.speculate not in SPECULATE_MODES:
+            raise BadInputError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, not {self.speculate!r}")
+        if (self.speculate == "draft") != (self.draft_model is not None):
+            raise BadInputError("a draft model goes with speculate=draft (give --draft-model, or another mode)")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ class ModelRequest:
     threads: int | None = None  # threads for prompt and generation (None: the plan's)
     think_budget: int | None = None  # the default per-turn think budget (None: the plan's)
     store: str | None = None  # the model store's folder (None: the default store)
+    speculate: str | None = None  # "ngram" | "draft" | "off" (None: the profile's, else ngram)
+    draft_model: str | None = None  # a draft GGUF sharing the model's vocabulary (speculate=draft)
 
 
 @dataclass

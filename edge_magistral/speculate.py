@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SPECULATE_MODES = ("ngram", "off")
 DRAFT_MAX = 8  # the most guesses verified in one step
 NGRAM_SIZES = (4, 3, 2)  # the longest match found first: longer contexts guess better
 ACCEPT_PRIOR = 0.5  # the acceptance rate assumed before anything is measured
