@@ -48,6 +48,7 @@ import llama_cpp  # noqa: I001  first, before anything that imports numpy (see m
 from edge_magistral import tekken as tk
 from edge_magistral.batch import Batch, PrefixCache, common_prefix
 from edge_magistral.chat import Message
+from edge_magistral.draft_model import open_draft
 from edge_magistral.errors import BackendError
 from edge_magistral.generation import DEFAULT_LIMITS, Done, Event, Limits, LoadSettings
 from edge_magistral.model import LoadedModel
@@ -147,6 +148,11 @@ class Engine(LoadedModel):
         self._active: list[_Slot] = []
         self.verify_cost = VerifyCost()  # how a step's time grows with its tokens (speculation's price)
         self.ngram_sizes = NGRAM_SIZES  # the n-gram lengths guesses are looked up by
+        try:
+            self.drafter = open_draft(settings, self)  # speculate="draft": the draft model, else None
+        except BaseException:
+            super().close()
+            raise
         self._queue: collections.deque[tuple[Turn, Stream]] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
@@ -199,6 +205,9 @@ class Engine(LoadedModel):
             self._cv.notify()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        if getattr(self, "drafter", None) is not None:
+            self.drafter.close()
+            self.drafter = None
         super().close()
 
     def busy_seqs(self) -> list[int]:
@@ -291,9 +300,16 @@ class Engine(LoadedModel):
             n = self._reuse(seq, prompt)
             turn.cached = n
             self.stats.prompt_tokens_reused += n
-            spec = Speculator(prompt, self.verify_cost, sizes=self.ngram_sizes) \
-                if self.settings.speculate == "ngram" else None
+            spec = self._speculator(prompt)
             self._active.append(_Slot(seq, turn, stream, prompt, prompt[n:], n, spec=spec))
+
+    def _speculator(self, prompt: list[int]) -> Speculator | None:
+        mode = self.settings.speculate
+        if mode == "ngram":
+            return Speculator(prompt, self.verify_cost, sizes=self.ngram_sizes)
+        if mode == "draft":
+            return Speculator(prompt, self.verify_cost, draft=self.drafter.open(prompt))
+        return None
 
     def _reuse(self, seq: int, prompt: list[int]) -> int:
         """Put the longest cached prefix of ``prompt`` into ``seq``; how many tokens that is."""
@@ -393,14 +409,16 @@ class Engine(LoadedModel):
         if guesses:
             slot.pending, slot.draft = [feed[0], *guesses], guesses
 
-    def _verified(self, slot: _Slot, draft: Sequence[int], row: int) -> None:
-        """Account a verify step and drop the rejected guesses from the KV cache."""
+    def _verified(self, slot: _Slot, draft: Sequence[int], row: int, ended: bool = False) -> None:
+        """Account a verify step and drop the rejected guesses from the KV cache. When the turn
+        ended on the way, the guesses after it were never judged: they count as neither."""
         if not draft:
             return
-        slot.spec.verified(len(draft), row)
-        slot.turn.drafted += len(draft)
+        judged = row if ended else len(draft)
+        slot.spec.verified(judged, row)
+        slot.turn.drafted += judged
         slot.turn.accepted += row
-        self.stats.drafted += len(draft)
+        self.stats.drafted += judged
         self.stats.accepted += row
         rejected = len(draft) - row
         if rejected:
@@ -410,7 +428,7 @@ class Engine(LoadedModel):
                 del self._kept[slot.n_past:]
 
     def _end_verify(self, slot: _Slot, draft: Sequence[int], row: int, ended_by: str | None) -> None:
-        self._verified(slot, draft, row)
+        self._verified(slot, draft, row, ended=True)
         self._finish(slot, ended_by)
 
     def _offer_prefix(self, slot: _Slot) -> None:
@@ -438,6 +456,8 @@ class Engine(LoadedModel):
 
     def _free_slot(self, slot: _Slot, keep_kv: bool) -> None:
         slot.turn.release()
+        if slot.spec is not None:
+            slot.spec.release()
         self._active.remove(slot)
         if self._prefix is None:  # one slot: what it evaluated is the next turn's prompt cache
             if not keep_kv:

@@ -11,9 +11,10 @@ token consumed the same random draw plain decoding would, so the output is the s
 turn sees every accepted token in order, so its watchdog, bans, grammar and stop strings hold; a
 token it drops, or an injection (a forced ``[/THINK]``), discards the rest of the guesses.
 
-Guesses here are model-free: :class:`NgramDraft` looks the last few tokens up in the prompt and
-the turn so far and proposes what followed them last time (reasoning repeats itself: quotes of
-the question, code, tables, lists). :class:`Speculator` decides how many to verify from what it
+Guesses come from :class:`NgramDraft` (model-free: it looks the last few tokens up in the prompt
+and the turn so far and proposes what followed them last time; reasoning repeats itself: quotes
+of the question, code, tables, lists) or from a small draft model with the same vocabulary
+(:mod:`edge_magistral.draft_model`). :class:`Speculator` decides how many to verify from what it
 costs and what it wins: it keeps a running acceptance rate (also measured while not verifying,
 by comparing each proposal with the token that came) and a verify-cost slope the engine measures
 on its own steps, and picks the ``k`` that maximizes expected tokens per unit of step time, 0
@@ -24,16 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 DRAFT_MAX = 8  # the most guesses verified in one step
 NGRAM_SIZES = (4, 3, 2)  # the longest match found first: longer contexts guess better
 ACCEPT_PRIOR = 0.5  # the acceptance rate assumed before anything is measured
 ACCEPT_WEIGHT = 0.1  # each observation's weight in the running acceptance rate
 COST_PRIOR = 0.1  # a guess's extra cost, as a fraction of a one-token step, before it is measured
+PROBE_EVERY = 16  # a draft model that does not pay still verifies one guess this often
 
 
 class NgramDraft:
     """Prompt lookup over one turn's tokens: an index from each n-gram to where it last ended."""
+
+    cheap = True  # a proposal costs a dict lookup: made at every token, to measure acceptance
 
     def __init__(self, history: Sequence[int], sizes: Sequence[int] = NGRAM_SIZES):
         self.sizes = tuple(sizes)
@@ -127,13 +132,14 @@ class Speculator:
     """One turn's guesses: the draft source, the acceptance rate, and what was proposed."""
 
     def __init__(self, history: Sequence[int], cost: VerifyCost, k_max: int = DRAFT_MAX,
-                 sizes: Sequence[int] = NGRAM_SIZES):
-        self.draft = NgramDraft(history, sizes)
+                 sizes: Sequence[int] = NGRAM_SIZES, draft: Any = None):
+        self.draft = draft if draft is not None else NgramDraft(history, sizes)
         self.cost = cost
         self.k_max = k_max
         self.rate = ACCEPT_PRIOR
         self.stats = SpecStats()
         self._shadow: int | None = None  # the first guess of a proposal not verified
+        self._since_probe = 0  # tokens since a costly draft last proposed (see next)
 
     def next(self, token: int, room: int) -> list[int]:
         """``token`` was sampled and goes to the KV cache next: the guesses to verify with it
@@ -142,6 +148,8 @@ class Speculator:
             self._learn(self._shadow == token)
             self._shadow = None
         self.draft.push(token)
+        if not self.draft.cheap:
+            return self._from_model(room)
         proposal = self.draft.propose(min(self.k_max, room))
         if not proposal:
             return []
@@ -149,6 +157,19 @@ class Speculator:
         if k == 0:
             self._shadow = proposal[0]
         return proposal[:k]
+
+    def _from_model(self, room: int) -> list[int]:
+        """A draft model's guesses cost its decodes too. When none pay at the measured rate, one
+        guess is still verified every ``PROBE_EVERY`` tokens, so the rate can recover."""
+        cost = self.cost.relative + self.draft.guess_cost(self.cost.t1)
+        k = min(best_k(self.rate, cost, room, self.k_max), room)
+        self._since_probe += 1
+        if k == 0 and self._since_probe >= PROBE_EVERY and room > 0:
+            k = 1
+        if k == 0:
+            return []
+        self._since_probe = 0
+        return self.draft.propose(k)
 
     def verified(self, drafted: int, accepted: int) -> None:
         """A step verified ``drafted`` guesses and the model agreed with the first ``accepted``."""
@@ -163,6 +184,12 @@ class Speculator:
     def accepted_token(self, token: int) -> None:
         """An accepted guess is a token of the turn: the draft index learns it as well."""
         self.draft.push(token)
+
+    def release(self) -> None:
+        """The turn ended: a draft model's stream goes back."""
+        release = getattr(self.draft, "release", None)
+        if release is not None:
+            release()
 
     def injected(self, ids: Sequence[int]) -> None:
         """Tokens the turn injected (a forced ``[/THINK]`` and its wrap-up) are history too; a

@@ -218,3 +218,90 @@ def test_smollm2_greedy_is_identical_with_speculation(smollm2_gguf: Path) -> Non
             e.close()
     (ev_on, done_on), (ev_off, _) = outs
     assert ev_on == ev_off and done_on.timings.accepted_tokens > 0
+
+
+# ---------------------------------------------------------------------------- draft model
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny architecture with other random weights: the same vocabulary, other guesses."""
+    from edge_magistral.build.checkpoint import open_checkpoint
+    from edge_magistral.build.convert import convert
+    from edge_magistral.build.tiny import make_tiny_checkpoint
+
+    d = tmp_path_factory.mktemp("other-tiny")
+    return convert(open_checkpoint(make_tiny_checkpoint(d / "ck", seed=1)), d / "other-F32.gguf", "F32")
+
+
+def draft_engine(target: Path, draft: Path, **kw):
+    from edge_magistral.engine import Engine
+
+    e = Engine(LoadSettings(str(target), n_ctx=2048, n_threads=2, think_budget=48, speculate="draft",
+                            draft_model=str(draft), **kw))
+    e.verify_cost = VerifyCost(fixed=0.0)
+    return e
+
+
+def test_the_model_as_its_own_draft_is_always_right_and_changes_nothing(tiny_gguf_f32: Path, tiny_pair) -> None:
+    _, off = tiny_pair
+    e = draft_engine(tiny_gguf_f32, tiny_gguf_f32)
+    try:
+        limits = Limits(temperature=0.0, think_budget=0, max_tokens=120)
+        ev_on, done = run(e, REPEAT, limits)
+        assert ev_on == run(off, REPEAT, limits)[0]
+        t = done.timings
+        assert t.drafted_tokens > 50 and t.accepted_tokens == t.drafted_tokens
+    finally:
+        e.close()
+
+
+def test_another_draft_is_mostly_wrong_and_changes_nothing(tiny_gguf_f32: Path, other_tiny: Path, tiny_pair) -> None:
+    _, off = tiny_pair
+    e = draft_engine(tiny_gguf_f32, other_tiny, n_slots=2)
+    try:
+        requests = [(REPEAT, Limits(temperature=0.0, think_budget=0, max_tokens=n)) for n in (60, 80)]
+        together = [list(s) for s in e.submit_all(requests)]
+        for got, (r, lim) in zip(together, requests):
+            assert got[:-1] == run(off, r, lim)[0]
+        drafted = sum(s[-1].timings.drafted_tokens for s in together)
+        accepted = sum(s[-1].timings.accepted_tokens for s in together)
+        assert drafted > 0 and accepted < drafted / 4
+    finally:
+        e.close()
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny_gguf_f32: Path, smollm2_gguf: Path) -> None:
+    from edge_magistral.engine import Engine
+    from edge_magistral.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="vocabulary"):
+        Engine(LoadSettings(str(tiny_gguf_f32), n_ctx=512, n_threads=2, speculate="draft",
+                            draft_model=str(smollm2_gguf)))
+
+
+def test_guesses_that_do_not_pay_stop_and_a_costly_draft_still_probes() -> None:
+    class Costly:
+        cheap = False
+
+        def __init__(self) -> None:
+            self.tokens: list[int] = []
+
+        def push(self, token: int) -> None:
+            self.tokens.append(token)
+
+        def propose(self, k: int) -> list[int]:
+            return [7] * k  # always wrong below
+
+        def guess_cost(self, t1: float | None) -> float:
+            return 0.1
+
+    s = Speculator([1, 2, 3], VerifyCost(fixed=0.1), draft=Costly())
+    verified = []
+    for i in range(200):
+        guesses = s.next(i + 100, room=8)
+        if guesses:
+            s.verified(len(guesses), 0)
+        verified.append(len(guesses))
+    assert sum(verified[:10]) > 0  # the prior lets it try
+    assert all(n <= 1 for n in verified[100:])  # then only a probe of one guess...
+    assert 4 <= sum(verified[100:]) <= 100 // 16 + 1  # ...every 16 tokens
