@@ -100,11 +100,15 @@ def test_a_tool_result_fed_back_runs_the_next_turn(tiny_gguf_f32: Path, tools_fi
     audit, out = tmp_path / "audit.jsonl", tmp_path / "next.json"
     _, second = run_until_calls(tiny_gguf_f32, "--messages", body, "--save-conversation", str(out),
                                 "--audit-log", str(audit))
-    prompt = json.loads(audit.read_text().splitlines()[-1])["prompt"]
-    assert [m["role"] for m in prompt] == ["user", "assistant", "tool"]
-    assert prompt[1]["tool_calls"] == [{"id": call["id"], "name": "get_weather",
-                                        "arguments": call["function"]["arguments"]}]
-    assert prompt[2]["tool_call_id"] == call["id"] and prompt[2]["content"] == '{"temp": 21}'
+    record = json.loads(audit.read_text().splitlines()[-1])  # the turn's prompt, as the service logs it
+    assert record["prompt"]["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": call["id"]}]
+    assert record["prompt"]["tool_choice"] == "required" and record["prompt"]["parallel_tool_calls"] is False
+    [new] = json.loads(second.stdout)["tool_calls"]
+    assert record["output"]["tool_calls"] == [{"id": new["id"], "name": "get_weather",
+                                               "arguments": new["function"]["arguments"]}]
     saved = json.loads(out.read_text())
     assert saved["note"] == "kept" and saved["tools"] == TOOLS
     assert saved["messages"] == [*messages, json.loads(second.stdout)]
@@ -151,17 +155,19 @@ def test_chat_shows_a_call_and_takes_its_result(tiny_gguf_f32: Path, tools_file:
             break
     else:
         pytest.fail("no seed made a call")
-    records = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert len(records) == 2 and records[0]["finish_reason"] == "tool_calls"
-    user, assistant, result = records[1]["prompt"]  # the second turn's prompt
-    assert user == {"role": "user", "content": "Weather in Paris?", "reasoning": None, "tool_calls": [],
-                    "tool_call_id": None}
-    [call] = assistant["tool_calls"]
-    assert call["name"] == "get_weather" and f"result of get_weather ({call['id']})> " in r.stdout
+    first, second = (json.loads(line) for line in audit.read_text().splitlines())
+    [call] = first["output"]["tool_calls"]  # the first turn called; the second read the typed result
+    assert first["finish_reason"] == "tool_calls" and call["name"] == "get_weather"
     jsonschema.validate(json.loads(call["arguments"]), WEATHER)
-    assert result == {"role": "tool", "content": '{"temp": 21}', "reasoning": None, "tool_calls": [],
-                      "tool_call_id": call["id"]}
-
+    assert f"tool call: get_weather ({call['id']})" in r.stdout
+    assert f"result of get_weather ({call['id']})> " in r.stdout
+    assert second["prompt"]["messages"] == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": call["id"], "type": "function", "function": {
+            "name": "get_weather", "arguments": call["arguments"]}}]},
+        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": call["id"]}]
+    # required held for the first turn only: after the result the model may answer
+    assert (first["prompt"]["tool_choice"], second["prompt"]["tool_choice"]) == ("required", "auto")
 
 def test_save_conversation_keeps_the_file_form_and_writes_whole_files(tmp_path: Path) -> None:
     from edge_magistral.cli import tool_io

@@ -92,14 +92,16 @@ def _stream(engine, conv, limits, show_thinking: bool, echo: bool):
     return "".join(answer), "".join(reasoning), done
 
 
-def _audit(path: str | None, redact: str, plan, messages, reasoning, answer, done, sha: str) -> None:
+def _audit(path: str | None, redact: str, plan, conv, reasoning, answer, done, sha: str) -> None:
+    """One turn's record, its prompt and calls in the form the service logs (audit.chat_prompt)."""
     if not path:
         return
-    from edge_magistral.audit import AuditLog, AuditRecord
+    from edge_magistral.audit import AuditLog, AuditRecord, chat_prompt
 
     AuditLog(Path(path), redact=redact).append(AuditRecord(
         request_id=uuid.uuid4().hex, model_sha256=sha, quant=plan.quant, plan=plan.to_dict(),
-        sampling=done.sampling, prompt=[asdict(m) for m in messages], thinking=reasoning, answer=answer,
+        sampling=done.sampling, prompt=chat_prompt(conv), thinking=reasoning, answer=answer,
+        tool_calls=done.tool_calls, tool_error=done.tool_error,
         watchdog_events=done.watchdog_events, usage=asdict(done.usage), finish_reason=done.finish_reason,
         timings=asdict(done.timings)))
 
@@ -198,7 +200,7 @@ def run(prompt, files, as_json, json_schema, messages_path, tools_path, tool_cho
     finally:
         engine.close()
     sha = loader.model_sha256(engine.settings.model_path) if (as_json or audit_log) else ""
-    _audit(audit_log, redact, plan, req.conversation.messages, reasoning, answer, done, sha)
+    _audit(audit_log, redact, plan, req.conversation, reasoning, answer, done, sha)
     message = tool_io.reply_message(answer, reasoning, done)
     if as_json:
         click.echo(json.dumps(_json_result(answer, reasoning, done, message, plan, engine, sha),
@@ -323,7 +325,7 @@ def _chat_exchange(engine, history: list[dict], line: str, tools: tool_io.ChatTo
             conv = conversation_from_request(tools.body(messages, limits.system_mode, first=turn == 0))
             answer, reasoning, done = _stream(engine, conv, replace(limits, tools=conv.tool_use()),
                                               show_thinking, True)
-            audit(conv.messages, reasoning, answer, done)
+            audit(conv, reasoning, answer, done)
             message = tool_io.reply_message(answer, reasoning, done)
             if not message.get("tool_calls"):
                 _chat_notes(done)
