@@ -61,6 +61,13 @@ class BackendError(EdgeMagistralError, RuntimeError):
     exit_code = 8
 
 
+class ToolCallError(EdgeMagistralError):
+    """The model began a tool call it could not complete as one (its output left the call format,
+    or the arguments broke the tool's schema): no call was made and there is no answer to use."""
+
+    exit_code = 9
+
+
 # Not an error: ``run`` exits with this when the model called tools (stdout holds the assistant
 # message with its tool_calls). Kept beside the errors' codes so that no error takes it.
 TOOL_CALLS_EXIT = 10

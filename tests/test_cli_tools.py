@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from click.testing import CliRunner, Result
 
-from edge_magistral.errors import TOOL_CALLS_EXIT, BadInputError, WatchdogStopError
+from edge_magistral.errors import TOOL_CALLS_EXIT, BadInputError, ToolCallError, WatchdogStopError
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"type": "string", "enum": ["c", "f"]}}}
@@ -113,6 +113,28 @@ def test_a_tool_result_fed_back_runs_the_next_turn(tiny_gguf_f32: Path, tools_fi
     assert saved["note"] == "kept" and saved["tools"] == TOOLS
     assert saved["messages"] == [*messages, json.loads(second.stdout)]
     assert len(check_calls(saved["messages"][-1])) == 1  # parallel_tool_calls false
+
+
+def test_a_call_that_breaks_its_schema_is_no_call_and_exits_9(tiny_gguf_f32: Path, tmp_path: Path) -> None:
+    """multipleOf is checked after the call (the grammar cannot say it): the random model's integer
+    is rarely a multiple of 7, and such a call is refused, not printed, not saved."""
+    lucky = {"type": "object", "required": ["n"], "additionalProperties": False,
+             "properties": {"n": {"type": "integer", "multipleOf": 7}}}
+    tools = write(tmp_path / "lucky.json", [{"type": "function", "function": {"name": "lucky", "parameters": lucky}}])
+    for seed in SEEDS:
+        saved = tmp_path / f"conversation-{seed}.json"
+        r = cli_run("run", "--model", str(tiny_gguf_f32), *SMALL, "--seed", str(seed), "--tools", tools,
+                    "--tool-choice", "required", "--save-conversation", str(saved), "Pick a number")
+        if r.exit_code == ToolCallError.exit_code:
+            break
+        assert r.exit_code in (TOOL_CALLS_EXIT, WatchdogStopError.exit_code), r.output
+        for call in json.loads(r.stdout)["tool_calls"] if r.exit_code == TOOL_CALLS_EXIT else ():
+            jsonschema.validate(json.loads(call["function"]["arguments"]), lucky)
+    else:
+        pytest.fail("every seed's call was a multiple of 7")
+    assert "tool_calls" not in r.stdout and not saved.exists()
+    [error] = [line for line in r.stderr.splitlines() if line.startswith("error:")]  # after the plan's line
+    assert "not a multiple of 7" in error, r.stderr
 
 
 @pytest.mark.parametrize(("files", "args", "says"), [

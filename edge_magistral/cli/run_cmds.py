@@ -20,7 +20,7 @@ from edge_magistral import loader
 from edge_magistral.cli import tool_io
 from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import err_console
-from edge_magistral.errors import TOOL_CALLS_EXIT, BadInputError, WatchdogStopError
+from edge_magistral.errors import TOOL_CALLS_EXIT, BadInputError, ToolCallError, WatchdogStopError
 from edge_magistral.generation import DEFAULT_LIMITS
 
 
@@ -188,7 +188,7 @@ def run(prompt, files, as_json, json_schema, messages_path, tools_path, tool_cho
     \b
     Exit codes: 0 answered, 10 tool calls (stdout: the assistant message), 2 bad input,
     3 no model, 5 does not fit, 6 stopped by the watchdog (answer cut), 7 cannot write
-    --save-conversation, 130 interrupted."""
+    --save-conversation, 9 the model botched a tool call (none was made), 130 interrupted."""
     req = tool_io.build_request(_request_options(prompt, files, messages_path, tools_path, tool_choice, no_parallel,
                                                  system, system_mode))
     use = req.conversation.tool_use()
@@ -244,13 +244,13 @@ def _json_result(answer, reasoning, done, message, plan, engine, sha: str) -> di
 
 
 def _finish(done, req: tool_io.RunRequest, message: dict, save_path: str | None) -> None:
-    """Save the conversation and exit: 10 for calls, 6 for a cut answer (not saved), else 0."""
+    """Save the conversation and exit: 10 for calls, 0 for an answer; 6 (cut) and 9 (a botched call) save nothing."""
     if done.finish_reason == "length":
         raise WatchdogStopError(f"the answer was cut: {done.stop_reason} "
                                 f"(raise --max-tokens or --think-budget, or check the watchdog events)")
     if done.tool_error:
-        err_console().print(f"warning: no tool call: the model's output left the call format ({done.tool_error})",
-                            style="yellow", markup=False)
+        raise ToolCallError(f"the model's tool call was unusable, so no call was made: {done.tool_error} "
+                            f"(run again, or with another --seed)")
     if save_path:
         tool_io.save_conversation(save_path, req, message)
     if done.finish_reason == "tool_calls":
