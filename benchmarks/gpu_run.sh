@@ -22,6 +22,11 @@
 #   compare     ours vs llama-bench (compare_llama.py) on each $QUANTS file already made (by direct or
 #               quants); no pipeline build, no plan_vs_gpu
 #   engine      the engine against a bare llama-cpp-python loop; diag: the CUDA import-order check
+#   speculate   issue 13 on the Q4_K_M file direct made: verify cost c(k) k=0..16 at depth 512 and 4096,
+#               our tg with speculate ngram vs off vs llama-bench tg128, llama-bench tg128 of a 0.5B
+#               draft-shaped Tekken GGUF (its cost per guess), projections at the acceptance of the CPU
+#               run's SmolLM2 outputs (benchmarks/results/issue13/speculate_cpu_smollm2.json) and at a
+#               published rate (speculate.py)
 # Locally (CPU, a small shape, no build): SHAPE=small NO_BUILD=1 NGL=0 PATH=.llama-tools/bin:$PATH ...
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -120,6 +125,21 @@ PY
     build_quant Q4_K_M || exit 1
     timeout 240 python3 -X faulthandler benchmarks/engine_overhead.py --model "$(quant_file Q4_K_M)" \
       --n-gpu-layers "$NGL" --lengths 128,2048 --repeats 1 --out "$RES/engine_overhead_gpu.json" ;;
+  speculate)  # issue 13 (benchmarks/speculate.py); zero weights: only the costs mean anything
+    f=$(quant_file Q4_K_M); [ -f "$f" ] || { echo "no $f: run direct first"; continue; }
+    d=$M/q/draft-shaped-Q8_0.gguf  # the body of a 0.5B draft with Tekken's vocabulary (Qwen2-0.5B's shape)
+    [ -f "$d" ] || python3 - "$d" <<'PY'
+import dataclasses, sys
+from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, tensor_specs
+from edge_magistral.shaped_gguf import write_shaped_gguf
+arch = dataclasses.replace(MAGISTRAL_SMALL_1_1, n_layers=24, n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864)
+write_shaped_gguf(sys.argv[1], arch, tensor_specs(arch, "Q8_0"), "Q8_0", vocab_from=".gpu/tekken-vocab.gguf")
+PY
+    acc=benchmarks/results/issue13/speculate_cpu_smollm2.json
+    timeout 480 python3 benchmarks/speculate.py --model "$f" --llama-bench "$(command -v llama-bench)" \
+      --draft-bench "$d" --n-gpu-layers "$NGL" --zero-weights --temps 0.7 --max-tokens "${SPEC_TOKENS:-192}" \
+      --reps "${SPEC_REPS:-5}" --rounds "$ROUNDS" $([ -f $acc ] && echo --acceptance $acc) \
+      --out "$RES/speculate_Q4_K_M.json" ;;
   diag)  # which part of a Python-side load fails on CUDA (the numpy-before-llama_cpp segfault)
     build_quant Q4_K_M || exit 1
     for how in numpyfirst engine; do

@@ -287,3 +287,53 @@ def test_batched_wording_follows_the_engines_of_the_result(mods):
     new = dict(BATCHED, settings={**BATCHED["settings"], "engines": "N-slot/1-slot"})
     text = md.render({"compare_llama": [], "bandwidth": [], "plan_vs_gpu": [], "compare_batched": [("new", new)]})
     assert "npl 1 through a one-slot engine: 95.0 ± 1.0 t/s" in text and "the N-slot engine at one stream" in text
+
+
+# ------------------------------------------------------------------------- speculate.py (issue 13)
+
+@pytest.fixture(scope="module")
+def spec():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("speculate")  # imports llama_cpp, loads no model
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_speculate_matches_replay_the_ngram_draft(spec):
+    # after 3: "1 2 3" occurred, proposes 1 2 3 1 2 ... (2 right); after 1: 2 3 1 ... (1 right); after 2: 3 (wrong)
+    assert spec.matches([1, 2, 3, 1, 2], [3, 1, 2, 9]) == [2, 1, 0]
+    assert spec.matches([1], [2, 3, 4]) == [-1, -1]  # nothing ever repeats: no proposal
+
+
+def test_speculate_walk_counts_steps_tokens_and_cost(spec):
+    free = spec.walk([2, 1, 0], 16, lambda k: 1.0)
+    assert (free.tokens, free.steps, free.drafted, free.accepted) == (3, 1, 2, 2)  # no guess past the end
+    one = spec.walk([2, 1, 0], 1, lambda k: 1.0 + 0.5 * k)  # one guess (right), then a plain last step
+    assert (one.tokens, one.steps, one.drafted, one.accepted, one.cost) == (3, 2, 1, 1, 2.5)
+    assert one.speedup == pytest.approx(1.2) and free.per_step == pytest.approx(3.0)
+    gaps = spec.walk([-1, 3, 0, -1], 2, lambda k: 1.0)  # no proposal: a plain step
+    assert (gaps.tokens, gaps.steps, gaps.drafted, gaps.accepted) == (4, 2, 2, 2)
+    assert spec.per_guess_rate([[2, 1, 0]]) == pytest.approx(1.0)  # both verified guesses right
+    assert spec.per_guess_rate([[0, 0, 0]], k=1) == pytest.approx(0.0)
+
+
+def test_speculate_engine_policy_follows_cost(spec):
+    out = [5, 6, 7] * 10
+    cheap = spec.engine_walk([5, 6, 7, 5, 6, 7], out, 0.0, lambda k: 1.0)
+    assert cheap.tokens == len(out) - 1 and cheap.accepted == cheap.drafted and cheap.steps < 6
+    dear = spec.engine_walk([5, 6, 7, 5, 6, 7], out, 5.0, lambda k: 1.0 + 5.0 * k)
+    assert dear.drafted == 0 and dear.steps == len(out) - 1 and dear.speedup == pytest.approx(1.0)
+
+
+def test_speculate_geometric_slope_and_best_of(spec):
+    assert spec.geometric(0.0, lambda k: 1.0)["best_k"] == 0
+    assert spec.geometric(0.9, lambda k: 1.0, k_max=16)["best_k"] == 16
+    g = spec.geometric(0.6, lambda k: 1.0 + 0.1 * k, draft_cost=0.05)
+    assert 0 < g["best_k"] < 16 and g["best_speedup"] == pytest.approx(
+        (1 - 0.6 ** (g["best_k"] + 1)) / 0.4 / (1 + 0.15 * g["best_k"]))
+    assert spec.slope({k: 1.0 + 0.1 * k for k in range(17)}) == pytest.approx(0.1)
+    assert spec.curve({0: 1.0, 1: 1.5, 2: 2.0})(4) == pytest.approx(3.0)
+    a = {"generation_s": 2.0, "completion_tokens": 11}
+    b = {"generation_s": 1.0, "completion_tokens": 11}
+    assert spec.best_of([[a, b], [b, a]]) == [b, b]
