@@ -136,7 +136,7 @@ arch = dataclasses.replace(MAGISTRAL_SMALL_1_1, n_layers=24, n_embd=896, n_head=
 write_shaped_gguf(sys.argv[1], arch, tensor_specs(arch, "Q8_0"), "Q8_0", vocab_from=".gpu/tekken-vocab.gguf")
 PY
     acc=benchmarks/results/issue13/speculate_cpu_smollm2.json
-    timeout 480 python3 benchmarks/speculate.py --model "$f" --llama-bench "$(command -v llama-bench)" \
+    timeout "${SPEC_TIMEOUT:-330}" python3 benchmarks/speculate.py --model "$f" --llama-bench "$(command -v llama-bench)" \
       --draft-bench "$d" --n-gpu-layers "$NGL" --zero-weights --temps 0.7 --max-tokens "${SPEC_TOKENS:-192}" \
       --reps "${SPEC_REPS:-5}" --rounds "$ROUNDS" $([ -f $acc ] && echo --acceptance $acc) \
       --out "$RES/speculate_Q4_K_M.json" ;;
