@@ -3,7 +3,9 @@
 Figures are comparable with ``llama-bench`` run on the same file and settings: prompt processing
 (pp) is a prompt of random ids decoded from an empty KV cache in ``n_batch`` pieces, timed until
 its logits are ready; generation (tg) is a real engine turn from a one-token prompt, timed from its
-first token to its last. Unlike llama-bench, each
+first token to its last, decoded plainly (speculate=off, as llama-bench decodes), and again with
+the speculative decoding the settings ask for, on the same load (the acceptance of its guesses
+beside it). Unlike llama-bench, each
 generated token also goes through the sampler, the watchdog and the detokenizer (what a real turn
 pays). Both run after a short warm-up, as llama-bench's do. Time to first token runs a
 whole engine turn (``generate_ids``) on a random prompt from an empty cache. Every figure is the
@@ -12,6 +14,7 @@ mean and standard deviation over ``reps`` fresh loads of the model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import statistics
@@ -59,6 +62,19 @@ class TTFT:
 
 
 @dataclass(frozen=True)
+class SpeculativeTG:
+    """tg with speculative decoding, measured on the same loads as the plain tg: its speed, and
+    the guesses verified (drafted) and accepted over every rep."""
+
+    mode: str  # "ngram" | "draft"
+    tokens_per_s: Stat
+    drafted_tokens: int
+    accepted_tokens: int
+    acceptance: float | None  # accepted / drafted (None: no guess was verified)
+    speedup: float  # mean tokens/s over the plain tg's
+
+
+@dataclass(frozen=True)
 class BenchResult:
     model_path: str
     settings: LoadSettings
@@ -68,22 +84,25 @@ class BenchResult:
     pp_tokens: int
     pp_tokens_per_s: Stat
     tg_tokens: int
-    tg_tokens_per_s: Stat
+    tg_tokens_per_s: Stat  # speculate=off: comparable with llama-bench's tg
     ttft: list[TTFT]
     peak_rss_bytes: Stat | None  # VmHWM, reset before each load where the kernel allows
     gpu_bytes: Stat | None  # device memory this process holds at the end of a rep (None: no NVIDIA GPU seen)
     notes: list[str] = field(default_factory=list)
     backend_sampling: bool = False  # whether top-k ran on the device (settings.backend_sampling resolved)
+    tg_speculative: SpeculativeTG | None = None  # None when the settings say speculate=off
 
 
 # ----------------------------------------------------------------------------------- planning
 
-def plan_for_bench(model_path: str, ctx: int | None = None, n_gpu_layers: int | None = None) -> tuple[Any, str]:
+def plan_for_bench(model_path: str, ctx: int | None = None, n_gpu_layers: int | None = None,
+                   speculate: str | None = None, draft_model: str | None = None) -> tuple[Any, str]:
     """Plan like ``run`` does, asking for a context that holds the 8k TTFT prompt unless ``ctx``
     is given; when the model or the box cannot, take the planner's own context and say so."""
     from edge_magistral.loader import ModelRequest, plan_model
 
-    req = ModelRequest(model=model_path, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1)
+    req = ModelRequest(model=model_path, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1, speculate=speculate,
+                       draft_model=draft_model)
     if ctx is not None:
         return plan_model(req)[0], ""
     try:
@@ -140,14 +159,37 @@ def prompt_rate(e: Engine, n: int, prompts: Prompts) -> float:
 def generation_rate(e: Engine, n: int, prompts: Prompts, seed: int) -> float:
     """tg: n tokens of a real engine turn (raw, EOS ignored, the default sampler) after a
     one-token prompt, timed from its first token to its last: every step pays what a user's turn
-    pays (the sampler, the watchdog, the detokenizer, the events), as llama-bench's does not."""
+    pays (the sampler, the watchdog, the detokenizer, the events), as llama-bench's does not.
+    Decoded with the engine's own speculate mode (see :func:`generation_turn`)."""
+    return n / generation_turn(e, n, prompts, seed).timings.generation_s
+
+
+def generation_turn(e: Engine, n: int, prompts: Prompts, seed: int) -> Done:
+    """The tg turn (:func:`generation_rate`), checked, with its timings (and guesses)."""
     before = e.tokens_evaluated
     limits = Limits(raw=True, max_tokens=n + 1, seed=seed, ignore_eos=True)
     done = _last_done(e.generate_ids(prompts(1), limits))
-    _evaluated(e, n + 1, before, "tg")  # the prompt token and the n generated tokens fed back
-    if done.usage.completion_tokens != n + 1 or done.timings.generation_s <= 0:
+    t = done.timings
+    if e.settings.speculate == "off":
+        _evaluated(e, n + 1, before, "tg")  # the prompt token and the n generated tokens fed back
+    elif e.tokens_evaluated - before < n + 1 + t.drafted_tokens - t.accepted_tokens:  # + rejected guesses
+        raise BackendError(f"tg: {e.tokens_evaluated - before} tokens evaluated, fewer than the turn's")
+    if done.usage.completion_tokens != n + 1 or t.generation_s <= 0:
         raise BackendError(f"tg: the turn generated {done.usage.completion_tokens} tokens, expected {n + 1}")
-    return n / done.timings.generation_s
+    return done
+
+
+@contextlib.contextmanager
+def speculating(e: Engine, mode: str):
+    """The engine in speculate ``mode`` for the turns started inside: it reads the mode as each
+    turn starts, so plain and speculative tg are measured side by side on one load. ``off`` can
+    be asked of any engine, ``draft`` only of one loaded with its draft model."""
+    kept = e.settings
+    e.settings = replace(kept, speculate=mode)
+    try:
+        yield e
+    finally:
+        e.settings = kept
 
 
 def _last_done(events: Any) -> Done:
@@ -268,7 +310,7 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
             prompts = Prompts(rng, e.n_vocab)
             warm_up(e, prompts, seed)
             figures = {"load_s": e.load_s, "pp": prompt_rate(e, sizes.pp, prompts),
-                       "tg": generation_rate(e, sizes.tg, prompts, seed + rep)}
+                       **_tg_figures(e, sizes.tg, prompts, seed + rep)}
             figures |= {f"ttft{n}": time_to_first_token(e, n, prompts, seed + rep) for n in fits}
             figures |= {"rss": peak_rss(), "gpu": gpu_bytes()}
         finally:
@@ -284,4 +326,26 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
         model_path=settings.model_path, settings=settings, reps=reps, system_info=system_info,
         load_s=stat(runs["load_s"]), pp_tokens=sizes.pp, pp_tokens_per_s=stat(runs["pp"]),
         tg_tokens=sizes.tg, tg_tokens_per_s=stat(runs["tg"]), ttft=ttft,
-        peak_rss_bytes=maybe["rss"], gpu_bytes=maybe["gpu"], notes=list(notes or []), backend_sampling=on_device)
+        peak_rss_bytes=maybe["rss"], gpu_bytes=maybe["gpu"], notes=list(notes or []), backend_sampling=on_device,
+        tg_speculative=speculative_tg(settings.speculate, runs))
+
+
+def _tg_figures(e: Engine, n: int, prompts: Prompts, seed: int) -> dict[str, float]:
+    """tg plain (speculate=off), then with the engine's own mode unless that is off: tokens/s
+    and the guesses drafted and accepted."""
+    with speculating(e, "off"):
+        figures = {"tg": generation_rate(e, n, prompts, seed)}
+    if e.settings.speculate != "off":
+        t = generation_turn(e, n, prompts, seed).timings
+        figures |= {"tg_spec": n / t.generation_s, "drafted": t.drafted_tokens, "accepted": t.accepted_tokens}
+    return figures
+
+
+def speculative_tg(mode: str, runs: dict[str, list[float]]) -> SpeculativeTG | None:
+    """The speculative tg of every rep's figures (None for speculate=off)."""
+    if mode == "off":
+        return None
+    drafted, accepted = int(sum(runs["drafted"])), int(sum(runs["accepted"]))
+    rate = stat(runs["tg_spec"])
+    return SpeculativeTG(mode, rate, drafted, accepted, accepted / drafted if drafted else None,
+                         rate.mean / statistics.fmean(runs["tg"]))

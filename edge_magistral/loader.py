@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_magistral.errors import BadInputError, ModelNotFoundError
-from edge_magistral.generation import LoadSettings
+from edge_magistral.generation import SPECULATE_MODES, LoadSettings
 
 if TYPE_CHECKING:
     from edge_magistral.hardware import Hardware
@@ -48,6 +48,20 @@ class ModelRequest:
     store: str | None = None  # the model store's folder (None: the default store)
     speculate: str | None = None  # "ngram" | "draft" | "off" (None: the profile's, else ngram)
     draft_model: str | None = None  # a draft GGUF sharing the model's vocabulary (speculate=draft)
+
+    def __post_init__(self) -> None:
+        """A draft model alone means speculate=draft; refused at once (before anything is
+        resolved or loaded): a mode we do not know, draft without a draft model, a draft model
+        with another mode."""
+        if self.speculate is None and self.draft_model:
+            object.__setattr__(self, "speculate", "draft")
+        if self.speculate is not None and self.speculate not in SPECULATE_MODES:
+            raise BadInputError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, not {self.speculate!r}")
+        if self.speculate == "draft" and not self.draft_model:
+            raise BadInputError("--speculate draft needs a draft model: give --draft-model FILE.gguf "
+                                "(a small model with the same vocabulary)")
+        if self.draft_model and self.speculate != "draft":
+            raise BadInputError(f"--draft-model goes with --speculate draft, not {self.speculate}")
 
 
 @dataclass
@@ -80,10 +94,8 @@ def _resolve(spec: str | None, store: str | None, profile: str | None, hardware:
     spec = spec or os.environ.get(MODEL_ENV) or None
     st = Store.default(store)
     if spec:
-        if Path(spec).is_file():
-            return spec
-        if (p := st.path_of(spec)) is not None and p.is_file():
-            return str(p)
+        if (named := _named(spec, st)) is not None:
+            return named
         raise ModelNotFoundError(f"{spec}: no such model file, and no {spec} in the store at {st.root}; "
                                  f"check --model or ${MODEL_ENV} (`edge-magistral store` lists the store)")
     found = [st.root / e.file for e in st.models() if (st.root / e.file).is_file()]
@@ -93,6 +105,27 @@ def _resolve(spec: str | None, store: str | None, profile: str | None, hardware:
     if len(found) == 1:
         return str(found[0])
     return _best_of(found, profile, hardware())
+
+
+def _named(spec: str, st: Any) -> str | None:
+    """An existing file as given, else the file of a quant in the store ``st``; None if neither."""
+    if Path(spec).is_file():
+        return spec
+    if (p := st.path_of(spec)) is not None and p.is_file():
+        return str(p)
+    return None
+
+
+def resolve_draft(spec: str, store: str | None = None) -> str:
+    """The draft GGUF's path, named as a model is (a file, or a quant in the store); never
+    guessed: a draft is always named."""
+    from edge_magistral.store import Store
+
+    st = Store.default(store)
+    if (named := _named(spec, st)) is not None:
+        return named
+    raise ModelNotFoundError(f"{spec}: no such draft model file, and no {spec} in the store at {st.root}; "
+                             "check --draft-model")
 
 
 def _best_of(paths: list[Path], profile: str | None, hw: Hardware) -> str:
@@ -138,7 +171,16 @@ def _settings(plan: Plan, req: ModelRequest) -> LoadSettings:
         settings = replace(settings, n_threads=req.threads, n_threads_batch=req.threads)
     if req.think_budget is not None:
         settings = replace(settings, think_budget=req.think_budget)
-    return settings
+    return with_speculation(settings, req)
+
+
+def with_speculation(settings: LoadSettings, req: ModelRequest) -> LoadSettings:
+    """The request's speculative decoding, if it asks for any (else the settings' own: the
+    plan's, or ngram); the draft named as a model is (:func:`resolve_draft`)."""
+    if req.speculate is None:
+        return settings
+    draft = resolve_draft(req.draft_model, req.store) if req.draft_model else None
+    return replace(settings, speculate=req.speculate, draft_model=draft)
 
 
 def load_model(plan: Plan, settings: LoadSettings) -> OpenedModel:

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edge_magistral.cli.group import cli
+from edge_magistral.cli.speculate_opts import speculate_options, speculation
 from edge_magistral.errors import ModelNotFoundError
 from edge_magistral.loader import MODEL_ENV
 from edge_magistral.server import ServerConfig
@@ -97,6 +98,7 @@ def _from_file(config_file: str | None) -> dict:
               show_default=True, help="What the audit record stores only as a sha256.")
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None, hidden=True,
               help="Plan for this recorded box (detect --json) instead of detecting this one (tests).")
+@speculate_options
 def serve(config_file: str | None, **options: Any) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
     /health, /metrics), --parallel generations at once, the engine in a supervised worker process.
@@ -117,9 +119,12 @@ def serve(config_file: str | None, **options: Any) -> None:
 def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
                    parallel, api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes,
                    max_tokens, request_timeout, client_timeout, stall_timeout, hang_timeout, load_timeout,
-                   drain_timeout, audit_log, redact, hardware_file) -> Any:
+                   drain_timeout, audit_log, redact, hardware_file, speculate, draft_model) -> Any:
     """The options given, else the config file's settings, else the server's defaults."""
+    from edge_magistral.loader import resolve_draft
     from edge_magistral.server import load_api_keys
+
+    speculate, draft_model = speculation(speculate, draft_model)
 
     def pick(value: Any, key: str) -> Any:
         return value if value is not None else file.get(key)
@@ -136,5 +141,6 @@ def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_laye
         allowed_hosts=tuple(allowed_host), cors_origins=tuple(cors_origin), queue_size=queue_size,
         max_body_bytes=max_body_bytes, max_tokens=max_tokens, request_timeout_s=request_timeout,
         client_timeout_s=client_timeout, load_timeout_s=load_timeout, drain_timeout_s=drain_timeout, redact=redact,
-        log_level=logging.getLogger().getEffectiveLevel(), hardware_file=hardware_file,
+        log_level=logging.getLogger().getEffectiveLevel(), hardware_file=hardware_file, speculate=speculate,
+        draft_model=resolve_draft(draft_model) if draft_model else None,
         **{k: v for k, v in from_file.items() if v is not None})

@@ -462,7 +462,7 @@ async def health(request: Request) -> JSONResponse:
     if sup.state is State.READY:
         plan = sup.info.get("plan", {})
         keys = ("quant", "profile", "n_ctx", "n_gpu_layers", "type_k", "type_v", "flash_attn", "think_budget",
-                "n_slots")
+                "n_slots", "speculate")
         return JSONResponse({"status": "ok", "model": sup.info.get("model"),
                              "plan": {k: plan.get(k) for k in keys}, "queue": len(sup.queue),
                              "generating": bool(sup.running),

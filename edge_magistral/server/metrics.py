@@ -50,6 +50,16 @@ class Metrics:
         self.connections_closed = Counter(f"{PREFIX}_connections_closed", "Connections the server closed: "
                                           "header_timeout, send_timeout (a stalled reader), idle_evicted",
                                           ["reason"], registry=r)
+        self.drafted = Counter(f"{PREFIX}_speculative_drafted_tokens",
+                               "Speculative guesses verified by the model (n-gram or draft model)", registry=r)
+        self.accepted = Counter(f"{PREFIX}_speculative_accepted_tokens",
+                                "Speculative guesses the model agreed with (each a token for a shared step)",
+                                registry=r)
+        self.acceptance = Gauge(f"{PREFIX}_speculative_acceptance_rate",
+                                "Accepted / drafted guesses since the service started (0 before any)", registry=r)
+        self.speculate = Gauge(f"{PREFIX}_speculate_mode", "1 for the loaded engine's speculative decoding mode "
+                               "(ngram, draft, off)", ["mode"], registry=r)
+        self._drafted = self._accepted = 0  # the counters' totals, for the rate
         self._rss_at = 0.0
 
     def render(self) -> bytes:
@@ -58,9 +68,13 @@ class Metrics:
     # -- hooks for the supervisor
     def worker_ready(self, info: dict[str, Any]) -> None:
         self.worker_up.set(1)
-        for dev in info.get("plan", {}).get("memory", []):
+        plan = info.get("plan", {})
+        for dev in plan.get("memory", []):
             for part in ("weights", "kv_cache", "compute", "overhead"):
                 self.model_memory.labels(dev.get("device", "?"), part).set(dev.get(part, 0))
+        self.speculate.clear()
+        if plan.get("speculate"):
+            self.speculate.labels(plan["speculate"]).set(1)
 
     def worker_down(self, why: str) -> None:
         self.worker_up.set(0)
@@ -95,3 +109,12 @@ class Metrics:
         self.duration.observe(duration_s)
         for ev in done.watchdog_events:
             self.watchdog.labels(ev.get("action", "?"), ev.get("reason", "?")).inc()
+        self._speculated(done.timings.drafted_tokens, done.timings.accepted_tokens)
+
+    def _speculated(self, drafted: int, accepted: int) -> None:
+        self.drafted.inc(drafted)
+        self.accepted.inc(accepted)
+        self._drafted += drafted
+        self._accepted += accepted
+        if self._drafted:
+            self.acceptance.set(self._accepted / self._drafted)

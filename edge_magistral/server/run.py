@@ -116,7 +116,8 @@ def preflight(config: ServerConfig) -> Plan:
     return plan_model(ModelRequest(model=config.model_path, ctx=config.ctx, n_gpu_layers=config.n_gpu_layers,
                                    parallel=config.parallel, profile=config.profile,
                                    hardware_file=config.hardware_file, threads=config.threads,
-                                   think_budget=config.think_budget))[0]
+                                   think_budget=config.think_budget, speculate=config.speculate,
+                                   draft_model=config.draft_model))[0]
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -39,6 +39,8 @@ class ServerConfig:
     threads: int | None = None
     think_budget: int | None = None
     parallel: int | None = None  # decoding slots (None: the plan's)
+    speculate: str | None = None  # ngram | draft | off (None: the plan's, else ngram)
+    draft_model: str | None = None  # the draft GGUF of speculate=draft
     api_keys: tuple[str, ...] = ()
     insecure_no_auth: bool = False
     allowed_hosts: tuple[str, ...] = ()

@@ -64,6 +64,8 @@ class WorkerSettings:
     verified_file: tuple | None = None  # the model file's identity an earlier worker verified (admission)
     hardware_file: str | None = None  # plan for this recorded box (detect --json) instead of detecting
     parallel: int | None = None  # decoding slots (None: the plan's)
+    speculate: str | None = None  # ngram | draft | off (None: the plan's, else ngram)
+    draft_model: str | None = None  # the draft GGUF of speculate=draft
 
 
 def worker_main(conn: Any, settings: WorkerSettings) -> None:
@@ -213,7 +215,8 @@ class Worker:
         t0 = time.monotonic()
         opened = open_model(ModelRequest(model=s.model_path, ctx=s.ctx, n_gpu_layers=s.n_gpu_layers,
                                          parallel=s.parallel, profile=s.profile, hardware_file=s.hardware_file,
-                                         threads=s.threads, think_budget=s.think_budget))
+                                         threads=s.threads, think_budget=s.think_budget, speculate=s.speculate,
+                                         draft_model=s.draft_model))
         self.engine = e = opened.engine
         t1 = time.monotonic()
         for _ in e.submit(e.prompt_ids([Message("user", "Hi")], "replace"), Limits(think_budget=0, max_tokens=1)):
@@ -222,8 +225,10 @@ class Worker:
             raise CorruptModelError(f"{s.model_path} was replaced while it was being loaded; restart the service "
                                     "to verify the new file")
         load = opened.settings
+        # how tokens are decoded is part of what answered (/health, the audit record's plan)
+        plan = {**opened.plan.to_dict(), "speculate": load.speculate, "draft_model": load.draft_model}
         return {
-            "model": s.model_name, "model_path": s.model_path, "plan": opened.plan.to_dict(), "pid": os.getpid(),
+            "model": s.model_name, "model_path": s.model_path, "plan": plan, "pid": os.getpid(),
             "n_ctx": e.n_ctx, "n_slots": e.n_slots, "is_magistral": e.is_magistral,
             "think_budget": load.think_budget if e.is_magistral else 0,
             "n_threads": load.n_threads, "load_s": round(t1 - t0, 3), "warmup_s": round(time.monotonic() - t1, 3),
