@@ -3,7 +3,10 @@
 A profile says how it recognises a box (``match``), how much memory to leave free, which quants
 to prefer, the context to aim for and the least it accepts, the KV cache type, the think budget,
 threads, and ``parallel``: how many requests the service decodes at once by default (the planner
-lowers it to what fits; 1 on small boxes, where every byte goes to context). Profiles live in
+lowers it to what fits; 1 on small boxes, where every byte goes to context), ``speculate``: the
+default speculative decoding (ngram, draft when a draft model is given, off) and
+``draft_recommended`` with ``draft_reason``: whether a draft model pays on this class of box, and
+why, in one line (the planner reports it). Profiles live in
 ``profiles/*.yaml`` (built in) and in a user directory (``$EDGE_MAGISTRAL_PROFILES`` or
 ``~/.config/edge-magistral/profiles``) whose files add profiles or replace built-in ones of the
 same name. Every file is validated on load; a broken one is an error
@@ -23,6 +26,7 @@ import yaml
 
 from edge_magistral.catalog import QUALITY_ORDER
 from edge_magistral.errors import BadInputError
+from edge_magistral.generation import SPECULATE_MODES
 from edge_magistral.units import GiB
 
 if TYPE_CHECKING:
@@ -79,6 +83,9 @@ class Profile:
     min_tokens_per_s: float = 3.0  # partial offloads slower than this are a last resort
     gpu_efficiency: float = 0.6  # share of memory bandwidth decoding achieves
     cpu_bandwidth_gbs: float = 40.0  # host memory bandwidth, for predicted tokens/s
+    speculate: str = "ngram"  # ngram | draft (used when a draft model is given, else ngram) | off
+    draft_recommended: bool = False  # whether a draft model pays on this class of box
+    draft_reason: str = ""  # why (or why not), in one line
     source: str = ""  # the file it came from
 
     def matches(self, hw: Hardware) -> bool:
@@ -256,12 +263,29 @@ def parse_profile(data: Any, source: str) -> Profile:
         min_tokens_per_s=f.float("min_tokens_per_s", 3.0, 0, 10000),
         gpu_efficiency=f.float("gpu_efficiency", 0.6, 0.01, 1.0),
         cpu_bandwidth_gbs=f.float("cpu_bandwidth_gbs", 40.0, 0.1, 10000),
+        **_speculation(f),
         source=source,
     )
     f.done()
     if p.n_ubatch > p.n_batch:
         raise f.fail("n_ubatch", f"({p.n_ubatch}) is larger than n_batch ({p.n_batch})")
     return p
+
+
+MAX_REASON = 200  # draft_reason: one line the plan prints
+
+
+def _speculation(f: _Fields) -> dict[str, Any]:
+    """speculate, draft_recommended and draft_reason, checked together: a profile that defaults
+    to a draft must recommend one, and the reason is one line."""
+    mode = f.str("speculate", "ngram", SPECULATE_MODES)
+    recommended = f.bool("draft_recommended", False)
+    reason = f.str("draft_reason", "") or ""
+    if "\n" in reason.strip() or len(reason) > MAX_REASON:
+        raise f.fail("draft_reason", f"must be one line of at most {MAX_REASON} characters")
+    if mode == "draft" and not recommended:
+        raise f.fail("speculate", "is draft but draft_recommended is false; recommend the draft or use ngram")
+    return {"speculate": mode, "draft_recommended": recommended, "draft_reason": reason.strip()}
 
 
 def load_profile_file(path: Path) -> Profile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 
 import click
@@ -11,9 +12,9 @@ from edge_magistral.catalog import ModelCandidate, catalog, from_gguf_info
 from edge_magistral.cli.group import cli
 from edge_magistral.errors import BackendError
 from edge_magistral.hardware import Hardware, detect, load_hardware
-from edge_magistral.planner import NoFitError, Option, Plan, Request, plan
+from edge_magistral.planner import DeviceMemory, NoFitError, Option, Plan, Request, draft_candidate, plan
 from edge_magistral.profiles import MAX_PARALLEL, choose_profile, load_profiles
-from edge_magistral.units import GiB
+from edge_magistral.units import GiB, MiB
 
 
 @cli.command("detect")
@@ -63,6 +64,13 @@ def detect_cmd(as_json: bool, store_dir: str | None) -> None:
     default=None,
     help="Requests decoded at once by `serve` (default: the profile's, lowered to what fits).",
 )
+@click.option(
+    "--draft",
+    "draft_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A draft GGUF for speculative decoding (same vocabulary): plan its memory next to the model.",
+)
 def plan_cmd(
     as_json: bool,
     ctx: int | None,
@@ -73,14 +81,17 @@ def plan_cmd(
     n_gpu_layers: int | None,
     kv_type: str | None,
     parallel: int | None,
+    draft_path: str | None,
 ) -> None:
-    """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons."""
+    """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons;
+    with --draft, where the draft model goes and what it costs per device."""
     hw = load_hardware(hardware_file) if hardware_file else detect()
     profile = choose_profile(hw, load_profiles(), profile_name)
     candidates = _candidates(models)
     request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, quant=quant, kv_type=kv_type, parallel=parallel)
+    draft = draft_candidate(draft_path, candidates) if draft_path else None
     try:
-        p = plan(hw, profile, candidates, request)
+        p = plan(hw, profile, candidates, request, draft)
     except NoFitError as e:
         if as_json:
             click.echo(
@@ -169,19 +180,33 @@ def _render_plan(p: Plan, hw: Hardware) -> str:
         f"  kv cache     {p.type_k}/{p.type_v}, flash attention {'on' if p.flash_attn else 'off'}",
         f"  batch        {p.n_batch}/{p.n_ubatch}, threads {p.n_threads}/{p.n_threads_batch}",
         f"  think budget {p.think_budget} tokens",
-        f"  predicted    {p.tokens_per_s:.1f} tokens/s",
-        "",
-        "why:",
+        f"  speculate    {p.speculate}",
     ]
+    if p.draft is not None:
+        lines.append(f"  draft        {p.draft.quant} ({p.draft.model_path}), "
+                     f"{p.draft.n_gpu_layers} of {p.draft.n_layers + 1} layers on GPU")
+    lines += [f"  predicted    {p.tokens_per_s:.1f} tokens/s" + (" (without speculation)" if p.draft else ""), "",
+              "why:"]
     lines += [f"  {k:12} {v}" for k, v in p.reasons.items()]
     lines += ["", "predicted memory (weights + KV + compute + overhead):"]
-    for d in p.memory:
-        lines.append(
-            f"  {d.device:10} {_gib(d.total):>10} = {_gib(d.weights)} + {_gib(d.kv_cache)} + "
-            f"{_gib(d.compute)} + {_gib(d.overhead)}  ({d.layers} layers)"
-        )
+    lines += _render_memory(p.memory, _gib)
+    if p.draft is not None:
+        lines += ["", "draft model's memory (weights + KV + compute + overhead; counted in the pools above):"]
+        lines += _render_memory(p.draft.memory, _mib)
     lines += ["", _render_alternatives(p.alternatives)]
     return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+def _render_memory(memory: list[DeviceMemory], unit: Callable[[int], str]) -> list[str]:
+    return [
+        f"  {d.device:10} {unit(d.total):>10} = {unit(d.weights)} + {unit(d.kv_cache)} + "
+        f"{unit(d.compute)} + {unit(d.overhead)}  ({d.layers} layers)"
+        for d in memory
+    ]
 
 
 def _render_alternatives(alts: list[Option]) -> str:

@@ -9,10 +9,13 @@ Pure functions, no llama.cpp import. Its parts:
 - :mod:`~edge_magistral.planner.box`: the search space one box, profile and request allow;
 - :mod:`~edge_magistral.planner.search`: the policy, :func:`plan` (and :func:`plan_for_model`
   for one local GGUF on the detected or a recorded box);
-- :mod:`~edge_magistral.planner.explain`: the reasons in a plan and the refusals.
+- :mod:`~edge_magistral.planner.explain`: the reasons in a plan and the refusals;
+- :mod:`~edge_magistral.planner.draft`: a draft model for speculative decoding, placed next to
+  the plan (its memory per device, its GPU layers, and what the model gives up for it).
 """
 
 from edge_magistral.planner.box import KV_ORDER
+from edge_magistral.planner.draft import DRAFT_GPU_OVERHEAD, draft_candidate, predict_draft
 from edge_magistral.planner.memory import (
     BATCH_LOAD_CTX,
     CPU_EFFICIENCY,
@@ -36,6 +39,7 @@ from edge_magistral.planner.search import CTX_STEP, plan, plan_for_model
 from edge_magistral.planner.types import (
     Device,
     DeviceMemory,
+    DraftPlan,
     NoFitError,
     Option,
     Plan,
@@ -50,6 +54,7 @@ __all__ = [
     "CPU_EFFICIENCY",
     "CTX_STEP",
     "DEFAULT_GPU_GBS",
+    "DRAFT_GPU_OVERHEAD",
     "GPU_OVERHEAD",
     "HOST_OVERHEAD",
     "KV_BYTES",
@@ -57,6 +62,7 @@ __all__ = [
     "OP_OFFLOAD_MIN_BATCH",
     "Device",
     "DeviceMemory",
+    "DraftPlan",
     "NoFitError",
     "Option",
     "Plan",
@@ -66,6 +72,7 @@ __all__ = [
     "Settings",
     "compute_stages",
     "devices_of",
+    "draft_candidate",
     "kv_bytes_per_cell",
     "kv_cells",
     "kv_streams",
@@ -74,6 +81,7 @@ __all__ = [
     "plan_for_model",
     "pool_use",
     "predict",
+    "predict_draft",
     "tokens_per_s",
     "ubatch_tokens",
 ]

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from edge_magistral.profiles import Profile
 
 KV_ORDER = ("f16", "q8_0", "q4_0")  # what to try, best first, when memory binds
+CTX_STEP = 1024  # contexts the planner picks are multiples of this
 
 
 @dataclass

@@ -8,6 +8,9 @@ Parallel slots are planned last, on top of the single-request plan: quality and 
 request come first, throughput second. A profile's default slot count is reduced (down to 1)
 until it fits at the planned context; an explicit ``Request.parallel`` keeps its slots and gives
 up context instead (down to the minimum), and is refused when even that does not fit.
+
+A draft model for speculative decoding is placed last, next to the finished plan
+(:mod:`~edge_magistral.planner.draft`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from edge_magistral.catalog import ModelCandidate
 from edge_magistral.errors import BadInputError
-from edge_magistral.planner.box import Box, evaluate, full_ngl, make_box, option, settings_for
+from edge_magistral.planner.box import CTX_STEP, Box, evaluate, full_ngl, make_box, option, settings_for
+from edge_magistral.planner.draft import add_speculation, draft_candidate, place_draft
 from edge_magistral.planner.explain import failed_option, make_plan, refusal, slots_refusal
 from edge_magistral.planner.types import Option, Plan, Request, Settings
 
@@ -26,13 +30,16 @@ if TYPE_CHECKING:
     from edge_magistral.hardware import Hardware
     from edge_magistral.profiles import Profile
 
-CTX_STEP = 1024  # contexts the planner picks are multiples of this
-
 
 def plan(
-    hw: Hardware, profile: Profile, candidates: list[ModelCandidate], request: Request | None = None
+    hw: Hardware,
+    profile: Profile,
+    candidates: list[ModelCandidate],
+    request: Request | None = None,
+    draft: ModelCandidate | None = None,
 ) -> Plan:
-    """Choose quant, layers, context, KV type, batch and slots for this box (module docstring)."""
+    """Choose quant, layers, context, KV type, batch and slots for this box (module docstring),
+    and place ``draft`` (see :func:`draft_candidate`) next to the model."""
     request = request or Request()
     if not candidates:
         raise BadInputError("no model candidates: build or pull a Magistral GGUF, or plan from the catalog")
@@ -58,7 +65,10 @@ def plan(
     first = min(i for i, _, _ in found)
     m, o = _pick(steps[first][0], [(m, o) for i, m, o in found if i == first], profile)
     o, why_slots = _with_slots(b, m, o)
-    return make_plan(b, m, o, steps[first][0], alternatives, cands, why_slots)
+    placed = place_draft(b, m, o, draft) if draft is not None else None
+    p = make_plan(b, m, placed.target if placed else o, steps[first][0], alternatives, cands, why_slots)
+    add_speculation(p, b, m, placed)
+    return p
 
 
 def _ordered(candidates: list[ModelCandidate], profile: Profile, request: Request) -> list[ModelCandidate]:
@@ -224,8 +234,10 @@ def plan_for_model(
     request: Request | None = None,
     hardware: Hardware | None = None,
     profile_name: str | None = None,
+    draft_path: str | None = None,
 ) -> tuple[Plan, Hardware]:
-    """Detect this box (unless ``hardware`` is given), pick its profile and plan ``model_path``.
+    """Detect this box (unless ``hardware`` is given), pick its profile and plan ``model_path``
+    (with the draft model at ``draft_path``, its vocabulary checked first).
 
     The one way the engine gets its settings: overrides travel in ``request`` and are refused
     with the reason when they cannot fit.
@@ -237,4 +249,6 @@ def plan_for_model(
 
     hw = hardware or detect()
     profile = choose_profile(hw, load_profiles(), profile_name)
-    return plan(hw, profile, [from_gguf_info(read_info(model_path))], request), hw
+    target = from_gguf_info(read_info(model_path))
+    draft = draft_candidate(draft_path, [target]) if draft_path else None
+    return plan(hw, profile, [target], request, draft), hw

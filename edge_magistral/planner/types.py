@@ -106,6 +106,19 @@ class Option:
 
 
 @dataclass
+class DraftPlan:
+    """The draft model of speculative decoding: its file, its GPU layers and its memory per device
+    (its own llama.cpp context at the target's context, KV type, batch and slots)."""
+
+    model_path: str
+    quant: str
+    n_gpu_layers: int  # of n_layers + 1 (the output layer counts, as for the target)
+    n_layers: int
+    context_length: int  # what it was trained for (0: not stated)
+    memory: list[DeviceMemory]
+
+
+@dataclass
 class Plan:
     """How to load the model on this box, why, and what it will cost."""
 
@@ -130,6 +143,8 @@ class Plan:
     tokens_per_s: float
     reasons: dict[str, str]
     alternatives: list[Option] = field(default_factory=list)
+    speculate: str = "ngram"  # ngram | draft | off: "draft" exactly when ``draft`` is planned
+    draft: DraftPlan | None = None  # pools above count it; memory above is the model's alone
 
     @property
     def settings(self) -> Settings:
@@ -148,6 +163,9 @@ class Plan:
         d = asdict(self)
         for m, dm in zip(d["memory"], self.memory, strict=True):
             m["total"] = dm.total
+        if self.draft is not None:
+            for m, dm in zip(d["draft"]["memory"], self.draft.memory, strict=True):
+                m["total"] = dm.total
         return d
 
 
