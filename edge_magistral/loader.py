@@ -161,7 +161,8 @@ def plan_model(req: ModelRequest) -> tuple[Plan, LoadSettings]:
     path = _resolve(req.model, req.store, req.profile, hardware)
     hw = hardware()
     request = Request(ctx=req.ctx, n_gpu_layers=req.n_gpu_layers, parallel=req.parallel)
-    plan, _ = plan_for_model(path, request, hw, profile_name=req.profile)
+    draft = resolve_draft(req.draft_model, req.store) if req.draft_model and req.speculate != "off" else None
+    plan, _ = plan_for_model(path, request, hw, profile_name=req.profile, draft_path=draft)
     return plan, _settings(plan, req)
 
 
@@ -171,14 +172,20 @@ def _settings(plan: Plan, req: ModelRequest) -> LoadSettings:
         settings = replace(settings, n_threads=req.threads, n_threads_batch=req.threads)
     if req.think_budget is not None:
         settings = replace(settings, think_budget=req.think_budget)
-    return with_speculation(settings, req)
+    return with_speculation(settings, req, plan)
 
 
-def with_speculation(settings: LoadSettings, req: ModelRequest) -> LoadSettings:
-    """The request's speculative decoding, if it asks for any (else the settings' own: the
-    plan's, or ngram); the draft named as a model is (:func:`resolve_draft`)."""
+def with_speculation(settings: LoadSettings, req: ModelRequest, plan: Plan | None = None) -> LoadSettings:
+    """The request's speculative decoding, else the plan's (the profile's mode; with a draft:
+    the draft on the GPU layers the plan gave it), else the settings' own (ngram). A draft is
+    named as a model is (:func:`resolve_draft`)."""
+    draft_plan = getattr(plan, "draft", None)
+    if draft_plan is not None and req.speculate in (None, "draft"):
+        return replace(settings, speculate="draft", draft_model=draft_plan.model_path,
+                       draft_gpu_layers=draft_plan.n_gpu_layers)
     if req.speculate is None:
-        return settings
+        mode = getattr(plan, "speculate", None)
+        return replace(settings, speculate=mode) if mode in ("ngram", "off") else settings
     draft = resolve_draft(req.draft_model, req.store) if req.draft_model else None
     return replace(settings, speculate=req.speculate, draft_model=draft)
 

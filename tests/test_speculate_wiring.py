@@ -51,8 +51,10 @@ def test_a_draft_model_alone_means_draft_and_mismatches_are_refused() -> None:
 def test_the_request_reaches_the_load_settings(tiny_gguf_f32: Path, tmp_path: Path) -> None:
     model = str(tiny_gguf_f32)
     assert plan_model(ModelRequest(model=model, ctx=512))[1].speculate == "ngram"  # the default
-    _, settings = plan_model(ModelRequest(model=model, ctx=512, draft_model=model))
+    plan, settings = plan_model(ModelRequest(model=model, ctx=512, draft_model=model))
     assert (settings.speculate, settings.draft_model) == ("draft", model)
+    assert plan.draft is not None and plan.draft.model_path == model  # planned: its memory is in the plan
+    assert settings.draft_gpu_layers == plan.draft.n_gpu_layers
     with pytest.raises(ModelNotFoundError, match="no such draft model.*--draft-model"):
         plan_model(ModelRequest(model=model, ctx=512, draft_model=str(tmp_path / "none.gguf")))
     opened = open_model(ModelRequest(model=model, ctx=512, threads=2, speculate="off"))
