@@ -137,6 +137,20 @@ def test_config_round_trips_and_the_example_is_valid(tmp_path: Path) -> None:
     assert example.host == "127.0.0.1" and example.ctx and example.think_budget
 
 
+@pytest.mark.parametrize("speculate, draft", [("draft", "/srv/d dir/draft \"q8\".gguf"), ("off", None),
+                                              ("ngram", None), (None, None)])
+def test_config_round_trips_the_speculation(tmp_path: Path, speculate: str | None, draft: str | None) -> None:
+    c = ServiceConfig(model=MODEL, speculate=speculate, draft_model=draft)
+    (tmp_path / "c.yaml").write_text(c.to_yaml())
+    assert read_service_config(tmp_path / "c.yaml") == c
+    assert f"speculate: {json.dumps(speculate)}\n" in c.to_yaml()
+
+
+def test_a_bare_off_is_speculation_off(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(f"model: {MODEL}\nspeculate: off\n")  # YAML 1.1 reads it as false
+    assert read_service_config(tmp_path / "c.yaml").speculate == "off"
+
+
 @pytest.mark.parametrize("text, complaint", [
     ("host: 127.0.0.1\n", "`model`"),
     ("model: /m.gguf\nprot: 80\n", "unknown key(s) prot"),
@@ -145,12 +159,20 @@ def test_config_round_trips_and_the_example_is_valid(tmp_path: Path) -> None:
     ("model: /m.gguf\nport: 70000\n", "`port` is 70000, outside 1..65535"),
     ("model: /m.gguf\nstall_timeout_s: 0\n", "`stall_timeout_s` is 0, outside 1.."),
     ("model: /m.gguf\nhost: null\n", "`host` must be str"),
+    ("model: /m.gguf\nspeculate: eagle\n", "`speculate` must be one of ngram, draft, off or null, got 'eagle'"),
+    ("model: /m.gguf\nspeculate: 2\n", "`speculate` must be str, got 2"),
+    ("model: /m.gguf\nspeculate: draft\n", "`speculate` is draft: set `draft_model`"),
+    ("model: /m.gguf\nspeculate: off\ndraft_model: /d.gguf\n", "`draft_model` goes with `speculate: draft`, not off"),
+    ("model: /m.gguf\nspeculate: true\n", "`speculate` must be str, got True"),
+    ("model: /m.gguf\ndraft_model: ''\n", "`draft_model` must be the path of a GGUF file"),
+    ("model: /m.gguf\ndraft_model: [/d.gguf]\n", "`draft_model` must be str"),
     ("- model\n", "expected `key: value`"),
 ])
 def test_a_bad_config_names_the_key(tmp_path: Path, text: str, complaint: str) -> None:
     (tmp_path / "c.yaml").write_text(text)
-    with pytest.raises(BadInputError, match=re.escape(complaint)):
+    with pytest.raises(BadInputError, match=re.escape(complaint)) as e:
         read_service_config(tmp_path / "c.yaml")
+    assert "\n" not in str(e.value)
 
 
 # ============================================================================================ unit
@@ -482,3 +504,85 @@ def test_a_model_the_dynamic_user_cannot_read_is_pointed_out(tmp_path: Path) -> 
     assert sd.readable_notes(str(model)) == [
         f"{tmp_path} is not world-searchable: sudo chmod o+x {tmp_path}"]
     assert sd.readable_notes("/var/lib/edge-magistral/models/m.gguf") == []  # systemd hands it to the user
+
+
+# ================================================================================ speculation
+
+
+@pytest.fixture(scope="module")
+def tekken_model(tiny_gguf_f32: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Magistral-shaped Q4_K_M (sparse) with the tiny model's Tekken vocabulary: the tiny Q8_0
+    is a draft for it, vocabulary checked id for id by the planner."""
+    from edge_magistral.catalog import Architecture, tensor_specs
+    from edge_magistral.shaped_gguf import write_shaped_gguf
+
+    arch = Architecture()
+    return write_shaped_gguf(tmp_path_factory.mktemp("tekken") / "m.gguf", arch, tensor_specs(arch, "Q4_K_M"),
+                             "Q4_K_M", vocab_from=tiny_gguf_f32)
+
+
+def _service_argv(unit_text: str, etc: Path) -> list[str]:
+    """The arguments of the unit's ExecStart= after the executable (%d: the credentials directory)."""
+    line = next(x for x in unit_text.splitlines() if x.startswith("ExecStart="))
+    return [a.replace("%d", str(etc)) for a in line.removeprefix("ExecStart=").split()[1:]]
+
+
+def test_cli_installs_a_draft_the_service_reads(tmp_path: Path, tekken_model: Path, tiny_gguf_quants: dict[str, Path],
+                                               rtx4090_json: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_magistral.cli import serve_cmds  # noqa: F401  (registers serve)
+
+    monkeypatch.setattr(sd_install, "SANDBOX_HIDDEN", ("/home", "/root"))  # the test files live under /tmp
+    (tmp_path / "draft.gguf").symlink_to(tiny_gguf_quants["Q8_0"])
+    monkeypatch.chdir(tmp_path)
+    etc = tmp_path / "etc"
+    args = ["install-service", "--model", str(tekken_model), "--hardware", str(rtx4090_json), "--exec", EXEC,
+            "--unit-dir", str(tmp_path / "units"), "--config-dir", str(etc)]
+    r = CliRunner().invoke(_cli(), [*args, "--speculate", "draft", "--draft-model", "draft.gguf"])
+    assert r.exit_code == 0, r.output
+    c = read_service_config(etc / "config.yaml")
+    assert (c.speculate, c.draft_model) == ("draft", str(tmp_path / "draft.gguf"))  # absolute, the link kept
+
+    served: list[object] = []
+    monkeypatch.setattr("edge_magistral.server.serve", served.append)
+    unit_text = (tmp_path / "units" / "edge-magistral.service").read_text()
+    argv = _service_argv(unit_text, etc)
+    assert argv[:2] == ["serve", "--config"]
+    r = CliRunner().invoke(_cli(), argv)
+    assert r.exit_code == 0, r.output
+    assert [(s.speculate, s.draft_model) for s in served] == [("draft", str(tmp_path / "draft.gguf"))]
+    assert "ProtectSystem=strict" in unit_text  # the OS, /srv and /var/lib stay readable: only the hidden are not
+
+    again = CliRunner().invoke(_cli(), ["install-service", "--exec", EXEC, "--unit-dir", str(tmp_path / "units"),
+                                        "--config-dir", str(etc), "--speculate", "off"])
+    assert again.exit_code == 0, again.output
+    c = read_service_config(etc / "config.yaml")
+    assert (c.speculate, c.draft_model, c.model) == ("off", None, str(tekken_model))
+
+
+def test_cli_refuses_a_draft_the_sandbox_hides_or_that_is_missing(tmp_path: Path, tekken_model: Path,
+                                                                  rtx4090_json: Path) -> None:
+    base = ["install-service", "--model", str(tekken_model), "--hardware", str(rtx4090_json), "--exec", EXEC,
+            "--unit-dir", str(tmp_path / "units"), "--config-dir", str(tmp_path / "etc")]
+    draft = tmp_path / "draft.gguf"
+    draft.write_bytes(b"GGUF")
+    r = CliRunner().invoke(_cli(), [*base, "--draft-model", str(draft)])
+    assert r.exit_code == 2 and f"the draft model is at {draft}, which the service cannot see" in r.output
+    r = CliRunner().invoke(_cli(), [*base, "--draft-model", str(tmp_path / "absent.gguf")])
+    assert r.exit_code != 0 and "absent.gguf: no such draft model file" in r.output
+    r = CliRunner().invoke(_cli(), [*base, "--speculate", "draft"])
+    assert r.exit_code == 2 and "needs a draft model" in r.output
+    assert not (tmp_path / "units").exists() and not (tmp_path / "etc").exists()
+
+
+def test_a_draft_the_dynamic_user_cannot_read_is_pointed_out(tmp_path: Path, tekken_model: Path,
+                                                             tiny_gguf_quants: dict[str, Path], rtx4090_json: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sd_install, "SANDBOX_HIDDEN", ("/home", "/root"))
+    draft = tmp_path / "draft.gguf"
+    shutil.copyfile(tiny_gguf_quants["Q8_0"], draft)
+    draft.chmod(0o600)
+    r = CliRunner().invoke(_cli(), ["install-service", "--model", str(tekken_model), "--hardware", str(rtx4090_json),
+                                    "--exec", EXEC, "--unit-dir", str(tmp_path / "units"),
+                                    "--config-dir", str(tmp_path / "etc"), "--draft-model", str(draft)])
+    assert r.exit_code == 0, r.output
+    assert f"note: {draft} is not world-readable: sudo chmod o+r {draft}" in r.output

@@ -34,7 +34,7 @@ def _from_file(config_file: str | None) -> dict:
     c = read_service_config(config_file)
     return {"model": c.model, "host": c.host, "port": c.port, "ctx": c.ctx, "n_gpu_layers": c.n_gpu_layers,
             "profile": c.profile, "parallel": c.parallel, "think_budget": c.think_budget, "audit_log": c.audit_log,
-            "stall_timeout_s": c.stall_timeout_s}
+            "stall_timeout_s": c.stall_timeout_s, "speculate": c.speculate, "draft_model": c.draft_model}
 
 
 @cli.command()
@@ -124,6 +124,8 @@ def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_laye
     from edge_magistral.loader import resolve_draft
     from edge_magistral.server import load_api_keys
 
+    if speculate is None and draft_model is None:  # the options, else the file's, as a pair
+        speculate, draft_model = file.get("speculate"), file.get("draft_model")
     speculate, draft_model = speculation(speculate, draft_model)
 
     def pick(value: Any, key: str) -> Any:

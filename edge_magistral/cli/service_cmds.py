@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from edge_magistral.cli.group import cli
+from edge_magistral.cli.speculate_opts import speculate_options, speculation
 from edge_magistral.errors import BadInputError, ModelNotFoundError
 from edge_magistral.paths import CONFIG_DIR, UNIT_DIR
 from edge_magistral.systemd import (
@@ -22,9 +23,11 @@ from edge_magistral.systemd import (
     install_service,
     is_loopback,
     read_service_config,
+    readable_notes,
     render_unit,
     this_box_devices,
 )
+from edge_magistral.systemd import install as sd_install
 
 
 @cli.command("install-service")
@@ -60,16 +63,20 @@ from edge_magistral.systemd import (
 @click.option("--devices", type=click.Choice(["auto", "all"]), default="auto", show_default=True,
               help="auto: the GPU device rules this box needs; all: every known GPU's.")
 @click.option("--print", "print_only", is_flag=True, help="Print the unit and the config; write nothing.")
+@speculate_options
 def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, parallel, hardware_file, think_budget, audit_log,
                         stall_timeout, exec_path, unit_dir, config_dir, watchdog_sec, allow_from, no_api_key,
-                        devices, print_only) -> None:
+                        devices, print_only, speculate, draft_model) -> None:
     """Install edge-magistral as a systemd service (hardened unit, API key credential, config).
 
     Rerunning it is safe: unchanged files are left alone and an existing API key is kept."""
     config_path = Path(config_dir) / "config.yaml"
-    overrides = {"host": host, "port": port, "think_budget": think_budget, "stall_timeout_s": stall_timeout}
+    overrides = {"host": host, "port": port, "think_budget": think_budget, "stall_timeout_s": stall_timeout,
+                 **_speculation_settings(speculate, draft_model)}
     if model is not None:
-        service = _apply(_planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel), overrides, audit_log)
+        planned = _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel,
+                           overrides.get("speculate"), overrides.get("draft_model"))
+        service = _apply(planned, overrides, audit_log)
         effective = service
     else:
         existing = _existing(config_path)
@@ -88,27 +95,60 @@ def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, parallel,
         click.echo(f"# {Path(unit_dir) / UNIT_NAME}\n{render_unit(unit)}\n"
                    f"# {config_path}\n{effective.to_yaml()}", nl=False)
         return
-    _report(install_service(unit, service, unit_dir), effective, unit)
+    result = install_service(unit, service, unit_dir)
+    if service is not None and service.draft_model:
+        result.notes += readable_notes(service.draft_model)
+    _report(result, effective, unit)
+
+
+def _speculation_settings(speculate: str | None, draft_model: str | None) -> dict:
+    """The config's ``speculate`` and ``draft_model`` when either option is given (the pair replaces
+    the existing config's: ``--speculate off`` drops its draft), else nothing."""
+    if speculate is None and draft_model is None:
+        return {}
+    speculate, draft_model = speculation(speculate, draft_model)
+    return {"speculate": speculate, "draft_model": _draft_path(draft_model) if draft_model else None}
+
+
+def _draft_path(spec: str) -> str:
+    """The draft GGUF as the service will open it: absolute (a symlink stays the thing named, as for
+    the model), present, and outside what the unit's sandbox hides (ProtectHome=, PrivateTmp=)."""
+    from edge_magistral.loader import resolve_draft
+
+    path = os.path.abspath(resolve_draft(spec))
+    if not Path(path).is_file():
+        raise ModelNotFoundError(f"{spec}: no such draft model file")
+    for p in (path, os.path.realpath(path)):
+        if any(p == h or p.startswith(h + "/") for h in sd_install.SANDBOX_HIDDEN):
+            raise BadInputError(
+                f"the draft model is at {p}, which the service cannot see (ProtectHome=, PrivateTmp=): "
+                "move it under /opt, /srv or /var/lib (see README, \"A headless box\")"
+            )
+    return path
 
 
 def _apply(s: ServiceConfig, overrides: dict, audit_log: str | None) -> ServiceConfig:
-    """The options given on the command line win; ``--audit-log none`` turns the audit log off."""
-    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    """The options given on the command line win; ``--audit-log none`` turns the audit log off.
+    The speculation pair is set together (``draft_model`` None included)."""
+    pair = ("speculate", "draft_model")
+    s = dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None or k in pair})
     if audit_log is not None:
         s = dataclasses.replace(s, audit_log=None if audit_log == "none" else audit_log)
     return s
 
 
-def _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel=None) -> ServiceConfig:
+def _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel=None, speculate=None,
+             draft_model=None) -> ServiceConfig:
     """The service config of ``loader.plan_model``'s plan for the model (planned for this box, or
-    the one ``hardware_file`` records)."""
+    the one ``hardware_file`` records), the draft model's memory included."""
     from edge_magistral.loader import ModelRequest, plan_model
 
     path = os.path.abspath(model)  # not resolved: a `current.gguf` symlink stays the thing served
     if not Path(path).is_file():
         raise ModelNotFoundError(f"{model}: no such model file")
     plan, _ = plan_model(ModelRequest(model=path, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=parallel,
-                                      profile=profile, hardware_file=hardware_file))
+                                      profile=profile, hardware_file=hardware_file, speculate=speculate,
+                                      draft_model=draft_model))
     return ServiceConfig.from_plan(plan)
 
 

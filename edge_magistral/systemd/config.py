@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from edge_magistral.errors import BadInputError
+from edge_magistral.generation import SPECULATE_MODES
 
 if TYPE_CHECKING:
     from edge_magistral.planner import Plan
@@ -24,6 +25,8 @@ class ServiceConfig:
 
     ``ctx``, ``n_gpu_layers``, ``profile`` and ``parallel`` pin the plan made at install time (None
     lets the planner choose at start); a pinned plan that stops fitting fails at start with the reason.
+    ``speculate`` None leaves the mode to the plan; ``draft_model`` is the draft GGUF's absolute path,
+    checked at install time (the service must be able to read it, as it reads ``model``).
     """
 
     model: str
@@ -36,6 +39,8 @@ class ServiceConfig:
     think_budget: int | None = None
     audit_log: str | None = "/var/log/edge-magistral/audit.jsonl"
     stall_timeout_s: float = 120.0  # busy without progress this long: restart the worker, withhold liveness pings
+    speculate: str | None = None  # ngram | draft | off (serve --speculate); None: the plan's
+    draft_model: str | None = None  # the draft GGUF for speculate draft (serve --draft-model)
 
     @classmethod
     def from_plan(cls, plan: Plan) -> ServiceConfig:
@@ -64,6 +69,10 @@ class ServiceConfig:
             f"parallel: {v(self.parallel)}",
             "# Default maximum thinking tokens per request (a request may ask for fewer).",
             f"think_budget: {v(self.think_budget)}",
+            "# Speculative decoding: ngram, draft (needs draft_model: a small GGUF with the model's",
+            "# vocabulary, in memory beside it) or off; null: the plan's. The output is the same either way.",
+            f"speculate: {v(self.speculate)}",
+            f"draft_model: {v(self.draft_model)}",
             "# Append-only, hash-chained record of every request (null: none).",
             f"audit_log: {v(self.audit_log)}",
             "# Seconds without progress during a request before the engine worker is restarted (and",
@@ -94,17 +103,21 @@ def read_service_config(path: str | os.PathLike[str]) -> ServiceConfig:
         raise BadInputError(f"{p}: unknown key(s) {', '.join(map(str, unknown))}; known: {', '.join(known)}")
     if not isinstance(data.get("model"), str) or not data["model"]:
         raise BadInputError(f"{p}: `model` must be the path of a GGUF file")
+    if data.get("speculate") is False:  # YAML 1.1 reads a bare `off` as false
+        data["speculate"] = "off"
     for key, value in data.items():
         _check_value(p, key, value)
+    _check_speculation(p, data.get("speculate"), data.get("draft_model"))
     return ServiceConfig(**data)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "host": (str,), "port": (int,), "ctx": (int,), "n_gpu_layers": (int,),
     "profile": (str,), "parallel": (int,), "think_budget": (int,), "audit_log": (str,),
-    "stall_timeout_s": (int, float),
+    "stall_timeout_s": (int, float), "speculate": (str,), "draft_model": (str,),
 }
-_NULLABLE = {"ctx", "n_gpu_layers", "profile", "parallel", "think_budget", "audit_log"}
+_NULLABLE = {"ctx", "n_gpu_layers", "profile", "parallel", "think_budget", "audit_log", "speculate", "draft_model"}
+_CHOICES = {"speculate": SPECULATE_MODES}
 _RANGES = {"port": (1, 65535), "ctx": (256, None), "n_gpu_layers": (0, None), "parallel": (1, 64),
            "think_budget": (0, None), "stall_timeout_s": (1, None)}
 
@@ -115,6 +128,18 @@ def _check_value(p: Path, key: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
         want = " or ".join(t.__name__ for t in _TYPES[key])
         raise BadInputError(f"{p}: `{key}` must be {want}, got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise BadInputError(f"{p}: `{key}` must be one of {', '.join(_CHOICES[key])} or null, got {value!r}")
     lo, hi = _RANGES.get(key, (None, None))
     if (lo is not None and value < lo) or (hi is not None and value > hi):  # type: ignore[operator]
         raise BadInputError(f"{p}: `{key}` is {value}, outside {lo}..{hi if hi is not None else ''}")
+
+
+def _check_speculation(p: Path, speculate: object, draft_model: object) -> None:
+    """The pair serve would refuse at start, refused here on one line instead."""
+    if draft_model == "":
+        raise BadInputError(f"{p}: `draft_model` must be the path of a GGUF file, or null")
+    if speculate == "draft" and not draft_model:
+        raise BadInputError(f"{p}: `speculate` is draft: set `draft_model` to the draft GGUF's path")
+    if draft_model and speculate not in (None, "draft"):
+        raise BadInputError(f"{p}: `draft_model` goes with `speculate: draft`, not {speculate}")
