@@ -468,8 +468,17 @@ def end_to_end(a: argparse.Namespace, settings, temps: Sequence[float]) -> tuple
             "drafted": drafted, "accepted": accepted, "same_output": same,
             "per_run": [{"name": o["name"], "temperature": o["temperature"], "tokens": o["completion_tokens"],
                          "off": round(o["tokens_per_s"], 2), "ngram": round(n["tokens_per_s"], 2),
-                         "drafted": n["drafted"], "accepted": n["accepted"], "same": o["ids"] == n["ids"]}
+                         "drafted": n["drafted"], "accepted": n["accepted"], "same": o["ids"] == n["ids"],
+                         "first_difference": first_difference(o["ids"], n["ids"])}
                         for o, n in zip(off, ngram)]}, off
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first output position where two runs differ (None: the same tokens)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def best_of(rounds: Sequence[Sequence[dict]]) -> list[dict]:
@@ -501,9 +510,13 @@ def main() -> None:
     a = parse_args()
     if a.recompute:
         res = json.loads(a.recompute.read_text())
+        for cd in res.get("cost", []):  # JSON made the k keys strings
+            for key in ("t_ms", "t_switch_ms", "c", "c_steady"):
+                cd[key] = {int(k): v for k, v in cd.get(key, {}).items()}
         if a.draft_cost is not None:
             res["draft_cost"] = a.draft_cost
         res["projection"] = projections(res, a)
+        res["recomputed"] = shlex.join([sys.executable, *sys.argv])
         return finish(res, a)
     if not a.model:
         raise SystemExit("--model is needed (or --recompute FILE)")
