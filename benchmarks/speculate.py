@@ -426,6 +426,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--parts", default="cost,accept,e2e,llama")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-gpu-layers", type=int, default=0)
+    ap.add_argument("--backend-sampling", choices=("auto", "on", "off"), default="auto",
+                    help="the device top-k (auto: on when the output layer is on a GPU); llama.cpp's default "
+                         "context allows one output row per sequence with it, so verify steps need it off")
     ap.add_argument("--depths", default="512,4096")
     ap.add_argument("--reps", type=int, default=5, help="cost: timed steps per k and depth")
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -446,7 +449,9 @@ def settings_for(a: argparse.Namespace):
 
     depth = max(int(d) for d in a.depths.split(","))
     n_ctx = max(depth + K_MAX + 64, 2048 if a.zero_weights else 4096)
-    return LoadSettings(a.model, n_ctx=n_ctx, n_gpu_layers=a.n_gpu_layers, n_threads=a.threads)
+    backend = {"auto": None, "on": True, "off": False}[a.backend_sampling]
+    return LoadSettings(a.model, n_ctx=n_ctx, n_gpu_layers=a.n_gpu_layers, n_threads=a.threads,
+                        backend_sampling=backend)
 
 
 def end_to_end(a: argparse.Namespace, settings, temps: Sequence[float]) -> tuple[dict, list[dict]]:
