@@ -30,9 +30,10 @@ from edge_magistral.chat import Message, ToolSpec, magistral_prompt, render_temp
 from edge_magistral.errors import BackendError, BadInputError
 from edge_magistral.generation import KV_TYPES, Limits, LoadSettings, check_schema
 from edge_magistral.gguf_info import GGUFInfo, check_model, read_info
+from edge_magistral.speculate import DRAFT_MAX
 from edge_magistral.watchdog import WatchdogConfig
 
-LOAD_CTX = 256  # the throwaway context llama_cpp.Llama insists on building at load (n_slots > 1)
+LOAD_CTX = 256  # the throwaway context llama_cpp.Llama insists on building at load (see _load)
 
 
 def schema_grammar(schema: dict[str, Any]) -> str:
@@ -233,13 +234,15 @@ def default_threads() -> int:
 
 
 def _load(s: LoadSettings) -> Any:
-    """``Llama`` with the plan's settings; for several slots, its context replaced by one of
-    ``n_slots + 1`` separate KV streams."""
+    """``Llama`` with the plan's settings. Its context is replaced by one made with parameters
+    ``Llama`` does not take: ``n_slots + 1`` separate KV streams for several slots, and room for
+    a verify step's several logits rows per sequence when speculating (llama.cpp's default is one
+    row per sequence with a device-side sampler, and it refuses a batch asking more)."""
     llama_log.install()
-    one = s.n_slots == 1
+    own = s.n_slots > 1 or s.speculate != "off"
     try:
         llm = llama_cpp.Llama(
-            model_path=s.model_path, n_ctx=s.n_ctx if one else LOAD_CTX, n_gpu_layers=s.n_gpu_layers,
+            model_path=s.model_path, n_ctx=LOAD_CTX if own else s.n_ctx, n_gpu_layers=s.n_gpu_layers,
             n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.n_threads or default_threads(),
             n_threads_batch=s.n_threads_batch or s.n_threads or os.cpu_count(), flash_attn=s.flash_attn,
             type_k=KV_TYPES[s.type_k], type_v=KV_TYPES[s.type_v],
@@ -249,19 +252,24 @@ def _load(s: LoadSettings) -> Any:
         )
     except ValueError as e:
         raise BackendError(f"llama.cpp could not load {s.model_path}: {e}") from None
-    return llm if one else _slots_context(llm, s)
+    return _own_context(llm, s) if own else llm
 
 
-def _slots_context(llm: Any, s: LoadSettings) -> Any:
+def _own_context(llm: Any, s: LoadSettings) -> Any:
     params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
-    params.n_ctx = (s.n_slots + 1) * s.n_ctx  # one stream of n_ctx cells per sequence
+    params.n_ctx = s.n_ctx
+    if s.n_slots > 1:
+        params.n_ctx = (s.n_slots + 1) * s.n_ctx  # one stream of n_ctx cells per sequence
+        params.n_seq_max = s.n_slots + 1
+        params.kv_unified = False
     params.n_batch, params.n_ubatch = s.n_batch, min(s.n_batch, s.n_ubatch)
-    params.n_seq_max = s.n_slots + 1
-    params.kv_unified = False
+    if s.speculate != "off":
+        params.n_outputs_max_per_seq = DRAFT_MAX + 1  # a token and its guesses, each with logits
     llm._ctx.close()  # free the throwaway before allocating the real one
     try:
         llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=llm.verbose)
     except ValueError as e:
         llm.close()
-        raise BackendError(f"llama.cpp could not create a {s.n_slots}-slot context: {e}") from None
+        raise BackendError(f"llama.cpp could not create the context ({s.n_slots} slot(s), n_ctx {s.n_ctx}): "
+                           f"{e}") from None
     return llm

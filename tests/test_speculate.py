@@ -205,13 +205,17 @@ def test_several_slots_verify_their_own_guesses_in_one_batch(tiny_gguf_f32: Path
         many.close()
 
 
-def test_smollm2_greedy_is_identical_with_speculation(smollm2_gguf: Path) -> None:
+@pytest.mark.parametrize("device_topk", [False, True], ids=["host-sampling", "device-topk"])
+def test_smollm2_greedy_is_identical_with_speculation(smollm2_gguf: Path, device_topk: bool) -> None:
+    """Also with the top-k on the device that computes the logits (the default where the output
+    layer is on a GPU; forced here on the CPU backend): llama.cpp then needs room for several
+    logits rows per sequence, or it refuses the verify step."""
     rng = random.Random(0)
     text = " ".join(rng.choice(["one", "two", "three", "four"]) for _ in range(60))
     messages = [Message("user", f"Repeat exactly: {text}")]
     outs = []
     for mode in ("ngram", "off"):
-        e = make_engine(smollm2_gguf, mode)
+        e = make_engine(smollm2_gguf, mode, backend_sampling=device_topk)
         try:
             outs.append(run(e, messages, Limits(temperature=0.0, max_tokens=160)))
         finally:
