@@ -26,7 +26,8 @@
 #               our tg with speculate ngram vs off vs llama-bench tg128, llama-bench tg128 of a 0.5B
 #               draft-shaped Tekken GGUF (its cost per guess), projections at the acceptance of the CPU
 #               run's SmolLM2 outputs (benchmarks/results/issue13/speculate_cpu_smollm2.json) and at a
-#               published rate (speculate.py)
+#               published rate (speculate.py); SPEC_BACKEND_SAMPLING=auto measures with the device top-k
+#               (off by default: before e57caae the engine's context refused several logits rows with it)
 # Locally (CPU, a small shape, no build): SHAPE=small NO_BUILD=1 NGL=0 PATH=.llama-tools/bin:$PATH ...
 set -uo pipefail
 export PYTHONUNBUFFERED=1
