@@ -138,7 +138,7 @@ write_shaped_gguf(sys.argv[1], arch, tensor_specs(arch, "Q8_0"), "Q8_0", vocab_f
 PY
     acc=benchmarks/results/issue13/speculate_cpu_smollm2.json
     timeout "${SPEC_TIMEOUT:-330}" python3 benchmarks/speculate.py --model "$f" --llama-bench "$(command -v llama-bench)" \
-      --draft-bench "$d" --n-gpu-layers "$NGL" --backend-sampling "${SPEC_BACKEND_SAMPLING:-off}" --zero-weights --temps 0.7 --max-tokens "${SPEC_TOKENS:-192}" \
+      --draft-bench "$d" --n-gpu-layers "$NGL" --backend-sampling "${SPEC_BACKEND_SAMPLING:-off}" --zero-weights --temps "${SPEC_TEMPS:-0.7}" --max-tokens "${SPEC_TOKENS:-192}" \
       --reps "${SPEC_REPS:-5}" --rounds "$ROUNDS" $([ -f $acc ] && echo --acceptance $acc) \
       --out "$RES/speculate_Q4_K_M.json" ;;
   diag)  # which part of a Python-side load fails on CUDA (the numpy-before-llama_cpp segfault)
