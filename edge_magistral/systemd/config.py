@@ -70,7 +70,7 @@ class ServiceConfig:
             "# Default maximum thinking tokens per request (a request may ask for fewer).",
             f"think_budget: {v(self.think_budget)}",
             "# Speculative decoding: ngram, draft (needs draft_model: a small GGUF with the model's",
-            "# vocabulary, in memory beside it) or off; null: the plan's. The output is the same either way.",
+            "# vocabulary, in memory beside it) or off; null: the plan's. The model verifies every guess.",
             f"speculate: {v(self.speculate)}",
             f"draft_model: {v(self.draft_model)}",
             "# Append-only, hash-chained record of every request (null: none).",
