@@ -41,7 +41,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import llama_cpp  # noqa: E402,I001  first, before numpy (see edge_magistral/model.py)
 
 from edge_magistral.speculate import DRAFT_MAX, NgramDraft, Speculator, VerifyCost, best_k  # noqa: E402
+from engine_overhead import in_own_thread  # noqa: E402  (a thread per run: its OpenMP pool goes with it)
 
 OUT = ROOT / "benchmarks" / "out" / "speculate.json"
 K_MAX = 16
@@ -259,25 +259,6 @@ def acceptance_summary(runs: Sequence[dict], c: dict[int, float], k_max: int = K
 
 
 # ----------------------------------------------------------------------------- measurement
-
-def in_own_thread(fn: Callable[[], object]) -> object:
-    """fn() on a thread that ends with it: on a CPU build its OpenMP pool goes with it (a pool left
-    spinning slowed the next decoding thread ~1.5x on 2 cores)."""
-    out: dict = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # re-raised in the caller
-            out["error"] = e
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
 
 def _decode(model, batch, tokens: Sequence[int], pos: int, logits_rows: int) -> float:
     """One llama_decode of ``tokens`` at ``pos`` (sequence 0), logits for the last ``logits_rows``

@@ -148,6 +148,7 @@ class Engine(LoadedModel):
         self._active: list[_Slot] = []
         self.verify_cost = VerifyCost()  # how a step's time grows with its tokens (speculation's price)
         self.ngram_sizes = NGRAM_SIZES  # the n-gram lengths guesses are looked up by
+        self._speculating = settings.speculate != "off"
         try:
             self.drafter = open_draft(settings, self)  # speculate="draft": the draft model, else None
         except BaseException:
@@ -255,7 +256,8 @@ class Engine(LoadedModel):
             return
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self._batch.struct)
-        if rc == 0 and not any(slot.prefilling for slot, _, _ in plan):  # generation only: the cost of guesses
+        if rc == 0 and self._speculating and not any(slot.prefilling for slot, _, _ in plan):
+            # generation only: what one more token in a step costs (the price of a guess)
             llama_cpp.llama_synchronize(self.ctx)
             self.verify_cost.observe(self._batch.struct.n_tokens, time.perf_counter() - t0, len(plan))
         self.stats.steps += 1

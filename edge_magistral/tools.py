@@ -136,15 +136,21 @@ def parse_tools(raw: Any) -> tuple[ToolSpec, ...]:
     return tools
 
 
-def parse_tool(i: int, raw: Any) -> ToolSpec:
-    where = f"tools[{i}]"
+def function_of(where: str, raw: Any, fields: str) -> Mapping[str, Any]:
+    """The ``function`` object of a tool or a tool call (``type`` "function", the default)."""
     if not isinstance(raw, Mapping):
         raise BadInputError(f"{where} must be an object")
     if raw.get("type", "function") != "function":
         raise BadInputError(f"{where}: type {raw.get('type')!r} is not supported (only function)")
     fn = raw.get("function")
     if not isinstance(fn, Mapping):
-        raise BadInputError(f"{where}.function must be an object with a name")
+        raise BadInputError(f"{where}.function must be an object with {fields}")
+    return fn
+
+
+def parse_tool(i: int, raw: Any) -> ToolSpec:
+    where = f"tools[{i}]"
+    fn = function_of(where, raw, "a name")
     name = check_name(f"{where}.function.name", fn.get("name"))
     description = fn.get("description")
     if description is None:
@@ -275,13 +281,7 @@ def check_id(where: str, call_id: Any) -> str:
 
 
 def parse_tool_call(where: str, raw: Any) -> ToolCall:
-    if not isinstance(raw, Mapping):
-        raise BadInputError(f"{where} must be an object")
-    if raw.get("type", "function") != "function":
-        raise BadInputError(f"{where}: type {raw.get('type')!r} is not supported (only function)")
-    fn = raw.get("function")
-    if not isinstance(fn, Mapping):
-        raise BadInputError(f"{where}.function must be an object with a name and arguments")
+    fn = function_of(where, raw, "a name and arguments")
     return ToolCall(check_id(f"{where}.id", raw.get("id")), check_name(f"{where}.function.name", fn.get("name")),
                     canonical_arguments(f"{where}.function.arguments", fn.get("arguments")))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from test_toolcalls import FakeVocab  # text ↔ fake 3-byte tokens, as the parser's tests use
 
 from edge_magistral import tekken as tk
 from edge_magistral.errors import BadInputError
@@ -37,31 +38,12 @@ TOOLS = (("get_weather", WEATHER), ("now", {}))
 PROMPT = [tk.BOS, tk.INST, 1000, tk.END_INST]
 
 
-class Vocab:
-    """Text ↔ fake ids (>= 1000), 3 bytes a token, so names and JSON arrive split."""
-
-    def __init__(self) -> None:
-        self.table: dict[int, bytes] = {}
-
-    def ids(self, *parts: int | str) -> list[int]:
-        out: list[int] = []
-        for p in parts:
-            if isinstance(p, int):
-                out.append(p)
-                continue
-            b = p.encode()
-            for i in range(0, len(b), 3):
-                self.table[tid := 1000 + len(self.table)] = b[i:i + 3]
-                out.append(tid)
-        return out
-
-
 class FakeModel:
     """What a Turn asks of a loaded Magistral model; ``sampler`` returns what the chain would hold."""
 
     n_ctx, eos_id, load_s = 4096, tk.EOS, 0.0
 
-    def __init__(self, vocab: Vocab):
+    def __init__(self, vocab: FakeVocab):
         self.vocab = vocab
 
     def thinks(self, limits: Limits) -> bool:
@@ -87,8 +69,8 @@ class FakeModel:
         return [900_000]
 
 
-def turn_with(use: ToolUse | None, **kw) -> tuple[Turn, Vocab]:
-    vocab = Vocab()
+def turn_with(use: ToolUse | None, **kw) -> tuple[Turn, FakeVocab]:
+    vocab = FakeVocab()
     turn = Turn(FakeModel(vocab), PROMPT, Limits(tools=use, **kw))
     turn.prefill()
     return turn, vocab

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import click
 
 from edge_magistral.cli.group import cli
-from edge_magistral.errors import BadInputError
-
-
-def _read_request(path: str) -> object:
-    """The JSON body in PATH ('-': standard input)."""
-    try:
-        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    except OSError as e:
-        raise BadInputError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        return json.loads(raw)
-    except RecursionError:
-        raise BadInputError(f"{path}: the JSON nests too deeply") from None
-    except ValueError as e:
-        raise BadInputError(f"{path}: not JSON ({e})") from None
+from edge_magistral.cli.tool_io import read_json
 
 
 @cli.command()
@@ -44,7 +28,7 @@ def prompt(request: str, model: str | None, as_json: bool) -> None:
     from edge_magistral.tekken import TekkenTokenizer
     from edge_magistral.tools import conversation_from_request
 
-    conversation = conversation_from_request(_read_request(request))  # before the model: bad input first
+    conversation = conversation_from_request(read_json(request, "it"))  # before the model: bad input first
     tok = TekkenTokenizer.from_gguf(resolve_model(model))
     ids = conversation.prompt_ids(tok.encode)
     text = tok.text_with_specials(ids)
