@@ -14,7 +14,6 @@ mean and standard deviation over ``reps`` fresh loads of the model.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import statistics
@@ -156,40 +155,27 @@ def prompt_rate(e: Engine, n: int, prompts: Prompts) -> float:
     return n / done.timings.prompt_s
 
 
-def generation_rate(e: Engine, n: int, prompts: Prompts, seed: int) -> float:
+def generation_rate(e: Engine, n: int, prompts: Prompts, seed: int, speculate: bool = True) -> float:
     """tg: n tokens of a real engine turn (raw, EOS ignored, the default sampler) after a
     one-token prompt, timed from its first token to its last: every step pays what a user's turn
     pays (the sampler, the watchdog, the detokenizer, the events), as llama-bench's does not.
-    Decoded with the engine's own speculate mode (see :func:`generation_turn`)."""
-    return n / generation_turn(e, n, prompts, seed).timings.generation_s
+    ``speculate``: with the engine's own speculate mode, else plainly (see :func:`generation_turn`)."""
+    return n / generation_turn(e, n, prompts, seed, speculate).timings.generation_s
 
 
-def generation_turn(e: Engine, n: int, prompts: Prompts, seed: int) -> Done:
+def generation_turn(e: Engine, n: int, prompts: Prompts, seed: int, speculate: bool = True) -> Done:
     """The tg turn (:func:`generation_rate`), checked, with its timings (and guesses)."""
     before = e.tokens_evaluated
-    limits = Limits(raw=True, max_tokens=n + 1, seed=seed, ignore_eos=True)
+    limits = Limits(raw=True, max_tokens=n + 1, seed=seed, ignore_eos=True, speculate=speculate)
     done = _last_done(e.generate_ids(prompts(1), limits))
     t = done.timings
-    if e.settings.speculate == "off":
+    if not speculate or e.settings.speculate == "off":
         _evaluated(e, n + 1, before, "tg")  # the prompt token and the n generated tokens fed back
     elif e.tokens_evaluated - before < n + 1 + t.drafted_tokens - t.accepted_tokens:  # + rejected guesses
         raise BackendError(f"tg: {e.tokens_evaluated - before} tokens evaluated, fewer than the turn's")
     if done.usage.completion_tokens != n + 1 or t.generation_s <= 0:
         raise BackendError(f"tg: the turn generated {done.usage.completion_tokens} tokens, expected {n + 1}")
     return done
-
-
-@contextlib.contextmanager
-def speculating(e: Engine, mode: str):
-    """The engine in speculate ``mode`` for the turns started inside: it reads the mode as each
-    turn starts, so plain and speculative tg are measured side by side on one load. ``off`` can
-    be asked of any engine, ``draft`` only of one loaded with its draft model."""
-    kept = e.settings
-    e.settings = replace(kept, speculate=mode)
-    try:
-        yield e
-    finally:
-        e.settings = kept
 
 
 def _last_done(events: Any) -> Done:
@@ -333,8 +319,7 @@ def run_bench(settings: LoadSettings, sizes: Sizes = Sizes(), reps: int = 3, see
 def _tg_figures(e: Engine, n: int, prompts: Prompts, seed: int) -> dict[str, float]:
     """tg plain (speculate=off), then with the engine's own mode unless that is off: tokens/s
     and the guesses drafted and accepted."""
-    with speculating(e, "off"):
-        figures = {"tg": generation_rate(e, n, prompts, seed)}
+    figures = {"tg": generation_rate(e, n, prompts, seed, speculate=False)}
     if e.settings.speculate != "off":
         t = generation_turn(e, n, prompts, seed).timings
         figures |= {"tg_spec": n / t.generation_s, "drafted": t.drafted_tokens, "accepted": t.accepted_tokens}

@@ -302,11 +302,11 @@ class Engine(LoadedModel):
             n = self._reuse(seq, prompt)
             turn.cached = n
             self.stats.prompt_tokens_reused += n
-            spec = self._speculator(prompt)
+            spec = self._speculator(prompt, turn.limits)
             self._active.append(_Slot(seq, turn, stream, prompt, prompt[n:], n, spec=spec))
 
-    def _speculator(self, prompt: list[int]) -> Speculator | None:
-        mode = self.settings.speculate
+    def _speculator(self, prompt: list[int], limits: Limits) -> Speculator | None:
+        mode = self.settings.speculate if limits.speculate else "off"
         if mode == "ngram":
             return Speculator(prompt, self.verify_cost, sizes=self.ngram_sizes)
         if mode == "draft":

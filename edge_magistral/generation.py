@@ -93,6 +93,7 @@ class Limits:
     force_thinking: bool = False  # open [THINK] in the prompt instead of letting the model choose
     raw: bool = False  # a raw completion: no thinking handling, every token is answer text
     ignore_eos: bool = False  # never sample end-of-sequence (benchmarks: a fixed number of tokens)
+    speculate: bool = True  # False: this turn decodes plainly even where the engine speculates
     tools: ToolUse | None = None  # the tools this turn may call (None: calls are banned)
 
 

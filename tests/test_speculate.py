@@ -9,6 +9,7 @@ schema and tool calls; only the counters say it ran.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,8 @@ def test_the_model_as_its_own_draft_is_always_right_and_changes_nothing(tiny_ggu
         assert ev_on == run(off, REPEAT, limits)[0]
         t = done.timings
         assert t.drafted_tokens > 50 and t.accepted_tokens == t.drafted_tokens
+        plain, done = run(e, REPEAT, replace(limits, speculate=False))  # a request may decode plainly
+        assert plain == ev_on and done.timings.drafted_tokens == 0
     finally:
         e.close()
 
