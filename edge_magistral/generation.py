@@ -51,6 +51,9 @@ class LoadSettings:
     speculate: str = "ngram"
     draft_model: str | None = None
     draft_gpu_layers: int = 0
+    # llama.cpp RPC workers ("host:port", probed first: see rpc/), whose devices come first in
+    # llama.cpp's device order, so ``tensor_split`` lists theirs before the local GPUs.
+    workers: tuple[str, ...] = ()
 
     @classmethod
     def from_plan(cls, plan: Any) -> LoadSettings:

@@ -48,6 +48,7 @@ class ModelRequest:
     store: str | None = None  # the model store's folder (None: the default store)
     speculate: str | None = None  # "ngram" | "draft" | "off" (None: the profile's, else ngram)
     draft_model: str | None = None  # a draft GGUF sharing the model's vocabulary (speculate=draft)
+    cluster: Any = None  # rpc.endpoints.Cluster: RPC workers to place layers on (None: this box alone)
 
     def __post_init__(self) -> None:
         """A draft model alone means speculate=draft; refused at once (before anything is
@@ -161,6 +162,14 @@ def plan_model(req: ModelRequest) -> tuple[Plan, LoadSettings]:
     path = _resolve(req.model, req.store, req.profile, hardware)
     hw = hardware()
     request = Request(ctx=req.ctx, n_gpu_layers=req.n_gpu_layers, parallel=req.parallel)
+    if req.cluster is not None and req.cluster.workers:
+        from edge_magistral.rpc.head import plan_across
+
+        if req.draft_model:
+            raise BadInputError("a draft model together with RPC workers is not supported: drop --draft-model "
+                                "(n-gram speculation still works)")
+        plan = plan_across(path, request, hw, req.cluster, req.profile)
+        return plan, replace(_settings(plan, req), workers=tuple(req.cluster.endpoints))
     draft = resolve_draft(req.draft_model, req.store) if req.draft_model and req.speculate != "off" else None
     plan, _ = plan_for_model(path, request, hw, profile_name=req.profile, draft_path=draft)
     return plan, _settings(plan, req)

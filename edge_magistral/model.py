@@ -30,6 +30,8 @@ from edge_magistral.chat import Message, ToolSpec, magistral_prompt, render_temp
 from edge_magistral.errors import BackendError, BadInputError
 from edge_magistral.generation import KV_TYPES, Limits, LoadSettings, check_schema
 from edge_magistral.gguf_info import GGUFInfo, check_model, read_info
+from edge_magistral.rpc import backend as rpc_backend
+from edge_magistral.rpc.buffers import RemoteBuffers
 from edge_magistral.speculate import DRAFT_MAX
 from edge_magistral.watchdog import WatchdogConfig
 
@@ -62,7 +64,9 @@ class LoadedModel:
         check_model(self.info)
         self.is_magistral = self.info.tokenizer_pre == "tekken" and "end_think" in self.info.special_tokens
         t0 = time.monotonic()
-        self.llm = _load(settings)
+        self.remote_buffers = RemoteBuffers()  # what llama.cpp allocated on each RPC worker
+        with llama_log.listen(self.remote_buffers.feed):
+            self.llm = _load(settings)
         self.load_s = time.monotonic() - t0
         self.ctx = self.llm.ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -239,6 +243,8 @@ def _load(s: LoadSettings) -> Any:
     a verify step's several logits rows per sequence when speculating (llama.cpp's default is one
     row per sequence with a device-side sampler, and it refuses a batch asking more)."""
     llama_log.install()
+    if s.workers:  # probed by the caller: llama.cpp aborts the process on a worker that fails
+        rpc_backend.register_workers(list(s.workers))
     own = s.n_slots > 1 or s.speculate != "off"
     try:
         llm = llama_cpp.Llama(

@@ -89,8 +89,8 @@ def compile_rpc(tree: Path, lib_dir: Path, out: Path) -> None:
 
 def check(lib: Path) -> None:
     """Load it in a fresh process, as the head and the worker will."""
-    code = ("import os; os.environ['EDGE_MAGISTRAL_RPC_LIB'] = %r\n"
-            "from edge_magistral.rpc import backend\nprint(len(backend.local_devices()), 'local device(s)')") % str(lib)
+    code = (f"import os; os.environ['EDGE_MAGISTRAL_RPC_LIB'] = {str(lib)!r}\n"
+            "from edge_magistral.rpc import backend\nprint(len(backend.local_devices()), 'local device(s)')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"error: the built library does not load: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from edge_magistral import loader
 from edge_magistral.cli import tool_io
+from edge_magistral.cli.cluster_opts import CLUSTER_OPTIONS, cluster_of
 from edge_magistral.cli.group import cli
 from edge_magistral.cli.render import err_console
 from edge_magistral.cli.speculate_opts import SPECULATE_OPTIONS, speculation
@@ -26,11 +27,12 @@ from edge_magistral.generation import DEFAULT_LIMITS
 
 
 def _load(model: str | None, ctx: int | None, n_gpu_layers: int | None, profile: str | None, quiet: bool,
-          yes: bool = False, speculate: tuple[str | None, str | None] = (None, None)):
+          yes: bool = False, speculate: tuple[str | None, str | None] = (None, None), cluster=None):
     """Open the model for one request at a time; unless quiet, say what the planner decided and
-    show a spinner while it loads. ``speculate``: the mode and draft model asked (:func:`speculation`)."""
+    show a spinner while it loads. ``speculate``: the mode and draft model asked (:func:`speculation`);
+    ``cluster``: the RPC workers to place layers on (:func:`cluster_of`)."""
     req = loader.ModelRequest(model=model, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=1, profile=profile,
-                              speculate=speculate[0], draft_model=speculate[1])
+                              speculate=speculate[0], draft_model=speculate[1], cluster=cluster)
     try:
         opened = _open(req, quiet)
     except loader.NoModelError:  # first run: the pull asks first, outside the spinner
@@ -132,6 +134,7 @@ _common = [
     click.option("--redact", type=click.Choice(["none", "thinking", "prompt", "all"]), default="none",
                  show_default=True, help="What the audit record stores only as a sha256."),
     *SPECULATE_OPTIONS,
+    *CLUSTER_OPTIONS,
 ]
 
 
@@ -176,7 +179,7 @@ def _tool_options(f):
 @common_options
 def run(prompt, files, as_json, json_schema, messages_path, tools_path, tool_choice, no_parallel, save_conversation,
         yes, model, think_budget, max_tokens, system, system_mode, temperature, seed, ctx, n_gpu_layers, profile,
-        show_thinking, audit_log, redact, speculate, draft_model) -> None:
+        show_thinking, audit_log, redact, speculate, draft_model, workers, cluster_file, allow_public_worker) -> None:
     """Answer one PROMPT (or stdin, or the conversation of --messages) and exit. The answer
     streams to stdout.
 
@@ -193,11 +196,12 @@ def run(prompt, files, as_json, json_schema, messages_path, tools_path, tool_cho
     3 no model, 5 does not fit, 6 stopped by the watchdog (answer cut), 7 cannot write
     --save-conversation, 9 the model botched a tool call (none was made), 130 interrupted."""
     spec = speculation(speculate, draft_model)  # refused before the prompt is read
+    cluster = cluster_of(workers, cluster_file, allow_public_worker)
     req = tool_io.build_request(_request_options(prompt, files, messages_path, tools_path, tool_choice, no_parallel,
                                                  system, system_mode))
     use = req.conversation.tool_use()
     limits = _limits(think_budget, max_tokens, temperature, seed, json_schema, req.conversation.system_mode, use)
-    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=as_json, yes=yes, speculate=spec)
+    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=as_json, yes=yes, speculate=spec, cluster=cluster)
     try:
         answer, reasoning, done = _stream(engine, req.conversation, limits, show_thinking and not as_json,
                                           echo=not as_json and use is None)
@@ -272,7 +276,8 @@ def _finish(done, req: tool_io.RunRequest, message: dict, save_path: str | None)
 @click.option("--no-parallel-tool-calls", "no_parallel", is_flag=True, help="At most one tool call per turn.")
 @common_options
 def chat(tools_path, tool_choice, no_parallel, model, think_budget, max_tokens, system, system_mode, temperature,
-         seed, ctx, n_gpu_layers, profile, show_thinking, audit_log, redact, speculate, draft_model) -> None:
+         seed, ctx, n_gpu_layers, profile, show_thinking, audit_log, redact, speculate, draft_model, workers,
+         cluster_file, allow_public_worker) -> None:
     """Interactive multi-turn chat. Commands: /reset (forget the conversation), /think N (think
     budget for the next turns; 0 = no thinking), /exit. Earlier answers' thinking is not kept.
 
@@ -280,7 +285,8 @@ def chat(tools_path, tool_choice, no_parallel, model, think_budget, max_tokens, 
     its result on one line; the model goes on until it answers in text. The thinking that led to
     a call is kept in the conversation."""
     tools = tool_io.chat_tools(tools_path, tool_choice, False if no_parallel else None)  # bad input first
-    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=False, speculate=speculation(speculate, draft_model))
+    engine, plan = _load(model, ctx, n_gpu_layers, profile, quiet=False, speculate=speculation(speculate, draft_model),
+                         cluster=cluster_of(workers, cluster_file, allow_public_worker))
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     budget = think_budget
     sha = loader.model_sha256(engine.settings.model_path) if audit_log else ""

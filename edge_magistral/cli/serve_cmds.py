@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from edge_magistral.cli.cluster_opts import cluster_of, cluster_options
 from edge_magistral.cli.group import cli
 from edge_magistral.cli.speculate_opts import speculate_options, speculation
 from edge_magistral.errors import ModelNotFoundError
@@ -99,6 +100,7 @@ def _from_file(config_file: str | None) -> dict:
 @click.option("--hardware", "hardware_file", type=click.Path(dir_okay=False), default=None, hidden=True,
               help="Plan for this recorded box (detect --json) instead of detecting this one (tests).")
 @speculate_options
+@cluster_options
 def serve(config_file: str | None, **options: Any) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat and raw completions, SSE streaming,
     /health, /metrics), --parallel generations at once, the engine in a supervised worker process.
@@ -119,7 +121,8 @@ def serve(config_file: str | None, **options: Any) -> None:
 def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_layers, profile, threads, think_budget,
                    parallel, api_key_file, insecure_no_auth, allowed_host, cors_origin, queue_size, max_body_bytes,
                    max_tokens, request_timeout, client_timeout, stall_timeout, hang_timeout, load_timeout,
-                   drain_timeout, audit_log, redact, hardware_file, speculate, draft_model) -> Any:
+                   drain_timeout, audit_log, redact, hardware_file, speculate, draft_model, workers, cluster_file,
+                   allow_public_worker) -> Any:
     """The options given, else the config file's settings, else the server's defaults."""
     from edge_magistral.loader import resolve_draft
     from edge_magistral.server import load_api_keys
@@ -145,4 +148,5 @@ def _server_config(file: dict, *, model, model_name, host, port, ctx, n_gpu_laye
         client_timeout_s=client_timeout, load_timeout_s=load_timeout, drain_timeout_s=drain_timeout, redact=redact,
         log_level=logging.getLogger().getEffectiveLevel(), hardware_file=hardware_file, speculate=speculate,
         draft_model=resolve_draft(draft_model) if draft_model else None,
+        cluster=cluster_of(tuple(workers), pick(cluster_file, "cluster"), allow_public_worker),
         **{k: v for k, v in from_file.items() if v is not None})

@@ -463,11 +463,16 @@ async def health(request: Request) -> JSONResponse:
         plan = sup.info.get("plan", {})
         keys = ("quant", "profile", "n_ctx", "n_gpu_layers", "type_k", "type_v", "flash_attn", "think_budget",
                 "n_slots", "speculate")
-        return JSONResponse({"status": "ok", "model": sup.info.get("model"),
-                             "plan": {k: plan.get(k) for k in keys}, "queue": len(sup.queue),
-                             "generating": bool(sup.running),
-                             "slots": {"busy": len(sup.running), "total": sup.n_slots}})
-    return JSONResponse({"status": sup.state.value}, status_code=503, headers={"Retry-After": "5"})
+        body = {"status": "ok", "model": sup.info.get("model"), "plan": {k: plan.get(k) for k in keys},
+                "queue": len(sup.queue), "generating": bool(sup.running),
+                "slots": {"busy": len(sup.running), "total": sup.n_slots}}
+        if workers := sup.info.get("workers"):
+            body["workers"] = workers  # each RPC worker: its devices and the buffers llama.cpp put there
+        return JSONResponse(body)
+    body = {"status": sup.state.value}
+    if sup.waiting is not None:
+        body["waiting_for_worker"] = sup.waiting  # which RPC worker loading waits for, and why
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
 
 @router.get("/metrics")

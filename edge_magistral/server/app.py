@@ -93,7 +93,8 @@ def build_service(config: ServerConfig, notifier: Any = None, on_fatal: Any = No
                               profile=config.profile, threads=config.threads, think_budget=config.think_budget,
                               model_name=config.model_name, hardware_file=config.hardware_file,
                               log_level=config.log_level, parallel=config.parallel,
-                              speculate=config.speculate, draft_model=config.draft_model)
+                              speculate=config.speculate, draft_model=config.draft_model,
+                              cluster=config.cluster)
     sup = Supervisor(settings, sup_config, notifier=notifier, metrics=metrics, on_fatal=on_fatal)
     audit = AuditSink(config.audit_log, config.redact, config.model_path) if config.audit_log else None
     if audit is not None:

@@ -15,6 +15,7 @@ worker → front
     included: ``events`` and ``progress`` grow whenever the engine advances (an event sent, a
     prefill batch evaluated), so the front can tell "busy and advancing" from "hung inside a
     llama.cpp call". :class:`Status` a STATUS line while loading (the sha256 being verified).
+    :class:`WaitingForWorker` while an RPC worker of the model does not answer (loading waits).
     :class:`Ready` once the model is admitted, loaded and warmed up (``info`` is what the front
     reports; ``info["n_slots"]`` is how many jobs it may have in flight). :class:`Fatal` when the
     model cannot be loaded at all (retrying would not help). :class:`JobEvent` one engine event
@@ -80,6 +81,15 @@ class Status:
 
 
 @dataclass(frozen=True)
+class WaitingForWorker:
+    """Loading waits for an RPC worker that does not answer (or is busy): the reason, one line.
+    The load timeout starts once every worker has answered (waiting is not a hung load)."""
+
+    endpoint: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Ready:
     info: dict[str, Any]
 
@@ -105,4 +115,4 @@ class JobError:
     message: str
 
 
-ToFront = Heartbeat | Status | Ready | Fatal | JobEvent | JobError
+ToFront = Heartbeat | Status | WaitingForWorker | Ready | Fatal | JobEvent | JobError

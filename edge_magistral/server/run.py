@@ -117,7 +117,7 @@ def preflight(config: ServerConfig) -> Plan:
                                    parallel=config.parallel, profile=config.profile,
                                    hardware_file=config.hardware_file, threads=config.threads,
                                    think_budget=config.think_budget, speculate=config.speculate,
-                                   draft_model=config.draft_model))[0]
+                                   draft_model=config.draft_model, cluster=config.cluster))[0]
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_magistral.errors import BadInputError
 
@@ -41,6 +42,7 @@ class ServerConfig:
     parallel: int | None = None  # decoding slots (None: the plan's)
     speculate: str | None = None  # ngram | draft | off (None: the plan's, else ngram)
     draft_model: str | None = None  # the draft GGUF of speculate=draft
+    cluster: Any = None  # edge_magistral.rpc.endpoints.Cluster: RPC workers to place layers on (None: none)
     api_keys: tuple[str, ...] = ()
     insecure_no_auth: bool = False
     allowed_hosts: tuple[str, ...] = ()

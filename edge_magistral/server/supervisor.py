@@ -46,6 +46,7 @@ from edge_magistral.server.protocol import (
     Status,
     Stop,
     ToFront,
+    WaitingForWorker,
 )
 from edge_magistral.server.settings import SupervisorConfig
 from edge_magistral.server.worker import WorkerSettings
@@ -103,6 +104,7 @@ class Supervisor:
         self.verified_file: tuple | None = None  # the model file identity the last worker admitted
         self.avg_job_s = 5.0
         self.fatal: tuple[int, str] | None = None
+        self.waiting: dict[str, str] | None = None  # the RPC worker loading waits for, and why
         self._gen = 0
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,11 +263,23 @@ class Supervisor:
                 self._on_ready(info)
             case Status(text=text):
                 self._status(text)
+            case WaitingForWorker(endpoint=endpoint, reason=reason):
+                self._on_waiting(link, endpoint, reason)
             case Fatal(message=message, exit_code=exit_code):
                 self._give_up(exit_code, f"cannot load the model: {message}")
 
+    def _on_waiting(self, link: WorkerLink, endpoint: str, reason: str) -> None:
+        """Loading waits for an RPC worker: not a hung load, so the load timeout restarts from now
+        (the worker process still beats; a frozen one is still caught)."""
+        link.started = self.clock()
+        if self.waiting != {"endpoint": endpoint, "reason": reason}:
+            log.warning("waiting for RPC worker %s: %s", endpoint, reason)
+        self.waiting = {"endpoint": endpoint, "reason": reason}
+        self._status(f"waiting for RPC worker {endpoint}: {reason}")
+
     def _on_ready(self, info: dict[str, Any]) -> None:
         self.link.ready = True
+        self.waiting = None
         if self.state is not State.LOADING:  # shutting down meanwhile
             return
         self.info, self.state, first = info, State.READY, not self._ever_ready

@@ -44,6 +44,7 @@ from edge_magistral.server.protocol import (
     Stop,
     ToFront,
     ToWorker,
+    WaitingForWorker,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class WorkerSettings:
     parallel: int | None = None  # decoding slots (None: the plan's)
     speculate: str | None = None  # ngram | draft | off (None: the plan's, else ngram)
     draft_model: str | None = None  # the draft GGUF of speculate=draft
+    cluster: Any = None  # edge_magistral.rpc.endpoints.Cluster: the RPC workers layers go to (None: none)
 
 
 def worker_main(conn: Any, settings: WorkerSettings) -> None:
@@ -212,11 +214,13 @@ class Worker:
 
         s = self.settings
         admitted = admit(s.model_path, s.verified_file, progress=_StatusLine(self.send))
+        if s.cluster is not None and s.cluster.workers:
+            self._wait_for_workers(s.cluster.endpoints)
         t0 = time.monotonic()
         opened = open_model(ModelRequest(model=s.model_path, ctx=s.ctx, n_gpu_layers=s.n_gpu_layers,
                                          parallel=s.parallel, profile=s.profile, hardware_file=s.hardware_file,
                                          threads=s.threads, think_budget=s.think_budget, speculate=s.speculate,
-                                         draft_model=s.draft_model))
+                                         draft_model=s.draft_model, cluster=s.cluster))
         self.engine = e = opened.engine
         t1 = time.monotonic()
         for _ in e.submit(e.prompt_ids([Message("user", "Hi")], "replace"), Limits(think_budget=0, max_tokens=1)):
@@ -234,7 +238,16 @@ class Worker:
             "n_threads": load.n_threads, "load_s": round(t1 - t0, 3), "warmup_s": round(time.monotonic() - t1, 3),
             "admission": {"file_id": admitted.file_id, "note": admitted.note, "hash_s": round(admitted.hash_s, 3),
                           "sha256": admitted.sha256},
+            "workers": _workers_info(s.cluster, e.remote_buffers, plan),
         }
+
+    def _wait_for_workers(self, endpoints: list[str]) -> None:
+        """Wait, as long as it takes, until every RPC worker answers a probe: llama.cpp would abort
+        this process on one that does not. The front shows which worker and why (/health); a worker
+        of another protocol version is fatal at once (waiting would not fix it)."""
+        from edge_magistral.rpc.probe import wait_for_workers
+
+        wait_for_workers(endpoints, None, lambda err: self.send(WaitingForWorker(err.endpoint, str(err))))
 
     # -------------------------------------------------------------------------- jobs
     def _start(self, job_id: str, spec: JobSpec) -> None:
@@ -292,6 +305,15 @@ class Worker:
             conv = spec.conversation
             return self.engine.prompt_ids(list(conv.messages), conv.system_mode, conv.tools)
         return self.engine.raw_prompt_ids(spec.prompt)
+
+
+def _workers_info(cluster: Any, buffers: Any, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per RPC worker: what the plan put there and what llama.cpp really allocated there."""
+    if cluster is None or not cluster.workers:
+        return []
+    planned = {w.get("endpoint"): w for w in (plan.get("cluster") or {}).get("workers", [])}
+    got = buffers.to_dict()
+    return [{"endpoint": ep, "buffers": got.get(ep, {}), "planned": planned.get(ep)} for ep in cluster.endpoints]
 
 
 def job_error(job_id: str, e: Exception) -> JobError:

@@ -41,6 +41,7 @@ class ServiceConfig:
     stall_timeout_s: float = 120.0  # busy without progress this long: restart the worker, withhold liveness pings
     speculate: str | None = None  # ngram | draft | off (serve --speculate); None: the plan's
     draft_model: str | None = None  # the draft GGUF for speculate draft (serve --draft-model)
+    cluster: str | None = None  # a cluster file of RPC workers (serve --cluster)
 
     @classmethod
     def from_plan(cls, plan: Plan) -> ServiceConfig:
@@ -73,6 +74,8 @@ class ServiceConfig:
             "# vocabulary, in memory beside it) or off; null: the plan's. The model verifies every guess.",
             f"speculate: {v(self.speculate)}",
             f"draft_model: {v(self.draft_model)}",
+            "# RPC workers to place layers on: a cluster file (see README, \"Across several boxes\"); null: none.",
+            f"cluster: {v(self.cluster)}",
             "# Append-only, hash-chained record of every request (null: none).",
             f"audit_log: {v(self.audit_log)}",
             "# Seconds without progress during a request before the engine worker is restarted (and",
@@ -115,8 +118,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str,), "host": (str,), "port": (int,), "ctx": (int,), "n_gpu_layers": (int,),
     "profile": (str,), "parallel": (int,), "think_budget": (int,), "audit_log": (str,),
     "stall_timeout_s": (int, float), "speculate": (str,), "draft_model": (str,),
+    "cluster": (str,),
 }
-_NULLABLE = {"ctx", "n_gpu_layers", "profile", "parallel", "think_budget", "audit_log", "speculate", "draft_model"}
+_NULLABLE = {"ctx", "n_gpu_layers", "profile", "parallel", "think_budget", "audit_log", "speculate", "draft_model",
+             "cluster"}
 _CHOICES = {"speculate": SPECULATE_MODES}
 _RANGES = {"port": (1, 65535), "ctx": (256, None), "n_gpu_layers": (0, None), "parallel": (1, 64),
            "think_budget": (0, None), "stall_timeout_s": (1, None)}

@@ -1,0 +1,217 @@
+"""Layers across boxes, for real: two ``rpc-worker`` processes on 127.0.0.1 (llama.cpp's CPU
+backend behind its RPC server) and a head. Greedy output split across them equals a local run;
+the planner's per-worker memory matches what llama.cpp allocated there; a dead, mismatched or
+public worker is a one-line error, never an aborted head; a worker lost mid-request is a 503, and
+the service waits for it and recovers.
+
+Skipped, with the reason, where llama.cpp's RPC backend is not installed
+(``python scripts/build_rpc_backend.py`` installs it in seconds)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import rpc_harness
+import serve_harness
+
+from edge_magistral.chat import Message
+from edge_magistral.generation import AnswerText, Done, Limits, LoadSettings, ThinkingText
+
+pytestmark = pytest.mark.skipif(rpc_harness.skip_reason() is not None, reason=rpc_harness.skip_reason() or "")
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("rpc")
+    ws = [rpc_harness.new_worker(tmp, f"w{i}") for i in range(2)]
+    for w in ws:
+        w.start(wait=False)
+    try:
+        for w in ws:
+            w.wait_idle()
+        yield ws
+    finally:
+        for w in ws:
+            w.stop()
+
+
+def _cluster(endpoints: list[str]):
+    from edge_magistral.rpc.endpoints import cluster_from
+
+    return cluster_from(endpoints, None, False)
+
+
+def _text(events) -> tuple[str, Done]:
+    out, done = [], None
+    for ev in events:
+        if isinstance(ev, (ThinkingText, AnswerText)):
+            out.append(ev.text)
+        elif isinstance(ev, Done):
+            done = ev
+    return "".join(out), done
+
+
+def _greedy(engine, limits: Limits) -> tuple[str, Done]:
+    if engine.is_magistral:
+        return _text(engine.generate([Message("user", "Count from one to twenty.")], limits))
+    return _text(engine.submit(engine.raw_prompt_ids("The capital of France is Paris. The capital of"), limits))
+
+
+def _local_then_split(path: Path, endpoints: list[str], limits: Limits):
+    from edge_magistral import loader
+    from edge_magistral.engine import Engine
+
+    local = Engine(LoadSettings(str(path), n_ctx=512, n_threads=1, speculate="off"))
+    try:
+        want = _greedy(local, limits)
+    finally:
+        local.close()
+    opened = loader.open_model(loader.ModelRequest(model=str(path), ctx=512, threads=1, parallel=1,
+                                                   speculate="off", cluster=_cluster(endpoints)))
+    try:
+        got = _greedy(opened.engine, limits)
+        return want, got, opened.plan, opened.engine.remote_buffers.to_dict()
+    finally:
+        opened.close()
+
+
+def _check_split(plan, buffers: dict, endpoints: list[str]) -> None:
+    """Layers on both workers; llama.cpp's buffers there within ±5% of the plan's prediction."""
+    planned = {w["endpoint"]: w for w in plan.to_dict()["cluster"]["workers"]}
+    assert set(buffers) == set(endpoints) == set(planned)
+    for ep in endpoints:
+        assert planned[ep]["layers"] > 0 and buffers[ep]["weights"] > 0, (planned[ep], buffers[ep])
+        predicted, real = planned[ep]["memory"]["total"], buffers[ep]["total"]
+        assert abs(predicted - real) <= 0.05 * real, (ep, predicted, real, planned[ep], buffers[ep])
+
+
+def test_smollm2_split_across_two_workers_is_identical_to_a_local_run(workers, smollm2_gguf: Path) -> None:
+    eps = [w.endpoint for w in workers]
+    (want, _), (got, done), plan, buffers = _local_then_split(smollm2_gguf, eps, Limits(temperature=0.0,
+                                                                                       max_tokens=40))
+    assert got == want and done.usage.completion_tokens == 40
+    _check_split(plan, buffers, eps)
+
+
+def test_tiny_magistral_split_across_two_workers_is_identical_to_a_local_run(workers, tiny_gguf_f32: Path) -> None:
+    eps = [w.endpoint for w in workers]
+    limits = Limits(temperature=0.0, max_tokens=48, think_budget=24, seed=1)
+    (want, done_local), (got, done), plan, buffers = _local_then_split(tiny_gguf_f32, eps, limits)
+    assert got == want and done.usage.completion_tokens == done_local.usage.completion_tokens > 0
+    _check_split(plan, buffers, eps)
+
+
+# ------------------------------------------------------------------ bad workers: one line, no abort
+
+def _run_cli(model: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "edge_magistral", "run", "--model", str(model), "--max-tokens", "4",
+           "--threads", "1", *args, "Hi"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and all(w in lines[0] for w in words), r.stderr[-2000:]
+
+
+def test_an_unreachable_worker_is_a_one_line_error(smollm2_gguf: Path) -> None:
+    port = rpc_harness.free_port()  # nobody listens there
+    _one_line_error(_run_cli(smollm2_gguf, "--worker", f"127.0.0.1:{port}"), 8, "unreachable", str(port))
+
+
+class _OldServer:
+    """A server speaking another RPC protocol version (6.1.0): a head of this version must refuse it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(10)
+                try:
+                    head = conn.recv(9)
+                    if head[:1] == b"\x0e":
+                        conn.recv(struct.unpack("<Q", head[1:9])[0])
+                        conn.sendall(struct.pack("<Q", 28) + bytes([6, 1, 0, 0]) + bytes(24))
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_worker_of_another_protocol_version_is_a_one_line_error(smollm2_gguf: Path) -> None:
+    old = _OldServer()
+    try:
+        _one_line_error(_run_cli(smollm2_gguf, "--worker", old.endpoint), 8, "6.1.0", "7.0.0")
+    finally:
+        old.close()
+
+
+def test_a_public_worker_address_is_refused_unless_allowed(smollm2_gguf: Path) -> None:
+    _one_line_error(_run_cli(smollm2_gguf, "--worker", "8.8.8.8:50052"), 2, "public", "--allow-public-worker")
+
+
+# ------------------------------------------------------------------ the service
+
+def _post(server, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=120)
+
+
+def _until(cond, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if (v := cond()) is not None:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_worker_lost_mid_request_is_a_503_and_the_service_waits_for_it(tmp_path: Path,
+                                                                          tiny_gguf_f32: Path) -> None:
+    w = rpc_harness.new_worker(tmp_path, "lost").start()
+    server = serve_harness.start(tiny_gguf_f32, tmp_path, "--worker", w.endpoint, "--speculate", "off")
+    try:
+        health = httpx.get(f"{server.url}/health").json()
+        [entry] = health["workers"]
+        assert entry["endpoint"] == w.endpoint and entry["buffers"]["weights"] > 0  # the remote buffers
+        result: dict = {}
+        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2000, "max_thinking_tokens": 0}
+        t = threading.Thread(target=lambda: result.setdefault("r", _post(server, body)))
+        t.start()
+        _until(lambda: True if httpx.get(f"{server.url}/health").json().get("generating") else None, 60,
+               "the request to start")
+        w.kill()
+        t.join(120)
+        r = result["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_crashed", r.text
+        # the service stays up and says which worker it waits for
+        waiting = _until(lambda: httpx.get(f"{server.url}/health").json().get("waiting_for_worker"), 60,
+                         "health to name the worker")
+        assert waiting["endpoint"] == w.endpoint and "unreachable" in waiting["reason"]
+        assert server.proc.poll() is None
+        w.start()  # the worker comes back on the same address
+        server.wait_ready(180)
+        ok = _post(server, {**body, "max_tokens": 4})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+    finally:
+        code = server.stop()
+        w.stop()
+    assert code == 0, server.log_text()[-3000:]
