@@ -20,6 +20,7 @@ def main() -> None:
         model_cmds,
         plan_cmds,
         prompt_cmds,
+        rpc_cmds,
         run_cmds,
         serve_cmds,
         service_cmds,
