@@ -112,8 +112,7 @@ def test_tiny_magistral_split_across_two_workers_is_identical_to_a_local_run(wor
 # ------------------------------------------------------------------ bad workers: one line, no abort
 
 def _run_cli(model: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "edge_magistral", "run", "--model", str(model), "--max-tokens", "4",
-           "--threads", "1", *args, "Hi"]
+    cmd = [sys.executable, "-m", "edge_magistral", "run", "--model", str(model), "--max-tokens", "4", *args, "Hi"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
@@ -186,8 +185,16 @@ def _until(cond, timeout: float, what: str):
 
 def test_a_worker_lost_mid_request_is_a_503_and_the_service_waits_for_it(tmp_path: Path,
                                                                           tiny_gguf_f32: Path) -> None:
-    w = rpc_harness.new_worker(tmp_path, "lost").start()
-    server = serve_harness.start(tiny_gguf_f32, tmp_path, "--worker", w.endpoint, "--speculate", "off")
+    w = rpc_harness.new_worker(tmp_path, "lost")
+    try:
+        w.start()
+        _lose_a_worker_mid_request(w, tmp_path, tiny_gguf_f32)
+    finally:
+        w.stop()
+
+
+def _lose_a_worker_mid_request(w, tmp_path: Path, model: Path) -> None:
+    server = serve_harness.start(model, tmp_path, "--worker", w.endpoint, "--speculate", "off")
     try:
         health = httpx.get(f"{server.url}/health").json()
         [entry] = health["workers"]
@@ -213,5 +220,4 @@ def test_a_worker_lost_mid_request_is_a_503_and_the_service_waits_for_it(tmp_pat
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
     finally:
         code = server.stop()
-        w.stop()
     assert code == 0, server.log_text()[-3000:]

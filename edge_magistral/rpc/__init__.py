@@ -6,5 +6,8 @@
   worker (hello/version, device count, device memory), so a dead or mismatched worker is a clear
   error instead of llama.cpp aborting the process.
 - ``endpoints``: worker addresses, the cluster file, and which addresses are allowed.
-- ``worker``: the ``rpc-worker`` command's supervisor (child server, allow-list, info).
+- ``buffers``: what llama.cpp allocated on each worker, read from its load log.
+- ``relay``: the worker's public port: allow-list, one head at a time, ``GET /info``.
+- ``worker``: the ``rpc-worker`` command's supervisor (the llama.cpp server in a child).
+- ``head``: the head's probe-then-plan across the boxes (``planner.cluster``).
 """
