@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
 from edge_magistral.catalog import ModelCandidate, catalog, from_gguf_info
 from edge_magistral.cli.group import cli
-from edge_magistral.errors import BackendError
+from edge_magistral.errors import BackendError, BadInputError
 from edge_magistral.hardware import Hardware, detect, load_hardware
 from edge_magistral.planner import DeviceMemory, NoFitError, Option, Plan, Request, draft_candidate, plan
-from edge_magistral.profiles import MAX_PARALLEL, choose_profile, load_profiles
+from edge_magistral.planner.cluster import Link, WorkerBox, plan_cluster
+from edge_magistral.planner.types import ClusterPlan
+from edge_magistral.profiles import MAX_PARALLEL, Profile, choose_profile, load_profiles
 from edge_magistral.units import GiB, MiB
 
 
@@ -39,11 +42,16 @@ def detect_cmd(as_json: bool, store_dir: str | None) -> None:
 @click.option("--profile", "profile_name", default=None, help="Use this profile instead of the matching one.")
 @click.option(
     "--hardware",
-    "hardware_file",
+    "hardware_files",
     type=click.Path(dir_okay=False),
-    default=None,
-    help="Plan for the box described by this `detect --json` file.",
+    multiple=True,
+    help="Plan for the box described by this `detect --json` file; repeated, the first is the head and "
+    "the others are its RPC workers, in llama.cpp's device order.",
 )
+@click.option("--link-mbit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Bandwidth of the link to each worker, Mbit/s (default 1000).")
+@click.option("--link-ms", type=click.FloatRange(min=0), default=None,
+              help="One-way latency of the link to each worker, ms (default 0.5).")
 @click.option(
     "--model",
     "models",
@@ -75,7 +83,9 @@ def plan_cmd(
     as_json: bool,
     ctx: int | None,
     profile_name: str | None,
-    hardware_file: str | None,
+    hardware_files: tuple[str, ...],
+    link_mbit: float | None,
+    link_ms: float | None,
     models: tuple[str, ...],
     quant: str | None,
     n_gpu_layers: int | None,
@@ -84,34 +94,56 @@ def plan_cmd(
     draft_path: str | None,
 ) -> None:
     """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons;
-    with --draft, where the draft model goes and what it costs per device."""
-    hw = load_hardware(hardware_file) if hardware_file else detect()
-    profile = choose_profile(hw, load_profiles(), profile_name)
+    with --draft, where the draft model goes and what it costs per device; with several --hardware,
+    the layers across the head and its RPC workers, and what the links cost."""
+    hw = load_hardware(hardware_files[0]) if hardware_files else detect()
+    profiles = load_profiles()
+    profile = choose_profile(hw, profiles, profile_name)
     candidates = _candidates(models)
     request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, quant=quant, kv_type=kv_type, parallel=parallel)
-    draft = draft_candidate(draft_path, candidates) if draft_path else None
+    workers = _workers(hardware_files[1:], link_mbit, link_ms)
     try:
-        p = plan(hw, profile, candidates, request, draft)
+        p = _plan(hw, profile, profiles, candidates, request, workers, draft_path)
     except NoFitError as e:
-        if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "fits": False,
-                        "error": str(e),
-                        "missing_bytes": e.missing_bytes,
-                        "alternatives": [asdict(a) for a in e.alternatives],
-                    },
-                    indent=2,
-                )
-            )
-        else:
-            click.echo(_render_alternatives(e.alternatives))
+        _echo_refusal(e, as_json)
         raise
     if as_json:
         click.echo(json.dumps({"fits": True, **p.to_dict()}, indent=2))
     else:
         click.echo(_render_plan(p, hw))
+        if p.cluster is not None:
+            click.echo(_render_cluster(p.cluster))
+
+
+def _plan(hw: Hardware, profile: Profile, profiles: dict[str, Profile], candidates: list[ModelCandidate],
+          request: Request, workers: list[WorkerBox], draft_path: str | None) -> Plan:
+    """This box alone (with its draft model), or across the workers."""
+    if workers:
+        if draft_path:
+            raise BadInputError("a draft model across RPC workers is not supported: drop --draft")
+        return plan_cluster(hw, workers, candidates, request, profile, profiles)
+    draft = draft_candidate(draft_path, candidates) if draft_path else None
+    return plan(hw, profile, candidates, request, draft)
+
+
+def _echo_refusal(e: NoFitError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"fits": False, "error": str(e), "missing_bytes": e.missing_bytes,
+                               "alternatives": [asdict(a) for a in e.alternatives]}, indent=2))
+    else:
+        click.echo(_render_alternatives(e.alternatives))
+
+
+def _workers(files: tuple[str, ...], link_mbit: float | None, link_ms: float | None) -> list[WorkerBox]:
+    """Each further --hardware file as a worker named after its file, with the given link."""
+    if not files and (link_mbit is not None or link_ms is not None):
+        raise BadInputError("--link-mbit and --link-ms describe the link to workers: give a second --hardware")
+    d = Link()
+    link = Link(d.bandwidth_bytes_s if link_mbit is None else link_mbit * 1e6 / 8,
+                d.latency_s if link_ms is None else link_ms / 1e3)
+    names = [Path(f).stem for f in files]
+    names = [n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names)]
+    return [WorkerBox(n, load_hardware(f), link) for n, f in zip(names, files, strict=True)]
 
 
 def _candidates(models: tuple[str, ...]) -> list[ModelCandidate]:
@@ -193,7 +225,8 @@ def _render_plan(p: Plan, hw: Hardware) -> str:
     if p.draft is not None:
         lines += ["", "draft model's memory (weights + KV + compute + overhead; counted in the pools above):"]
         lines += _render_memory(p.draft.memory, _mib)
-    lines += ["", _render_alternatives(p.alternatives)]
+    if p.alternatives:
+        lines += ["", _render_alternatives(p.alternatives)]
     return "\n".join(lines)
 
 
@@ -231,3 +264,22 @@ def _render_alternatives(alts: list[Option]) -> str:
     for r in rows:
         out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(out)
+
+
+def _render_cluster(c: ClusterPlan) -> str:
+    lines = ["", "across boxes (llama.cpp device order: " + ", ".join(c.device_order) + "):",
+             f"  head CPU     {c.head_cpu_layers} layers and the token embeddings; output layer on {c.output_device}"]
+    for w in c.workers:
+        m = w.memory
+        lines.append(f"  {w.endpoint:12} {w.layers} layers on {', '.join(w.devices)}: {_gib(m.total)} "
+                     f"({_gib(m.weights)} weights, {_gib(m.kv_cache)} KV, {_mib(m.compute)} compute), "
+                     f"profile {w.profile}; link {w.link_mbit:g} Mbit/s, {w.link_ms:g} ms")
+        lines.append("               " + "; ".join(f"{u.pool} {_gib(u.need)} of {_gib(u.budget)}" for u in w.pools))
+        lines.append(f"               first load {_gib(w.first_load_bytes)}, later loads {_mib(w.reload_bytes)} "
+                     "(its cache)")
+    lines += [f"  predicted    {c.tokens_per_s:.2f} tokens/s ({c.tokens_per_s_no_link:.2f} without the links: "
+              f"{c.link_ms_per_token:.2f} ms per token, {c.boundaries} link crossings, "
+              f"{c.round_trips_per_token} round trips)",
+              f"  first token  {c.ttft_s:.1f} s after a {c.prompt_tokens}-token prompt",
+              f"  first load   {_gib(c.first_load_bytes)} over the links ({_gib(c.reload_bytes)} later, cached)"]
+    return "\n".join(lines)

@@ -119,6 +119,42 @@ class DraftPlan:
 
 
 @dataclass
+class WorkerPlan:
+    """One RPC worker of a cluster plan: its devices, what they hold and cost, and its link."""
+
+    endpoint: str  # as the cluster names it ("10.0.0.2:50052")
+    profile: str  # the profile its box matches (its reserves and bandwidth)
+    devices: list[str]  # its devices in llama.cpp's order, as the plan names them ("CUDA0@10.0.0.2:50052")
+    layers: int  # repeating layers on it (the output layer not counted)
+    memory: DeviceMemory  # its devices together (device = endpoint)
+    device_memory: list[DeviceMemory]
+    pools: list[PoolUse]  # its pools, with its own profile's reserves
+    first_load_bytes: int  # weights sent over the link on the first load
+    reload_bytes: int  # on later loads with the worker's cache: tensors over 10 MiB go as a hash
+    link_mbit: float
+    link_ms: float  # one way
+
+
+@dataclass
+class ClusterPlan:
+    """Layers across the head and its RPC workers, and what the links cost (planner.cluster)."""
+
+    workers: list[WorkerPlan]
+    device_order: list[str]  # llama.cpp's: every worker's devices, then the head's GPUs
+    head_cpu_layers: int  # the first layers, on the head's CPU with the token embeddings
+    output_device: str  # where the output layer (and the logits) is computed
+    boundaries: int  # stage boundaries per token that cross a link
+    round_trips_per_token: int
+    tokens_per_s: float  # with the links' cost
+    tokens_per_s_no_link: float
+    link_ms_per_token: float
+    ttft_s: float  # a prompt of ``prompt_tokens`` tokens, prefill and links
+    prompt_tokens: int
+    first_load_bytes: int  # over every worker
+    reload_bytes: int
+
+
+@dataclass
 class Plan:
     """How to load the model on this box, why, and what it will cost."""
 
@@ -145,6 +181,7 @@ class Plan:
     alternatives: list[Option] = field(default_factory=list)
     speculate: str = "ngram"  # ngram | draft | off: "draft" exactly when ``draft`` is planned
     draft: DraftPlan | None = None  # pools above count it; memory above is the model's alone
+    cluster: ClusterPlan | None = None  # layers across RPC workers (planner.cluster); None: this box alone
 
     @property
     def settings(self) -> Settings:
@@ -166,7 +203,19 @@ class Plan:
         if self.draft is not None:
             for m, dm in zip(d["draft"]["memory"], self.draft.memory, strict=True):
                 m["total"] = dm.total
+        if self.cluster is not None:
+            for w, wp in zip(d["cluster"]["workers"], self.cluster.workers, strict=True):
+                _with_totals(w["memory"], wp.memory)
+                for m, dm in zip(w["device_memory"], wp.device_memory, strict=True):
+                    _with_totals(m, dm)
         return d
+
+
+def _with_totals(d: dict[str, object], dm: DeviceMemory) -> None:
+    """``total`` (what the pools count) and ``buffers`` (model + KV + compute: what llama.cpp's load
+    log reports per RPC device, the process's own overhead left out)."""
+    d["total"] = dm.total
+    d["buffers"] = dm.weights + dm.kv_cache + dm.compute
 
 
 class NoFitError(DoesNotFitError):
