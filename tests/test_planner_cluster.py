@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,14 @@ def test_cli_plans_across_hardware_files(tmp_path: Path) -> None:
 def test_a_single_box_plan_has_no_cluster() -> None:
     p = alone("rtx3060-12gb")
     assert p.cluster is None and p.to_dict()["cluster"] is None
+
+
+def test_a_tied_output_layer_takes_a_copy_of_the_embeddings_to_its_device() -> None:
+    m = q4()[0]
+    tied = replace(m, output_bytes=m.n_embd * 4)  # the output norm only: the output reuses token_embd
+    p = across("cpu-only-32gb-container-12g", ["cpu-only-32gb-container-12g"] * 2, Request(), candidates=[tied])
+    c = p.cluster
+    assert c is not None and c.output_device == "CPU@10.0.0.3:50052"
+    last = c.workers[-1]
+    layers = sum(m.bytes_per_layer[il] for il in range(N_LAYERS - last.layers, N_LAYERS))
+    assert last.first_load_bytes == layers + m.n_embd * 4 + m.token_embd_bytes

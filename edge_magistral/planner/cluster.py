@@ -107,10 +107,6 @@ class Fill:
     use: list[PoolUse]
     where: list[int | None]  # per layer, the output layer last: its device (None: the head's CPU)
 
-    @property
-    def fits(self) -> bool:
-        return all(u.fits for u in self.use)
-
 
 # ----------------------------------------------------------------------------- the space
 
@@ -224,7 +220,7 @@ def fill(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0: i
         if left:
             return None
         f = evaluate(sp, m, s, c0, counts)
-        if f.fits:
+        if all(u.fits for u in f.use):
             return f
         if not _cap(sp, f, caps, fixed_c0):
             return None
@@ -245,7 +241,7 @@ def _greedy(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0
             mid = (lo + hi) // 2
             c, cs = (mid, counts) if i == -1 else (c0, counts[:i] + [mid] + counts[i + 1:])
             f = evaluate(sp, m, s, c, cs, sink=left - mid)
-            if all(u.fits for u in f.use if u.pool in _pools_of(sp, i)):
+            if all(u.fits for u in f.use if u.pool in (("RAM",) if i == -1 else sp.devices[i].pools)):
                 best, lo = mid, mid + 1
             else:
                 hi = mid - 1
@@ -257,10 +253,6 @@ def _greedy(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0
             counts[i] = best
         left -= best
     return c0, counts, left
-
-
-def _pools_of(sp: Space, i: int) -> tuple[str, ...]:
-    return ("RAM",) if i == -1 else sp.devices[i].pools
 
 
 def _cap(sp: Space, f: Fill, caps: dict[int, int], fixed_c0: int | None) -> bool:
@@ -354,12 +346,21 @@ def plan_cluster(head: Hardware, workers: list[WorkerBox], candidates: list[Mode
         raise BadInputError("no model candidates: build or pull a Magistral GGUF, or plan from the catalog")
     sp = make_space(head, workers, profile, request, profiles or load_profiles())
     sp.quant_requested = request.quant is not None
-    cands = _within_context(_ordered(candidates, profile, request), candidates, request)
+    cands = [_tied_output(c) for c in _within_context(_ordered(candidates, profile, request), candidates, request)]
     found = _search(sp, cands)
     if found is None:
         raise _refusal(sp, cands)
     m, f, step = found
     return make_cluster_plan(sp, m, f, step, prompt_tokens)
+
+
+def _tied_output(m: ModelCandidate) -> ModelCandidate:
+    """A model without an output matrix (its output reuses the token embeddings) gets a copy of
+    them on the device of the output layer, as llama.cpp loads it (less than a bit per output
+    weight means no output matrix)."""
+    if m.output_bytes * 8 >= m.n_vocab * m.n_embd:
+        return m
+    return replace(m, output_bytes=m.output_bytes + m.token_embd_bytes)
 
 
 def llama_split(plan: Plan) -> tuple[list[float], int]:
@@ -375,7 +376,8 @@ def make_cluster_plan(sp: Space, m: ModelCandidate, f: Fill, step: str, prompt_t
     """The Plan of a placement, its cluster part and its reasons."""
     b, s = sp.b, f.s
     vs = visits(_stages(sp, f))
-    speeds, kinds = _speeds(sp)
+    speeds = [sp.speed["CPU"]] + [sp.speed[d.name] for d in sp.devices]  # per entry of f.mem
+    kinds = ["cpu"] + ["cpu" if d.backend == "cpu" else "gpu" for d in sp.devices]
     ttft = ttft_seconds(m, f.mem, speeds, kinds, vs, f.s, prompt_tokens)
     decode = decode_seconds(m, f.mem, speeds)
     per_token = link_seconds(m, vs, 1, kv_cells(max(1, kv_streams(s)[1] // 2)), s.flash_attn)
@@ -410,12 +412,6 @@ def _stages(sp: Space, f: Fill) -> list[Stage]:
     last = len(sp.devices) - 1
     return [Stage(None if o == HEAD else o, links.get(o), f.mem[i + 1].layers, f.remote_output and i == last)
             for i, o in enumerate(sp.owner)]
-
-
-def _speeds(sp: Space) -> tuple[list[float], list[str]]:
-    """Per entry of a Fill's memory (the head's CPU, then the devices): bytes/s and kind."""
-    return ([sp.speed["CPU"]] + [sp.speed[d.name] for d in sp.devices],
-            ["cpu"] + ["cpu" if d.backend == "cpu" else "gpu" for d in sp.devices])
 
 
 def _worker_plan(sp: Space, m: ModelCandidate, f: Fill, w: WorkerBox) -> WorkerPlan:
