@@ -54,6 +54,10 @@ class LoadSettings:
     # llama.cpp RPC workers ("host:port", probed first: see rpc/), whose devices come first in
     # llama.cpp's device order, so ``tensor_split`` lists theirs before the local GPUs.
     workers: tuple[str, ...] = ()
+    # Keep the output layer's weights (and the logits) on this box's CPU although llama.cpp puts
+    # the output layer on the last device: a head without a GPU whose layers are on RPC workers
+    # (otherwise a logits row of n_vocab floats crosses the link every token).
+    output_on_host: bool = False
 
     @classmethod
     def from_plan(cls, plan: Any) -> LoadSettings:

@@ -13,10 +13,11 @@ throwaway context first, which is freed before the real one is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 # llama_cpp first: its libraries (ggml's CUDA and OpenMP runtimes) must load before numpy's do.
@@ -247,18 +248,41 @@ def _load(s: LoadSettings) -> Any:
         rpc_backend.register_workers(list(s.workers))
     own = s.n_slots > 1 or s.speculate != "off"
     try:
-        llm = llama_cpp.Llama(
-            model_path=s.model_path, n_ctx=LOAD_CTX if own else s.n_ctx, n_gpu_layers=s.n_gpu_layers,
-            n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.n_threads or default_threads(),
-            n_threads_batch=s.n_threads_batch or s.n_threads or os.cpu_count(), flash_attn=s.flash_attn,
-            type_k=KV_TYPES[s.type_k], type_v=KV_TYPES[s.type_v],
-            tensor_split=list(s.tensor_split) or None, logits_all=False,
-            verbose=os.environ.get("EDGE_MAGISTRAL_LLAMA_VERBOSE") == "1",  # llama.cpp's own log on stderr
-            chat_format="chatml",  # llama-cpp-python's own template handling is never used
-        )
+        with _output_on_host(s.output_on_host):
+            llm = llama_cpp.Llama(
+                model_path=s.model_path, n_ctx=LOAD_CTX if own else s.n_ctx, n_gpu_layers=s.n_gpu_layers,
+                n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.n_threads or default_threads(),
+                n_threads_batch=s.n_threads_batch or s.n_threads or os.cpu_count(), flash_attn=s.flash_attn,
+                type_k=KV_TYPES[s.type_k], type_v=KV_TYPES[s.type_v],
+                tensor_split=list(s.tensor_split) or None, logits_all=False,
+                verbose=os.environ.get("EDGE_MAGISTRAL_LLAMA_VERBOSE") == "1",  # llama.cpp's own log on stderr
+                chat_format="chatml",  # llama-cpp-python's own template handling is never used
+            )
     except ValueError as e:
         raise BackendError(f"llama.cpp could not load {s.model_path}: {e}") from None
     return _own_context(llm, s) if own else llm
+
+
+@contextlib.contextmanager
+def _output_on_host(on: bool) -> Iterator[None]:
+    """While ``Llama`` builds its model parameters, hand it defaults that keep the output layer's
+    weights on the CPU (``rpc.backend.host_output_overrides``): llama-cpp-python 0.3.36 passes no
+    tensor overrides of its own, and reads the defaults once, from this function."""
+    if not on:
+        yield
+        return
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def with_override() -> Any:
+        p = default()
+        p.tensor_buft_overrides = rpc_backend.host_output_overrides()
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = with_override
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
 
 
 def _own_context(llm: Any, s: LoadSettings) -> Any:

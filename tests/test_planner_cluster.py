@@ -57,7 +57,9 @@ def assert_consistent(p: Plan) -> None:
     planned = {dm.device: dm.layers for dm in p.memory}
     assert per_device == [planned[n] for n in c.device_order]
     assert sum(1 for d in where[:-1] if d is None) == c.head_cpu_layers == planned["CPU"]
-    assert (c.device_order[where[-1]] if where[-1] is not None else "CPU") == c.output_device
+    # llama.cpp's output layer is on the last device; a head without a GPU keeps its weights home
+    home = c.output_device == "CPU" and p.n_gpu_layers > 0
+    assert (c.device_order[where[-1]] if where[-1] is not None and not home else "CPU") == c.output_device
     assert all(u.fits for u in p.pools), p.pools
     assert sum(dm.layers for dm in p.memory) == N_LAYERS
 
@@ -100,8 +102,14 @@ def test_a_cpu_only_head_with_two_cpu_workers() -> None:
     assert c is not None
     assert c.device_order == ["CPU@10.0.0.2:50052", "CPU@10.0.0.3:50052"]
     assert c.head_cpu_layers > 0 and c.workers[0].layers > 0
-    # llama.cpp puts the output layer on the last device whenever one holds a layer
-    assert c.output_device == "CPU@10.0.0.3:50052" and p.n_gpu_layers == N_LAYERS + 1 - c.head_cpu_layers
+    # llama.cpp counts the output layer on the last device; its weights (and the logits) stay on
+    # the head by a tensor override, so no logits row crosses a link
+    assert c.output_device == "CPU" and p.n_gpu_layers == N_LAYERS + 1 - c.head_cpu_layers
+    head_cpu = next(d for d in p.memory if d.device == "CPU")
+    last = next(d for d in p.memory if d.device == "CPU@10.0.0.3:50052")
+    m = q4()[0]
+    assert head_cpu.weights >= m.output_bytes + m.token_embd_bytes
+    assert last.weights <= last.layers * max(m.bytes_per_layer) < m.output_bytes + last.weights
     remote = next(d for d in p.memory if d.device == "CPU@10.0.0.2:50052")
     assert remote.compute > 0  # a remote CPU gets a compute buffer as a GPU does
 
@@ -158,7 +166,7 @@ def test_first_load_is_the_weights_on_each_worker() -> None:
     where = layer_devices(N_LAYERS, p.n_gpu_layers, [round(x) for x in p.tensor_split])
     for i, w in enumerate(c.workers):
         expected = sum(m.bytes_per_layer[il] for il in range(N_LAYERS) if where[il] == i)
-        expected += m.output_bytes if where[-1] == i else 0
+        expected += m.output_bytes if where[-1] == i and c.output_device != "CPU" else 0
         assert w.first_load_bytes == expected == w.memory.weights
         assert 0 < w.reload_bytes < w.first_load_bytes or w.first_load_bytes == 0
         kv_layer = math.prod(kv_streams(p.settings)) * kv_bytes_per_cell(m, p.type_k, p.type_v) // N_LAYERS
@@ -200,9 +208,21 @@ def test_a_single_box_plan_has_no_cluster() -> None:
 def test_a_tied_output_layer_takes_a_copy_of_the_embeddings_to_its_device() -> None:
     m = q4()[0]
     tied = replace(m, output_bytes=m.n_embd * 4)  # the output norm only: the output reuses token_embd
-    p = across("cpu-only-32gb-container-12g", ["cpu-only-32gb-container-12g"] * 2, Request(), candidates=[tied])
+    p = across("rtx3060-12gb", ["rtx3060-12gb"], Request(), candidates=[tied])
     c = p.cluster
-    assert c is not None and c.output_device == "CPU@10.0.0.3:50052"
-    last = c.workers[-1]
-    layers = sum(m.bytes_per_layer[il] for il in range(N_LAYERS - last.layers, N_LAYERS))
-    assert last.first_load_bytes == layers + m.n_embd * 4 + m.token_embd_bytes
+    assert c is not None and c.output_device == "CUDA0"  # the head's GPU, last in llama.cpp's order
+    gpu = next(d for d in p.memory if d.device == "CUDA0")
+    layers = sum(m.bytes_per_layer[il] for il in range(N_LAYERS - gpu.layers, N_LAYERS))
+    assert gpu.weights == layers + m.n_embd * 4 + m.token_embd_bytes
+
+
+def test_pinned_worker_layers_are_placed_as_pinned() -> None:
+    """The cluster file's ``layers`` wins over the fill (a CPU head would keep them all itself)."""
+    hw = box("cpu-only-32gb")
+    ws = [WorkerBox(f"10.0.0.{i + 2}:50052", box("cpu-only-32gb"), Link(), n) for i, n in enumerate((12, 9))]
+    p = plan_cluster(hw, ws, q4(), Q4, choose_profile(hw, PROFILES), PROFILES)
+    assert_consistent(p)
+    assert [w.layers for w in p.cluster.workers] == [12, 9] and p.cluster.head_cpu_layers == N_LAYERS - 21
+    too_many = [WorkerBox("10.0.0.2:50052", box("cpu-only-32gb"), Link(), N_LAYERS + 1)]
+    with pytest.raises(DoesNotFitError):
+        plan_cluster(hw, too_many, q4(), Q4, choose_profile(hw, PROFILES), PROFILES)

@@ -43,10 +43,12 @@ def workers(tmp_path_factory: pytest.TempPathFactory):
             w.stop()
 
 
-def _cluster(endpoints: list[str]):
-    from edge_magistral.rpc.endpoints import cluster_from
+def _cluster(endpoints: list[str], layers: list[int]):
+    """The workers with their layers pinned: on one box the planner would keep every layer on the
+    head (the workers here are the same machine, so nothing would be gained by moving any)."""
+    from edge_magistral.rpc.endpoints import Cluster, WorkerSpec, parse_endpoint
 
-    return cluster_from(endpoints, None, False)
+    return Cluster(tuple(WorkerSpec(parse_endpoint(ep), layers=n) for ep, n in zip(endpoints, layers, strict=True)))
 
 
 def _text(events) -> tuple[str, Done]:
@@ -65,7 +67,7 @@ def _greedy(engine, limits: Limits) -> tuple[str, Done]:
     return _text(engine.submit(engine.raw_prompt_ids("The capital of France is Paris. The capital of"), limits))
 
 
-def _local_then_split(path: Path, endpoints: list[str], limits: Limits):
+def _local_then_split(path: Path, endpoints: list[str], layers: list[int], limits: Limits):
     from edge_magistral import loader
     from edge_magistral.engine import Engine
 
@@ -75,7 +77,7 @@ def _local_then_split(path: Path, endpoints: list[str], limits: Limits):
     finally:
         local.close()
     opened = loader.open_model(loader.ModelRequest(model=str(path), ctx=512, threads=1, parallel=1,
-                                                   speculate="off", cluster=_cluster(endpoints)))
+                                                   speculate="off", cluster=_cluster(endpoints, layers)))
     try:
         got = _greedy(opened.engine, limits)
         return want, got, opened.plan, opened.engine.remote_buffers.to_dict()
@@ -83,30 +85,38 @@ def _local_then_split(path: Path, endpoints: list[str], limits: Limits):
         opened.close()
 
 
-def _check_split(plan, buffers: dict, endpoints: list[str]) -> None:
-    """Layers on both workers; llama.cpp's buffers there within ±5% of the plan's prediction."""
+def _check_split(plan, buffers: dict, endpoints: list[str], tolerance: float) -> None:
+    """Layers on both workers; the weights and KV cache llama.cpp put on each exactly as planned
+    (to its logged hundredths of a MiB), and all its buffers there (with the compute buffer)
+    within ``tolerance`` of the plan."""
     planned = {w["endpoint"]: w for w in plan.to_dict()["cluster"]["workers"]}
     assert set(buffers) == set(endpoints) == set(planned)
+    assert plan.cluster.output_device == "CPU"  # the head keeps the output layer (and the logits)
     for ep in endpoints:
-        assert planned[ep]["layers"] > 0 and buffers[ep]["weights"] > 0, (planned[ep], buffers[ep])
-        predicted, real = planned[ep]["memory"]["total"], buffers[ep]["total"]
-        assert abs(predicted - real) <= 0.05 * real, (ep, predicted, real, planned[ep], buffers[ep])
+        mem, got = planned[ep]["memory"], buffers[ep]
+        assert planned[ep]["layers"] > 0 and got["weights"] > 0, (planned[ep], got)
+        for kind in ("weights", "kv_cache"):
+            assert abs(mem[kind] - got[kind]) <= 0.01 * got[kind] + 10_000, (ep, kind, mem, got)
+        assert abs(mem["buffers"] - got["total"]) <= tolerance * got["total"], (ep, mem, got)
 
 
 def test_smollm2_split_across_two_workers_is_identical_to_a_local_run(workers, smollm2_gguf: Path) -> None:
     eps = [w.endpoint for w in workers]
-    (want, _), (got, done), plan, buffers = _local_then_split(smollm2_gguf, eps, Limits(temperature=0.0,
-                                                                                       max_tokens=40))
-    assert got == want and done.usage.completion_tokens == 40
-    _check_split(plan, buffers, eps)
+    limits = Limits(temperature=0.0, max_tokens=40)
+    (want, done_local), (got, done), plan, buffers = _local_then_split(smollm2_gguf, eps, [12, 9], limits)
+    assert got == want and done.usage.completion_tokens == done_local.usage.completion_tokens >= 16
+    _check_split(plan, buffers, eps, 0.05)
 
 
 def test_tiny_magistral_split_across_two_workers_is_identical_to_a_local_run(workers, tiny_gguf_f32: Path) -> None:
     eps = [w.endpoint for w in workers]
-    limits = Limits(temperature=0.0, max_tokens=48, think_budget=24, seed=1)
-    (want, done_local), (got, done), plan, buffers = _local_then_split(tiny_gguf_f32, eps, limits)
+    limits = Limits(temperature=0.0, max_tokens=48, think_budget=0, seed=1)
+    (want, done_local), (got, done), plan, buffers = _local_then_split(tiny_gguf_f32, eps, [1, 1], limits)
     assert got == want and done.usage.completion_tokens == done_local.usage.completion_tokens > 0
-    _check_split(plan, buffers, eps)
+    # One layer per worker: the compute buffer is most of what a worker holds, and for this tiny
+    # shape (n_ff = 2 x n_embd) ggml-alloc packs the last device's tighter than the live tensors
+    # the plan counts (3.5 MiB against 4.5 MiB): within 20% here, exact for SmolLM2's shape.
+    _check_split(plan, buffers, eps, 0.20)
 
 
 # ------------------------------------------------------------------ bad workers: one line, no abort
@@ -194,17 +204,19 @@ def test_a_worker_lost_mid_request_is_a_503_and_the_service_waits_for_it(tmp_pat
 
 
 def _lose_a_worker_mid_request(w, tmp_path: Path, model: Path) -> None:
-    server = serve_harness.start(model, tmp_path, "--worker", w.endpoint, "--speculate", "off")
+    cluster = tmp_path / "cluster.yaml"  # both layers there (the planner would keep them on this box)
+    cluster.write_text(f"workers:\n  - address: {w.endpoint}\n    layers: 2\n")
+    server = serve_harness.start(model, tmp_path, "--cluster", str(cluster), "--speculate", "off")
     try:
         health = httpx.get(f"{server.url}/health").json()
         [entry] = health["workers"]
         assert entry["endpoint"] == w.endpoint and entry["buffers"]["weights"] > 0  # the remote buffers
         result: dict = {}
-        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2000, "max_thinking_tokens": 0}
+        body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 900, "max_thinking_tokens": 0}
         t = threading.Thread(target=lambda: result.setdefault("r", _post(server, body)))
         t.start()
         _until(lambda: True if httpx.get(f"{server.url}/health").json().get("generating") else None, 60,
-               "the request to start")
+               f"the request to start ({result.get('r') and result['r'].text})")
         w.kill()
         t.join(120)
         r = result["r"]

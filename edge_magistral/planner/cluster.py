@@ -6,8 +6,9 @@ the order given; a worker without a GPU the installed llama.cpp can use serves i
 device), then the head's GPUs. The head's CPU keeps the token embeddings and the first
 ``n_layers + 1 - n_gpu_layers`` layers; the rest, the output layer last, go to the devices in order,
 in proportion to ``tensor_split``. So the output layer is on the last device: the head's last GPU
-when it has one; on a head without a GPU, the last worker's device (llama.cpp cannot keep it on
-the head's CPU while any layer is remote), and the logits then cross that link. Remote devices
+when it has one. On a head without a GPU that would be the last worker's device, and a logits row
+would cross that link every token; there the output layer's weights stay on the head's CPU by a
+tensor override (``LoadSettings.output_on_host``), which also puts the logits there. Remote devices
 are GPU-kind devices with their own pools (a remote CPU gets a compute buffer as a GPU does), and
 only local GPUs take the big-batch op offload (the RPC backend offloads no op).
 
@@ -50,6 +51,8 @@ from edge_magistral.planner.memory import (
     layer_devices,
     pool_use,
     predict,
+    remote_layers_compute,
+    tied_output,
     ubatch_tokens,
 )
 from edge_magistral.planner.search import _ordered, _within_context
@@ -102,13 +105,11 @@ class Fill:
     s: Settings
     c0: int  # repeating layers on the head's CPU
     counts: list[int]  # repeating layers per device, llama.cpp's order
-    remote_output: bool  # the output layer on the last device (False: all on the head's CPU)
+    remote_output: bool  # llama.cpp's output layer on the last device (False: all on the head's CPU)
     mem: list[DeviceMemory]  # the head's CPU first, then the devices
     use: list[PoolUse]
     where: list[int | None]  # per layer, the output layer last: its device (None: the head's CPU)
 
-
-# ----------------------------------------------------------------------------- the space
 
 
 def make_space(head: Hardware, workers: list[WorkerBox], profile: Profile, request: Request,
@@ -151,8 +152,6 @@ def _add_worker(sp: Space, w: WorkerBox, wp: Profile) -> None:
     sp.owner += [w.name] * (len(gpus) or 1)
 
 
-# ---------------------------------------------------------------------------- one placement
-
 
 def evaluate(sp: Space, m: ModelCandidate, s: Settings, c0: int, counts: list[int], sink: int = 0) -> Fill:
     """Memory per device and pool for this placement; ``sink`` layers are held nowhere (while the
@@ -167,7 +166,8 @@ def evaluate(sp: Space, m: ModelCandidate, s: Settings, c0: int, counts: list[in
     s = replace(s, n_gpu_layers=ngl)
     mem = predict(m, s, devs)
     where = layer_devices(m.n_layers, ngl, splits) if remote_output else [None] * (m.n_layers + 1)
-    _compute(sp, m, s, mem, where)
+    home = _output_home(m, mem, where) if remote_output and not sp.head_has_gpu else None
+    _compute(sp, m, s, mem, where, home)
     mem = [mem[0], *mem[2:]]  # the sink holds nothing anyone pays for
     for dm, d in zip(mem[1:], sp.devices, strict=True):
         if d.backend == "cpu":
@@ -179,10 +179,22 @@ def evaluate(sp: Space, m: ModelCandidate, s: Settings, c0: int, counts: list[in
     return Fill(s, c0, list(counts), remote_output, mem, use, at)
 
 
-def _compute(sp: Space, m: ModelCandidate, s: Settings, mem: list[DeviceMemory], where: list[int | None]) -> None:
+def _output_home(m: ModelCandidate, mem: list[DeviceMemory], where: list[int | None]) -> int | None:
+    """A head without a GPU keeps the output weights (so the logits) on its CPU by a tensor
+    override (``LoadSettings.output_on_host``); ``mem`` is CPU, sink, devices. Returns the device
+    llama.cpp still counts the output layer on."""
+    dev, where[-1] = where[-1], None
+    mem[dev + 1].weights -= m.output_bytes
+    mem[0].weights += m.output_bytes
+    return dev
+
+
+def _compute(sp: Space, m: ModelCandidate, s: Settings, mem: list[DeviceMemory], where: list[int | None],
+             home: int | None) -> None:
     """Compute buffers (``memory._add_compute``'s stages) where the op offload goes to the first
-    local GPU only: RPC devices offload no op. ``mem`` is CPU, sink, devices; ``where`` indexes
-    sink + devices."""
+    local GPU only: RPC devices offload no op; a worker's device without the logits as measured
+    (``memory.remote_layers_compute``). ``mem`` is CPU, sink, devices; ``where`` and ``home`` (the
+    output layer's device when its weights stay home) index sink + devices."""
     st = compute_stages(m, s)
     offload = ubatch_tokens(s) >= OP_OFFLOAD_MIN_BATCH and sp.head_has_gpu
     first_local = 1 + sp.owner.index(HEAD) if sp.head_has_gpu else None
@@ -196,6 +208,8 @@ def _compute(sp: Space, m: ModelCandidate, s: Settings, mem: list[DeviceMemory],
             stages += [st.layer + m.largest_matrix_bytes] if cpu_layers else []
             stages += [st.logits + m.output_bytes] if output_on_cpu else []
         mem[i + 1].compute = max(stages) + st.slack if stages else 0
+        if i > 0 and sp.owner[i - 1] != HEAD and where[-1] != i:
+            mem[i + 1].compute = remote_layers_compute(m, s, where[:-1].count(i), i == home)
     host = 2 * m.n_embd * 4 * ubatch_tokens(s)
     if cpu_layers:
         host += st.attn if offload else st.layer
@@ -230,8 +244,12 @@ def fill(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0: i
 def _greedy(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0: int | None,
             caps: dict[int, int]) -> tuple[int, list[int], int]:
     c0, counts = fixed_c0 or 0, [0] * len(sp.devices)
-    left = m.n_layers - c0
+    for i, n in _pinned(sp).items():
+        counts[i] = n
+    left = m.n_layers - c0 - sum(counts)  # below 0: more pinned than there are layers (no fit)
     for i in _slot_order(sp):
+        if i in _pinned(sp):
+            continue
         if i == -1:
             if fixed_c0 is not None or not (allow_cpu or not sp.devices):
                 continue
@@ -255,10 +273,16 @@ def _greedy(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0
     return c0, counts, left
 
 
+def _pinned(sp: Space) -> dict[int, int]:
+    """Device index -> layers, for workers whose layers are pinned (on their first device)."""
+    return {sp.owner.index(w.name): w.layers for w in sp.workers if w.layers is not None}
+
+
 def _cap(sp: Space, f: Fill, caps: dict[int, int], fixed_c0: int | None) -> bool:
     """Lower the cap of the device with the most layers in an overflowing pool; False if none can give."""
     over = {u.pool for u in f.use if not u.fits}
-    holders = [(f.counts[i], i) for i in range(len(sp.devices)) if over & set(sp.devices[i].pools)]
+    holders = [(f.counts[i], i) for i in range(len(sp.devices))
+               if over & set(sp.devices[i].pools) and i not in _pinned(sp)]
     if "RAM" in over and fixed_c0 is None:
         holders.append((f.c0, -1))
     n, i = max(holders, default=(0, 0))
@@ -267,8 +291,6 @@ def _cap(sp: Space, f: Fill, caps: dict[int, int], fixed_c0: int | None) -> bool
     caps[i] = n - 1
     return True
 
-
-# ---------------------------------------------------------------------------- the search
 
 
 def _max_ctx(sp: Space, m: ModelCandidate, kv: str, slots: int, allow_cpu: bool, fixed: int | None) -> Fill | None:
@@ -346,7 +368,7 @@ def plan_cluster(head: Hardware, workers: list[WorkerBox], candidates: list[Mode
         raise BadInputError("no model candidates: build or pull a Magistral GGUF, or plan from the catalog")
     sp = make_space(head, workers, profile, request, profiles or load_profiles())
     sp.quant_requested = request.quant is not None
-    cands = [_tied_output(c) for c in _within_context(_ordered(candidates, profile, request), candidates, request)]
+    cands = [tied_output(c) for c in _within_context(_ordered(candidates, profile, request), candidates, request)]
     found = _search(sp, cands)
     if found is None:
         raise _refusal(sp, cands)
@@ -354,22 +376,10 @@ def plan_cluster(head: Hardware, workers: list[WorkerBox], candidates: list[Mode
     return make_cluster_plan(sp, m, f, step, prompt_tokens)
 
 
-def _tied_output(m: ModelCandidate) -> ModelCandidate:
-    """A model without an output matrix (its output reuses the token embeddings) gets a copy of
-    them on the device of the output layer, as llama.cpp loads it (less than a bit per output
-    weight means no output matrix)."""
-    if m.output_bytes * 8 >= m.n_vocab * m.n_embd:
-        return m
-    return replace(m, output_bytes=m.output_bytes + m.token_embd_bytes)
-
-
 def llama_split(plan: Plan) -> tuple[list[float], int]:
     """``tensor_split`` (llama.cpp's device order, as layer counts: llama.cpp normalizes them, and
     whole numbers reproduce the planned layers exactly) and ``n_gpu_layers``, as LoadSettings takes them."""
     return list(plan.tensor_split), plan.n_gpu_layers
-
-
-# ------------------------------------------------------------------------------- the plan
 
 
 def make_cluster_plan(sp: Space, m: ModelCandidate, f: Fill, step: str, prompt_tokens: int) -> Plan:
@@ -410,7 +420,8 @@ def make_cluster_plan(sp: Space, m: ModelCandidate, f: Fill, step: str, prompt_t
 def _stages(sp: Space, f: Fill) -> list[Stage]:
     links = {w.name: w.link for w in sp.workers}
     last = len(sp.devices) - 1
-    return [Stage(None if o == HEAD else o, links.get(o), f.mem[i + 1].layers, f.remote_output and i == last)
+    output_remote = f.where[-1] is not None
+    return [Stage(None if o == HEAD else o, links.get(o), f.mem[i + 1].layers, output_remote and i == last)
             for i, o in enumerate(sp.owner)]
 
 
@@ -458,8 +469,6 @@ def _reasons(sp: Space, m: ModelCandidate, f: Fill, step: str, cl: ClusterPlan) 
                                         f"the most of the profile's {b.parallel} that fit"),
     }
 
-
-# ------------------------------------------------------------------------------- refusal
 
 
 def _refusal(sp: Space, cands: list[ModelCandidate]) -> NoFitError:

@@ -62,6 +62,7 @@ class WorkerBox:
     name: str
     hardware: Hardware
     link: Link = Link()
+    layers: int | None = None  # repeating layers pinned here (the cluster file's); None: the fill decides
 
 
 @dataclass(frozen=True)

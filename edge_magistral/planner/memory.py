@@ -12,7 +12,7 @@ across the streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from edge_magistral.catalog import ModelCandidate
@@ -133,6 +133,31 @@ def compute_stages(m: ModelCandidate, s: Settings) -> Stages:
     else:
         attn = mask + n_kv * n_ub * m.n_head * 4 + per_tok * (3 * m.n_embd + 2 * n_q + 2 * n_kvd)
     return Stages(logits=logits, layer=max(ffn, attn), attn=attn, slack=m.n_embd * per_tok)
+
+
+def tied_output(m: ModelCandidate) -> ModelCandidate:
+    """A model without an output matrix (its output reuses the token embeddings) gets a copy of
+    them on the device of the output layer, as llama.cpp loads it (less than a bit per output
+    weight means no output matrix)."""
+    if m.output_bytes * 8 >= m.n_vocab * m.n_embd:
+        return m
+    return replace(m, output_bytes=m.output_bytes + m.token_embd_bytes)
+
+
+def remote_layers_compute(m: ModelCandidate, s: Settings, layers: int, output_counted: bool) -> int:
+    """The compute buffer of an RPC worker's device that runs only repeating layers (its logits
+    are computed elsewhere): ggml-alloc's peak is the FFN of its last layer (the normed input, gate,
+    up and their product: 3 x n_ff + 2 x n_embd floats a token), plus the attention mask while a
+    later layer here still needs it, plus the split's output rows where llama.cpp counts the output
+    layer (its weights kept on the head). Exact, to llama.cpp's logged KiB, on two-worker loads of
+    SmolLM2 and the tiny Magistral."""
+    if layers <= 0:
+        return m.n_embd * 4 * ubatch_tokens(s) if output_counted else 0
+    st = compute_stages(m, s)
+    per_tok = 4 * ubatch_tokens(s)
+    ffn = per_tok * (3 * m.n_ff + 2 * m.n_embd)
+    mask = kv_streams(s)[1] * ubatch_tokens(s) * (2 if s.flash_attn else 4) if layers > 1 else 0
+    return max(ffn, st.attn) + mask + (m.n_embd * per_tok if output_counted else 0)
 
 
 def predict(m: ModelCandidate, s: Settings, gpus: list[Device]) -> list[DeviceMemory]:

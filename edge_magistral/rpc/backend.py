@@ -170,6 +170,30 @@ def register_workers(endpoints: list[str]) -> list[str]:
     return names
 
 
+class _Override(ctypes.Structure):
+    """llama.cpp's ``llama_model_tensor_buft_override``: tensors whose name matches go to ``buft``."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+# The output matrix, and a tied model's copy of the token embeddings that stands for it.
+OUTPUT_TENSORS = rb"^(output|token_embd)\.weight$"
+_host_output: ctypes.Array | None = None  # kept alive while llama.cpp may read it
+
+
+def host_output_overrides() -> int:
+    """A NULL-terminated override list (its address) that keeps the output layer's weights in the
+    CPU's buffer type, for ``llama_model_params.tensor_buft_overrides``. llama.cpp then runs the
+    output matmul on the CPU next to them (the RPC backend offloads no op)."""
+    global _host_output
+    if _host_output is None:
+        base = ctypes.CDLL(str(llama_lib_dir() / "libggml-base.so.0"))
+        base.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+        _host_output = (_Override * 2)(_Override(OUTPUT_TENSORS, base.ggml_backend_cpu_buffer_type()),
+                                       _Override(None, None))
+    return ctypes.addressof(_host_output)
+
+
 def serve_devices(use_cpu: bool) -> list[LocalDevice]:
     """What a worker serves: every GPU (discrete or integrated) llama.cpp sees, or the CPU when
     there is none or ``use_cpu`` asks for it."""

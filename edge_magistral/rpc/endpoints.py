@@ -14,6 +14,7 @@ The cluster file (YAML)::
       - address: 10.0.0.2:50052
         link_mbit: 1000      # optional: the link's bandwidth, for the planner
         latency_ms: 0.3      # optional: one-way latency
+        layers: 20           # optional: pin this many layers here (default: the planner decides)
       - address: 10.0.0.3
     allow_public: false     # optional
 """
@@ -146,6 +147,7 @@ class WorkerSpec:
     endpoint: Endpoint
     link_mbit: float | None = None
     latency_ms: float | None = None
+    layers: int | None = None  # pin this many repeating layers here (None: the planner decides)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class Cluster:
         return [str(w.endpoint) for w in self.workers]
 
 
-_WORKER_KEYS = {"address", "link_mbit", "latency_ms"}
+_WORKER_KEYS = {"address", "link_mbit", "latency_ms", "layers"}
 _TOP_KEYS = {"workers", "allow_public"}
 
 
@@ -181,7 +183,7 @@ def _worker_spec(entry: Any, where: str) -> WorkerSpec:
         raise BadInputError(f"{where}: each worker must be a mapping with an address, not {entry!r}")
     unknown = sorted(set(map(str, entry)) - _WORKER_KEYS)
     if unknown:
-        raise BadInputError(f"{where}: unknown key {unknown[0]!r} (known: address, link_mbit, latency_ms)")
+        raise BadInputError(f"{where}: unknown key {unknown[0]!r} (known: address, link_mbit, latency_ms, layers)")
     address = entry.get("address")
     if not isinstance(address, str):
         raise BadInputError(f"{where}: a worker needs an address (host:port), got {address!r}")
@@ -189,7 +191,11 @@ def _worker_spec(entry: Any, where: str) -> WorkerSpec:
         ep = parse_endpoint(address)
     except BadInputError as e:
         raise BadInputError(f"{where}: {e}") from None
-    return WorkerSpec(ep, _number(entry, "link_mbit", where, True), _number(entry, "latency_ms", where, False))
+    layers = entry.get("layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 0):
+        raise BadInputError(f"{where}: layers must be a whole number, 0 or more, not {layers!r}")
+    return WorkerSpec(ep, _number(entry, "link_mbit", where, True), _number(entry, "latency_ms", where, False),
+                      layers)
 
 
 def _read_yaml(path: Path) -> Any:

@@ -43,7 +43,7 @@ def worker_boxes(cluster: Cluster, timeout_s: float = PROBE_TIMEOUT_S) -> list[W
     out = []
     for spec in cluster.workers:
         p = probe_with_info(str(spec.endpoint), timeout_s)
-        out.append(WorkerBox(str(spec.endpoint), worker_hardware(p), link_of(spec)))
+        out.append(WorkerBox(str(spec.endpoint), worker_hardware(p), link_of(spec), spec.layers))
     return out
 
 
