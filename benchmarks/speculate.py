@@ -317,6 +317,7 @@ def measure_cost(settings, depths: Sequence[int], k_max: int, reps: int) -> list
     from edge_magistral.batch import Batch
     from edge_magistral.generation import DEFAULT_LIMITS
     from edge_magistral.model import LoadedModel
+    from edge_magistral.speculate import DRAFT_MAX
     from edge_magistral.turn import BACKEND_TOPK_MARGIN
 
     def run() -> list[dict]:
@@ -325,7 +326,10 @@ def measure_cost(settings, depths: Sequence[int], k_max: int, reps: int) -> list
             model.set_backend_topk(0, DEFAULT_LIMITS.top_k + BACKEND_TOPK_MARGIN)  # what a default turn attaches
             batch = Batch(settings.n_batch)
             rng = random.Random(7)
-            return [cost_at_depth(model, batch, d, k_max, reps, rng) for d in depths]
+            # with the device top-k llama.cpp allows the context DRAFT_MAX + 1 logits rows per
+            # sequence (as the engine makes it; it never verifies more guesses), so k stops there
+            k = min(k_max, DRAFT_MAX) if model.backend_sampling else k_max
+            return [cost_at_depth(model, batch, d, k, reps, rng) for d in depths]
         finally:
             model.close()
     return in_own_thread(run)  # type: ignore[return-value]

@@ -9,6 +9,7 @@ Skipped, with the reason, where llama.cpp's RPC backend is not installed
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
@@ -117,6 +118,21 @@ def test_tiny_magistral_split_across_two_workers_is_identical_to_a_local_run(wor
     # shape (n_ff = 2 x n_embd) ggml-alloc packs the last device's tighter than the live tensors
     # the plan counts (3.5 MiB against 4.5 MiB): within 20% here, exact for SmolLM2's shape.
     _check_split(plan, buffers, eps, 0.20)
+
+
+def test_plan_reads_running_workers_boxes(workers, smollm2_gguf: Path, tmp_path: Path) -> None:
+    """`plan --cluster` probes the workers and plans with the boxes they publish (pinned layers
+    where the file pins them); nothing is loaded."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("workers:\n" + "".join(f"  - address: {w.endpoint}\n    layers: {n}\n    link_mbit: 100\n"
+                                              for w, n in zip(workers, (12, 9), strict=True)))
+    r = subprocess.run([sys.executable, "-m", "edge_magistral", "plan", "--model", str(smollm2_gguf), "--ctx", "512",
+                        "--cluster", str(cluster), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = json.loads(r.stdout)["cluster"]
+    assert [(w["endpoint"], w["layers"], w["link_mbit"]) for w in c["workers"]] == [
+        (workers[0].endpoint, 12, 100.0), (workers[1].endpoint, 9, 100.0)]
+    assert c["output_device"] == "CPU" and c["first_load_bytes"] > 0 and c["tokens_per_s"] < c["tokens_per_s_no_link"]
 
 
 # ------------------------------------------------------------------ bad workers: one line, no abort

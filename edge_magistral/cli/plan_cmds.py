@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from edge_magistral.catalog import ModelCandidate, catalog, from_gguf_info
+from edge_magistral.cli.cluster_opts import cluster_of, cluster_options
 from edge_magistral.cli.group import cli
 from edge_magistral.errors import BackendError, BadInputError
 from edge_magistral.hardware import Hardware, detect, load_hardware
@@ -79,6 +80,7 @@ def detect_cmd(as_json: bool, store_dir: str | None) -> None:
     default=None,
     help="A draft GGUF for speculative decoding (same vocabulary): plan its memory next to the model.",
 )
+@cluster_options
 def plan_cmd(
     as_json: bool,
     ctx: int | None,
@@ -92,6 +94,9 @@ def plan_cmd(
     kv_type: str | None,
     parallel: int | None,
     draft_path: str | None,
+    workers: tuple[str, ...],
+    cluster_file: str | None,
+    allow_public_worker: bool,
 ) -> None:
     """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons;
     with --draft, where the draft model goes and what it costs per device; with several --hardware,
@@ -101,9 +106,11 @@ def plan_cmd(
     profile = choose_profile(hw, profiles, profile_name)
     candidates = _candidates(models)
     request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, quant=quant, kv_type=kv_type, parallel=parallel)
-    workers = _workers(hardware_files[1:], link_mbit, link_ms)
+    live = cluster_of(workers, cluster_file, allow_public_worker)
+    boxes = _live_workers(live, hardware_files, link_mbit, link_ms) if live else \
+        _workers(hardware_files[1:], link_mbit, link_ms)
     try:
-        p = _plan(hw, profile, profiles, candidates, request, workers, draft_path)
+        p = _plan(hw, profile, profiles, candidates, request, boxes, draft_path)
     except NoFitError as e:
         _echo_refusal(e, as_json)
         raise
@@ -132,6 +139,17 @@ def _echo_refusal(e: NoFitError, as_json: bool) -> None:
                                "alternatives": [asdict(a) for a in e.alternatives]}, indent=2))
     else:
         click.echo(_render_alternatives(e.alternatives))
+
+
+def _live_workers(cluster, hardware_files: tuple[str, ...], link_mbit: float | None,
+                  link_ms: float | None) -> list[WorkerBox]:
+    """The running workers, probed: their boxes as they publish them, links from the cluster file."""
+    from edge_magistral.rpc.head import worker_boxes
+
+    if len(hardware_files) > 1 or link_mbit is not None or link_ms is not None:
+        raise BadInputError("give the workers either running (--worker/--cluster; links in the cluster file) "
+                            "or recorded (a second --hardware with --link-mbit/--link-ms), not both")
+    return worker_boxes(cluster)
 
 
 def _workers(files: tuple[str, ...], link_mbit: float | None, link_ms: float | None) -> list[WorkerBox]:

@@ -154,9 +154,15 @@ def register_workers(endpoints: list[str]) -> list[str]:
     ``tensor_split`` lists the workers' devices first, in this order. The caller must have probed
     every endpoint (``probe.probe``): a worker that does not answer, or speaks another protocol
     version, aborts this process inside llama.cpp. Registering an endpoint twice is a no-op.
-    Returns the names of the RPC devices now registered for these endpoints.
+    Returns the names of the RPC devices now registered for these endpoints. Workers once
+    registered stay for the life of the process (llama.cpp loads onto every registered RPC device),
+    so another set of workers needs another process.
     """
     libs = _load()
+    if stale := sorted(set(_registered) - set(endpoints)):
+        # llama.cpp uses every registered RPC device and has no way to unregister one
+        raise BackendError(f"this process already placed layers on RPC worker(s) {', '.join(stale)}: "
+                           "load a model with other workers in a new process")
     names: list[str] = []
     for ep in endpoints:
         if ep not in _registered:
