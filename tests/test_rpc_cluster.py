@@ -135,6 +135,25 @@ def test_plan_reads_running_workers_boxes(workers, smollm2_gguf: Path, tmp_path:
     assert c["output_device"] == "CPU" and c["first_load_bytes"] > 0 and c["tokens_per_s"] < c["tokens_per_s_no_link"]
 
 
+def test_install_service_with_workers_writes_the_cluster_and_admits_them(workers, smollm2_gguf: Path,
+                                                                          tmp_path: Path) -> None:
+    """The service's unit keeps its loopback-only IPAddressAllow= and admits the workers too; the
+    config names a cluster file written beside it (printed here: nothing is installed)."""
+    args = ["install-service", "--model", str(smollm2_gguf), "--ctx", "512", "--print", "--exec", sys.executable,
+            "--unit-dir", str(tmp_path / "units"), "--config-dir", str(tmp_path / "etc")]
+    for w in workers:
+        args += ["--worker", w.endpoint]
+    r = subprocess.run([sys.executable, "-m", "edge_magistral", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "IPAddressAllow=localhost 127.0.0.1\n" in r.stdout and "IPAddressDeny=any" in r.stdout
+    assert f'cluster: "{tmp_path / "etc" / "cluster.yaml"}"' in r.stdout
+    from edge_magistral.rpc.endpoints import load_cluster
+
+    text = r.stdout.split(f"# {tmp_path / 'etc' / 'cluster.yaml'}\n", 1)[1]
+    (tmp_path / "back.yaml").write_text(text)
+    assert load_cluster(tmp_path / "back.yaml").endpoints == [w.endpoint for w in workers]
+
+
 # ------------------------------------------------------------------ bad workers: one line, no abort
 
 def _run_cli(model: Path, *args: str) -> subprocess.CompletedProcess:

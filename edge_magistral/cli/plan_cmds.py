@@ -81,23 +81,10 @@ def detect_cmd(as_json: bool, store_dir: str | None) -> None:
     help="A draft GGUF for speculative decoding (same vocabulary): plan its memory next to the model.",
 )
 @cluster_options
-def plan_cmd(
-    as_json: bool,
-    ctx: int | None,
-    profile_name: str | None,
-    hardware_files: tuple[str, ...],
-    link_mbit: float | None,
-    link_ms: float | None,
-    models: tuple[str, ...],
-    quant: str | None,
-    n_gpu_layers: int | None,
-    kv_type: str | None,
-    parallel: int | None,
-    draft_path: str | None,
-    workers: tuple[str, ...],
-    cluster_file: str | None,
-    allow_public_worker: bool,
-) -> None:
+def plan_cmd(as_json: bool, ctx: int | None, profile_name: str | None, hardware_files: tuple[str, ...],
+             link_mbit: float | None, link_ms: float | None, models: tuple[str, ...], quant: str | None,
+             n_gpu_layers: int | None, kv_type: str | None, parallel: int | None, draft_path: str | None,
+             workers: tuple[str, ...], cluster_file: str | None, allow_public_worker: bool) -> None:
     """Choose quant, GPU layers, context and KV cache for this box (or another one), with reasons;
     with --draft, where the draft model goes and what it costs per device; with several --hardware,
     the layers across the head and its RPC workers, and what the links cost."""
@@ -106,9 +93,7 @@ def plan_cmd(
     profile = choose_profile(hw, profiles, profile_name)
     candidates = _candidates(models)
     request = Request(ctx=ctx, n_gpu_layers=n_gpu_layers, quant=quant, kv_type=kv_type, parallel=parallel)
-    live = cluster_of(workers, cluster_file, allow_public_worker)
-    boxes = _live_workers(live, hardware_files, link_mbit, link_ms) if live else \
-        _workers(hardware_files[1:], link_mbit, link_ms)
+    boxes = _boxes(cluster_of(workers, cluster_file, allow_public_worker), hardware_files, link_mbit, link_ms)
     try:
         p = _plan(hw, profile, profiles, candidates, request, boxes, draft_path)
     except NoFitError as e:
@@ -141,11 +126,14 @@ def _echo_refusal(e: NoFitError, as_json: bool) -> None:
         click.echo(_render_alternatives(e.alternatives))
 
 
-def _live_workers(cluster, hardware_files: tuple[str, ...], link_mbit: float | None,
-                  link_ms: float | None) -> list[WorkerBox]:
-    """The running workers, probed: their boxes as they publish them, links from the cluster file."""
+def _boxes(cluster, hardware_files: tuple[str, ...], link_mbit: float | None,
+           link_ms: float | None) -> list[WorkerBox]:
+    """The running workers, probed (their boxes as they publish them, links from the cluster
+    file), else the recorded ones (every --hardware after the first)."""
     from edge_magistral.rpc.head import worker_boxes
 
+    if cluster is None:
+        return _workers(hardware_files[1:], link_mbit, link_ms)
     if len(hardware_files) > 1 or link_mbit is not None or link_ms is not None:
         raise BadInputError("give the workers either running (--worker/--cluster; links in the cluster file) "
                             "or recorded (a second --hardware with --link-mbit/--link-ms), not both")

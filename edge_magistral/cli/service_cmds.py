@@ -10,10 +10,12 @@ from pathlib import Path
 
 import click
 
+from edge_magistral.cli.cluster_opts import cluster_of, cluster_options
 from edge_magistral.cli.group import cli
 from edge_magistral.cli.speculate_opts import speculate_options, speculation
 from edge_magistral.errors import BadInputError, ModelNotFoundError
 from edge_magistral.paths import CONFIG_DIR, UNIT_DIR
+from edge_magistral.rpc.endpoints import cluster_yaml, worker_ips
 from edge_magistral.systemd import (
     ALL_DEVICES,
     UNIT_NAME,
@@ -64,18 +66,25 @@ from edge_magistral.systemd import install as sd_install
               help="auto: the GPU device rules this box needs; all: every known GPU's.")
 @click.option("--print", "print_only", is_flag=True, help="Print the unit and the config; write nothing.")
 @speculate_options
+@cluster_options
 def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, parallel, hardware_file, think_budget, audit_log,
                         stall_timeout, exec_path, unit_dir, config_dir, watchdog_sec, allow_from, no_api_key,
-                        devices, print_only, speculate, draft_model) -> None:
+                        devices, print_only, speculate, draft_model, workers, cluster_file,
+                        allow_public_worker) -> None:
     """Install edge-magistral as a systemd service (hardened unit, API key credential, config).
 
-    Rerunning it is safe: unchanged files are left alone and an existing API key is kept."""
+    With RPC workers (--worker, --cluster) the cluster file goes beside the config and the unit's
+    IPAddressAllow= admits the workers' addresses too. Rerunning it is safe: unchanged files are
+    left alone and an existing API key is kept."""
     config_path = Path(config_dir) / "config.yaml"
+    cluster = cluster_of(workers, cluster_file, allow_public_worker)
+    cluster_path = Path(config_dir) / "cluster.yaml"
     overrides = {"host": host, "port": port, "think_budget": think_budget, "stall_timeout_s": stall_timeout,
-                 **_speculation_settings(speculate, draft_model)}
+                 **_speculation_settings(speculate, draft_model),
+                 **({"cluster": str(cluster_path)} if cluster else {})}
     if model is not None:
         planned = _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel,
-                           overrides.get("speculate"), overrides.get("draft_model"))
+                           overrides.get("speculate"), overrides.get("draft_model"), cluster)
         service = _apply(planned, overrides, audit_log)
         effective = service
     else:
@@ -89,16 +98,27 @@ def install_service_cmd(model, host, port, ctx, n_gpu_layers, profile, parallel,
         env_file=str(Path(config_dir) / "env"),
         watchdog_sec=watchdog_sec,
         devices=this_box_devices() if devices == "auto" else ALL_DEVICES,
-        ip_allow=tuple(allow_from) or (("localhost",) if is_loopback(effective.host) else ()),
+        ip_allow=_ip_allow(allow_from, effective.host, cluster),
     )
+    extra = ((cluster_path, cluster_yaml(cluster).encode()),) if cluster else ()
     if print_only:
         click.echo(f"# {Path(unit_dir) / UNIT_NAME}\n{render_unit(unit)}\n"
-                   f"# {config_path}\n{effective.to_yaml()}", nl=False)
+                   f"# {config_path}\n{effective.to_yaml()}"
+                   + "".join(f"# {p}\n{data.decode()}" for p, data in extra), nl=False)
         return
-    result = install_service(unit, service, unit_dir)
+    result = install_service(unit, service, unit_dir, extra=extra)
     if service is not None and service.draft_model:
         result.notes += readable_notes(service.draft_model)
     _report(result, effective, unit)
+
+
+def _ip_allow(allow_from: tuple[str, ...], host: str, cluster) -> tuple[str, ...]:
+    """IPAddressAllow=: as asked, else localhost for a loopback bind (else no rule); a rule that
+    restricts also admits the RPC workers' addresses, or the head could not reach them."""
+    allow = tuple(allow_from) or (("localhost",) if is_loopback(host) else ())
+    if allow and cluster is not None:
+        allow += tuple(ip for ip in worker_ips(cluster) if ip not in allow)
+    return allow
 
 
 def _speculation_settings(speculate: str | None, draft_model: str | None) -> dict:
@@ -138,7 +158,7 @@ def _apply(s: ServiceConfig, overrides: dict, audit_log: str | None) -> ServiceC
 
 
 def _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel=None, speculate=None,
-             draft_model=None) -> ServiceConfig:
+             draft_model=None, cluster=None) -> ServiceConfig:
     """The service config of ``loader.plan_model``'s plan for the model (planned for this box, or
     the one ``hardware_file`` records), the draft model's memory included."""
     from edge_magistral.loader import ModelRequest, plan_model
@@ -148,7 +168,7 @@ def _planned(model, ctx, n_gpu_layers, profile, hardware_file, parallel=None, sp
         raise ModelNotFoundError(f"{model}: no such model file")
     plan, _ = plan_model(ModelRequest(model=path, ctx=ctx, n_gpu_layers=n_gpu_layers, parallel=parallel,
                                       profile=profile, hardware_file=hardware_file, speculate=speculate,
-                                      draft_model=draft_model))
+                                      draft_model=draft_model, cluster=cluster))
     return ServiceConfig.from_plan(plan)
 
 

@@ -261,3 +261,26 @@ def cluster_from(workers: Sequence[str], cluster_file: str | None, allow_public:
                                 "give the worker's IPv4 address or a name that resolves to one")
         check_allowed(s.endpoint, allow)
     return Cluster(specs, allow)
+
+
+def cluster_yaml(cluster: Cluster) -> str:
+    """The cluster as a file ``load_cluster`` reads back the same (``install-service`` writes one
+    beside the service's config)."""
+    import yaml
+
+    def entry(w: WorkerSpec) -> dict[str, Any]:
+        d: dict[str, Any] = {"address": str(w.endpoint)}
+        for key in ("link_mbit", "latency_ms", "layers"):
+            if (v := getattr(w, key)) is not None:
+                d[key] = v
+        return d
+
+    body = {"workers": [entry(w) for w in cluster.workers], "allow_public": cluster.allow_public}
+    return "# RPC workers of the edge-magistral service, in llama.cpp's device order.\n" + yaml.safe_dump(
+        body, sort_keys=False)
+
+
+def worker_ips(cluster: Cluster) -> list[str]:
+    """Every address the workers' names resolve to, for a firewall rule (``IPAddressAllow=``)."""
+    return sorted({str(a) for w in cluster.workers for a in resolve(w.endpoint)})
+

@@ -41,6 +41,7 @@ def install_service(
     service: ServiceConfig | None,
     unit_dir: str | os.PathLike[str] = UNIT_DIR,
     *,
+    extra: tuple[tuple[Path, bytes], ...] = (),
     run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
 ) -> InstallResult:
     """Write the unit, the config and (if missing) an API key, all or nothing; reload systemd.
@@ -48,11 +49,12 @@ def install_service(
     ``service`` None keeps the existing config file (re-rendering only the unit). Files whose
     content is already right are left alone, an existing API key is never replaced, and
     ``systemctl daemon-reload`` runs only when the unit changed in systemd's own directory.
+    ``extra``: more files the config names (the cluster file), written with the others.
     """
     unit_path = Path(unit_dir) / UNIT_NAME
     config_path = Path(unit.config_path)
     key_path = Path(unit.api_key_path) if unit.api_key_path else None
-    _require_root_for([unit_path, config_path, *([key_path] if key_path else [])])
+    _require_root_for([unit_path, config_path, *([key_path] if key_path else []), *(p for p, _ in extra)])
     _check_outside_sandbox_hidden("the edge-magistral executable", unit.exec_path)
     interpreter = _interpreter(unit.exec_path)
     if interpreter:
@@ -67,6 +69,7 @@ def install_service(
         files.append((key_path, (secrets.token_urlsafe(32) + "\n").encode(), 0o600))
     if service is not None:
         files.append((config_path, service.to_yaml().encode(), 0o644))
+    files += [(p, data, 0o644) for p, data in extra]
     files.append((unit_path, render_unit(unit).encode(), 0o644))
 
     result = InstallResult(unit_path, config_path, key_path)
