@@ -19,10 +19,11 @@ from click.testing import CliRunner
 
 from edge_magistral.build import manifest as mf
 from edge_magistral.errors import BadInputError, CorruptModelError
+from edge_magistral.hosts import is_loopback
 from edge_magistral.server import ServerConfig, build_service, load_api_keys
 from edge_magistral.server.api import think_budget
 from edge_magistral.server.app import validation_error
-from edge_magistral.server.guard import Guard, GuardConfig, KeyChecker, host_name, is_loopback
+from edge_magistral.server.guard import Guard, GuardConfig, KeyChecker, host_name
 from edge_magistral.server.schemas import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, ChatCompletionRequest
 
 KEY = "k" * 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -46,3 +47,18 @@ class RichProgress:
     def task(self, description: str, total: int) -> Advance:
         tid = self._p.add_task(description, total=total)
         return lambda n: self._p.advance(tid, n)
+
+
+def echo_installed(r: Any) -> None:
+    """What an install wrote, left alone and reloaded, and its notes (``install-service`` and
+    ``install-rpc-worker`` report alike)."""
+    import click
+
+    for p in r.written:
+        click.echo(f"wrote     {p}")
+    for p in r.unchanged:
+        click.echo(f"unchanged {p}")
+    click.echo(f"systemctl daemon-reload: {r.daemon_reload}")
+    for note in r.notes:
+        click.secho(f"note: {note}", fg="yellow")
+

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edge_magistral.cli.group import cli
+from edge_magistral.cli.render import echo_installed
 from edge_magistral.paths import UNIT_DIR
 from edge_magistral.rpc.worker import DEFAULT_BIND, WorkerConfig, check_bind, default_cache_dir, default_threads
 
@@ -71,13 +72,7 @@ def install_rpc_worker_cmd(bind, allow, use_cpu, threads, exec_path, unit_dir, d
         click.echo(f"# {Path(unit_dir) / RPC_UNIT_NAME}\n{render_rpc_unit(unit)}", nl=False)
         return
     r = install_rpc_unit(unit, unit_dir)
-    for p in r.written:
-        click.echo(f"wrote     {p}")
-    for p in r.unchanged:
-        click.echo(f"unchanged {p}")
-    click.echo(f"systemctl daemon-reload: {r.daemon_reload}")
-    for note in r.notes:
-        click.secho(f"note: {note}", fg="yellow")
+    echo_installed(r)
     steps = []
     if r.unit_path.parent.resolve() != UNIT_DIR:
         steps.append(f"sudo systemctl link {r.unit_path}   # or copy it to {UNIT_DIR}")

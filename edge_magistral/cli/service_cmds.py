@@ -12,6 +12,7 @@ import click
 
 from edge_magistral.cli.cluster_opts import cluster_of, cluster_options
 from edge_magistral.cli.group import cli
+from edge_magistral.cli.render import echo_installed
 from edge_magistral.cli.speculate_opts import speculate_options, speculation
 from edge_magistral.errors import BadInputError, ModelNotFoundError
 from edge_magistral.paths import CONFIG_DIR, UNIT_DIR
@@ -188,13 +189,7 @@ def _this_executable() -> str:
 
 
 def _report(r: InstallResult, s: ServiceConfig, unit: UnitConfig) -> None:
-    for p in r.written:
-        click.echo(f"wrote     {p}")
-    for p in r.unchanged:
-        click.echo(f"unchanged {p}")
-    click.echo(f"systemctl daemon-reload: {r.daemon_reload}")
-    for note in r.notes:
-        click.secho(f"note: {note}", fg="yellow")
+    echo_installed(r)
     url_host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
     steps = []
     if r.unit_path.parent.resolve() != UNIT_DIR:

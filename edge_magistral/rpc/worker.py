@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from edge_magistral import __version__
 from edge_magistral.errors import BadInputError, StorageError
+from edge_magistral.hosts import is_loopback
 from edge_magistral.paths import child_env, default_store_root
 from edge_magistral.rpc.endpoints import Endpoint, parse_endpoint
 from edge_magistral.rpc.relay import Relay
@@ -67,15 +68,6 @@ class WorkerConfig:
 # ------------------------------------------------------------------------------ policy
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_allow(allow: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """The heads' addresses (an IP or a CIDR network each); refuses a name and a network of everyone."""
     nets = []
@@ -95,7 +87,7 @@ def check_bind(bind: str, allow: Sequence[str]) -> Endpoint:
     """The address to listen on; a non-loopback one needs the heads named (``--allow``)."""
     ep = parse_endpoint(bind)
     parse_allow(allow)
-    if not _is_loopback(ep.host) and not allow:
+    if not is_loopback(ep.host) and not allow:
         raise BadInputError(f"--bind {ep} is reachable from the network and {SECURITY}: pass --allow HEAD_IP "
                             "(and reach it over a direct cable, a VLAN, WireGuard or an SSH forward)")
     return ep
@@ -110,7 +102,7 @@ def peer_allowed(peer_ip: str, allow: Sequence[str], bind_host: str) -> bool:
         return False
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_loopback or _is_loopback(bind_host):
+    if ip.is_loopback or is_loopback(bind_host):
         return True
     return any(ip in net for net in parse_allow(allow) if net.version == ip.version)
 

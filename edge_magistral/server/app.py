@@ -18,9 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_magistral import __version__
 from edge_magistral.hashing import sha256_file
+from edge_magistral.hosts import is_loopback
 from edge_magistral.server import api
 from edge_magistral.server.errors import ApiError
-from edge_magistral.server.guard import Guard, GuardConfig, KeyChecker, is_loopback
+from edge_magistral.server.guard import Guard, GuardConfig, KeyChecker
 from edge_magistral.server.metrics import Metrics
 from edge_magistral.server.settings import ServerConfig
 from edge_magistral.server.supervisor import Supervisor

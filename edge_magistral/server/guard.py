@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import stat
@@ -27,6 +26,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from edge_magistral.errors import BadInputError
+from edge_magistral.hosts import is_loopback
 from edge_magistral.server.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,6 @@ class KeyChecker:
 
 
 # ----------------------------------------------------------------------------------- hosts
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
 
 def host_name(header: str) -> str:
     """The host of a Host header, without the port (``[::1]:8080`` → ``::1``)."""

@@ -74,7 +74,7 @@ class ServerConfig:
 
     def check_exposure(self) -> None:
         """Refuse to serve a non-loopback address without a key unless told so explicitly."""
-        from edge_magistral.server.guard import is_loopback
+        from edge_magistral.hosts import is_loopback
 
         if not is_loopback(self.host) and not self.api_keys and not self.insecure_no_auth:
             raise BadInputError(f"refusing to listen on {self.host} without an API key: give --api-key-file, "

@@ -7,6 +7,7 @@ nvhost/nvmap) and the API key as a systemd credential. :func:`install_service` w
 service's config file atomically.
 """
 
+from edge_magistral.hosts import is_loopback
 from edge_magistral.systemd.config import ServiceConfig, read_service_config
 from edge_magistral.systemd.install import (
     SANDBOX_HIDDEN,
@@ -24,7 +25,6 @@ from edge_magistral.systemd.unit import (
     JETSON_DEVICES,
     NVIDIA_DEVICES,
     UnitConfig,
-    is_loopback,
     render_unit,
     resolve_devices,
     this_box_devices,

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_magistral.errors import BadInputError, StorageError
+from edge_magistral.hosts import is_loopback
 from edge_magistral.paths import STATE_DIRS, UNIT_DIR
 from edge_magistral.systemd.config import ServiceConfig
-from edge_magistral.systemd.unit import UnitConfig, is_loopback, render_unit
+from edge_magistral.systemd.unit import UnitConfig, render_unit
 
 UNIT_NAME = "edge-magistral.service"
 SANDBOX_HIDDEN = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")  # ProtectHome= and PrivateTmp=

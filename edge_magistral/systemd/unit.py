@@ -4,7 +4,6 @@ Jetson's nvhost/nvmap) and the API key as a systemd credential."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 from collections.abc import Callable
@@ -183,15 +182,6 @@ def _exec_quote(arg: str) -> str:
     if any(ch.isspace() or ch in "\"'\\" for ch in arg):
         return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return arg
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_devices(rules: tuple[str, ...], proc_devices: str,
