@@ -246,6 +246,9 @@ def _load(s: LoadSettings) -> Any:
     llama_log.install()
     if s.workers:  # probed by the caller: llama.cpp aborts the process on a worker that fails
         rpc_backend.register_workers(list(s.workers))
+    elif stale := rpc_backend.registered_endpoints():  # llama.cpp would load onto them as well
+        raise BackendError(f"this process placed layers on RPC worker(s) {', '.join(stale)} before: "
+                           "load a model without them in a new process")
     own = s.n_slots > 1 or s.speculate != "off"
     try:
         with _output_on_host(s.output_on_host):

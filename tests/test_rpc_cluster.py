@@ -23,9 +23,6 @@ import pytest
 import rpc_harness
 import serve_harness
 
-from edge_magistral.chat import Message
-from edge_magistral.generation import AnswerText, Done, Limits, LoadSettings, ThinkingText
-
 pytestmark = pytest.mark.skipif(rpc_harness.skip_reason() is not None, reason=rpc_harness.skip_reason() or "")
 
 
@@ -44,55 +41,25 @@ def workers(tmp_path_factory: pytest.TempPathFactory):
             w.stop()
 
 
-def _cluster(endpoints: list[str], layers: list[int]):
-    """The workers with their layers pinned: on one box the planner would keep every layer on the
-    head (the workers here are the same machine, so nothing would be gained by moving any)."""
-    from edge_magistral.rpc.endpoints import Cluster, WorkerSpec, parse_endpoint
-
-    return Cluster(tuple(WorkerSpec(parse_endpoint(ep), layers=n) for ep, n in zip(endpoints, layers, strict=True)))
-
-
-def _text(events) -> tuple[str, Done]:
-    out, done = [], None
-    for ev in events:
-        if isinstance(ev, (ThinkingText, AnswerText)):
-            out.append(ev.text)
-        elif isinstance(ev, Done):
-            done = ev
-    return "".join(out), done
+def _split(model: Path, endpoints: list[str], layers: list[int], limits: dict) -> dict:
+    """A local run, then the same model split across the workers, in a process of its own
+    (``rpc_split_child.py``: llama.cpp keeps workers for the life of a process)."""
+    child = Path(__file__).with_name("rpc_split_child.py")
+    pins = [f"{ep}={n}" for ep, n in zip(endpoints, layers, strict=True)]
+    r = subprocess.run([sys.executable, str(child), str(model), json.dumps(limits), *pins],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _greedy(engine, limits: Limits) -> tuple[str, Done]:
-    if engine.is_magistral:
-        return _text(engine.generate([Message("user", "Count from one to twenty.")], limits))
-    return _text(engine.submit(engine.raw_prompt_ids("The capital of France is Paris. The capital of"), limits))
-
-
-def _local_then_split(path: Path, endpoints: list[str], layers: list[int], limits: Limits):
-    from edge_magistral import loader
-    from edge_magistral.engine import Engine
-
-    local = Engine(LoadSettings(str(path), n_ctx=512, n_threads=1, speculate="off"))
-    try:
-        want = _greedy(local, limits)
-    finally:
-        local.close()
-    opened = loader.open_model(loader.ModelRequest(model=str(path), ctx=512, threads=1, parallel=1,
-                                                   speculate="off", cluster=_cluster(endpoints, layers)))
-    try:
-        got = _greedy(opened.engine, limits)
-        return want, got, opened.plan, opened.engine.remote_buffers.to_dict()
-    finally:
-        opened.close()
-
-
-def _check_split(plan, buffers: dict, endpoints: list[str], tolerance: float) -> None:
+def _check_split(out: dict, endpoints: list[str], tolerance: float) -> None:
     """Layers on both workers; the weights and KV cache llama.cpp put on each exactly as planned
     (to its logged hundredths of a MiB), and all its buffers there (with the compute buffer)
     within ``tolerance`` of the plan."""
-    planned = {w["endpoint"]: w for w in plan.to_dict()["cluster"]["workers"]}
+    planned = {w["endpoint"]: w for w in out["cluster"]["workers"]}
+    buffers = out["buffers"]
     assert set(buffers) == set(endpoints) == set(planned)
-    assert plan.cluster.output_device == "CPU"  # the head keeps the output layer (and the logits)
+    assert out["cluster"]["output_device"] == "CPU" and out["output_on_host"]  # the head keeps the logits
     for ep in endpoints:
         mem, got = planned[ep]["memory"], buffers[ep]
         assert planned[ep]["layers"] > 0 and got["weights"] > 0, (planned[ep], got)
@@ -103,21 +70,40 @@ def _check_split(plan, buffers: dict, endpoints: list[str], tolerance: float) ->
 
 def test_smollm2_split_across_two_workers_is_identical_to_a_local_run(workers, smollm2_gguf: Path) -> None:
     eps = [w.endpoint for w in workers]
-    limits = Limits(temperature=0.0, max_tokens=40)
-    (want, done_local), (got, done), plan, buffers = _local_then_split(smollm2_gguf, eps, [12, 9], limits)
-    assert got == want and done.usage.completion_tokens == done_local.usage.completion_tokens >= 16
-    _check_split(plan, buffers, eps, 0.05)
+    out = _split(smollm2_gguf, eps, [12, 9], {"temperature": 0.0, "max_tokens": 40})
+    (want, n_local), (got, n) = out["want"], out["got"]
+    assert got == want and n == n_local >= 16
+    _check_split(out, eps, 0.05)
 
 
 def test_tiny_magistral_split_across_two_workers_is_identical_to_a_local_run(workers, tiny_gguf_f32: Path) -> None:
     eps = [w.endpoint for w in workers]
-    limits = Limits(temperature=0.0, max_tokens=48, think_budget=0, seed=1)
-    (want, done_local), (got, done), plan, buffers = _local_then_split(tiny_gguf_f32, eps, [1, 1], limits)
-    assert got == want and done.usage.completion_tokens == done_local.usage.completion_tokens > 0
+    out = _split(tiny_gguf_f32, eps, [1, 1], {"temperature": 0.0, "max_tokens": 48, "think_budget": 0, "seed": 1})
+    (want, n_local), (got, n) = out["want"], out["got"]
+    assert got == want and n == n_local > 0
     # One layer per worker: the compute buffer is most of what a worker holds, and for this tiny
     # shape (n_ff = 2 x n_embd) ggml-alloc packs the last device's tighter than the live tensors
     # the plan counts (3.5 MiB against 4.5 MiB): within 20% here, exact for SmolLM2's shape.
-    _check_split(plan, buffers, eps, 0.20)
+    _check_split(out, eps, 0.20)
+
+
+def test_a_process_that_used_workers_refuses_a_load_without_them(workers, smollm2_gguf: Path) -> None:
+    """llama.cpp loads onto every RPC worker a process ever registered: a later load without them
+    is refused in one line instead of reaching a worker that may be gone (an abort)."""
+    code = ("import sys\n"
+            "from edge_magistral.rpc import backend\n"
+            "from edge_magistral.errors import BackendError\n"
+            "from edge_magistral.engine import Engine\n"
+            "from edge_magistral.generation import LoadSettings\n"
+            "backend.register_workers([sys.argv[1]])\n"
+            "try:\n"
+            "    Engine(LoadSettings(sys.argv[2], n_ctx=256, n_threads=1))\n"
+            "except BackendError as e:\n"
+            "    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, workers[0].endpoint, str(smollm2_gguf)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"refused: this process placed layers on RPC worker(s) {workers[0].endpoint} before" in r.stdout
 
 
 def test_plan_reads_running_workers_boxes(workers, smollm2_gguf: Path, tmp_path: Path) -> None:

@@ -200,6 +200,11 @@ def host_output_overrides() -> int:
     return ctypes.addressof(_host_output)
 
 
+def registered_endpoints() -> list[str]:
+    """The workers this process has handed to llama.cpp (they stay until the process ends)."""
+    return list(_registered)
+
+
 def serve_devices(use_cpu: bool) -> list[LocalDevice]:
     """What a worker serves: every GPU (discrete or integrated) llama.cpp sees, or the CPU when
     there is none or ``use_cpu`` asks for it."""
