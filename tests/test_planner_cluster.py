@@ -226,3 +226,12 @@ def test_pinned_worker_layers_are_placed_as_pinned() -> None:
     too_many = [WorkerBox("10.0.0.2:50052", box("cpu-only-32gb"), Link(), N_LAYERS + 1)]
     with pytest.raises(DoesNotFitError):
         plan_cluster(hw, too_many, q4(), Q4, choose_profile(hw, PROFILES), PROFILES)
+
+
+def test_across_boxes_q4_k_m_comes_first_where_the_heads_profile_leaves_it_out() -> None:
+    """The Orin NX profile offers only IQ4_XS and Q3_K_M (what one box can hold); two of them hold
+    Q4_K_M, the quant the issue's pair is for, at the profile's target context."""
+    assert "Q4_K_M" not in choose_profile(box("jetson-orin-nx-16gb"), PROFILES).quants
+    p = across("jetson-orin-nx-16gb", ["jetson-orin-nx-16gb"], Request(),
+               candidates=catalog(["IQ4_XS", "Q3_K_M", "Q4_K_M"]))
+    assert p.quant == "Q4_K_M" and "target context" in p.reasons["quant"]

@@ -366,6 +366,8 @@ def plan_cluster(head: Hardware, workers: list[WorkerBox], candidates: list[Mode
     request = request or Request()
     if not candidates:
         raise BadInputError("no model candidates: build or pull a Magistral GGUF, or plan from the catalog")
+    if "Q4_K_M" not in profile.quants:  # left out for one box's memory: across boxes it may well fit
+        profile = replace(profile, quants=type(profile.quants)(["Q4_K_M", *profile.quants]))
     sp = make_space(head, workers, profile, request, profiles or load_profiles())
     sp.quant_requested = request.quant is not None
     cands = [tied_output(c) for c in _within_context(_ordered(candidates, profile, request), candidates, request)]
