@@ -171,14 +171,9 @@ def wire_bandwidth(delay_s: float, nbytes: int = 16 << 20) -> float:
 
 # ------------------------------------------------------------------ workers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_worker(tmp: Path, i: int, threads: int) -> tuple[subprocess.Popen, str]:
     from edge_magistral.rpc.probe import fetch_info
+    from edge_magistral.rpc.worker import free_port
 
     ep = f"127.0.0.1:{free_port()}"
     log = (tmp / f"worker{i}.log").open("ab")

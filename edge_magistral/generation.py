@@ -61,11 +61,16 @@ class LoadSettings:
 
     @classmethod
     def from_plan(cls, plan: Any) -> LoadSettings:
+        """A plan across boxes also gives the workers (in its device order) and, when it keeps the
+        output layer on a GPU-less head while layers are offloaded, ``output_on_host``."""
+        cluster = getattr(plan, "cluster", None)
         return cls(model_path=plan.model_path, n_ctx=plan.n_ctx, n_gpu_layers=plan.n_gpu_layers,
                    n_threads=plan.n_threads, n_threads_batch=plan.n_threads_batch, n_batch=plan.n_batch,
                    n_ubatch=plan.n_ubatch, flash_attn=plan.flash_attn, type_k=plan.type_k, type_v=plan.type_v,
                    tensor_split=tuple(plan.tensor_split or ()), think_budget=plan.think_budget,
-                   n_slots=getattr(plan, "n_slots", 1))
+                   n_slots=getattr(plan, "n_slots", 1),
+                   workers=tuple(w.endpoint for w in cluster.workers) if cluster else (),
+                   output_on_host=bool(cluster) and cluster.output_device == "CPU" and plan.n_gpu_layers > 0)
 
     def check(self) -> None:
         """Refuse settings llama.cpp would misread (before anything is loaded)."""

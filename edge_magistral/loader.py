@@ -169,8 +169,7 @@ def plan_model(req: ModelRequest) -> tuple[Plan, LoadSettings]:
             raise BadInputError("a draft model together with RPC workers is not supported: drop --draft-model "
                                 "(n-gram speculation still works)")
         plan = plan_across(path, request, hw, req.cluster, req.profile)
-        home = plan.cluster.output_device == "CPU" and plan.n_gpu_layers > 0  # see planner.cluster
-        return plan, replace(_settings(plan, req), workers=tuple(req.cluster.endpoints), output_on_host=home)
+        return plan, _settings(plan, req)
     draft = resolve_draft(req.draft_model, req.store) if req.draft_model and req.speculate != "off" else None
     plan, _ = plan_for_model(path, request, hw, profile_name=req.profile, draft_path=draft)
     return plan, _settings(plan, req)

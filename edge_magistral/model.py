@@ -66,7 +66,7 @@ class LoadedModel:
         self.is_magistral = self.info.tokenizer_pre == "tekken" and "end_think" in self.info.special_tokens
         t0 = time.monotonic()
         self.remote_buffers = RemoteBuffers()  # what llama.cpp allocated on each RPC worker
-        with llama_log.listen(self.remote_buffers.feed):
+        with llama_log.listen(self.remote_buffers.feed) if settings.workers else contextlib.nullcontext():
             self.llm = _load(settings)
         self.load_s = time.monotonic() - t0
         self.ctx = self.llm.ctx

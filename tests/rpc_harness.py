@@ -4,7 +4,6 @@ server blocks forever and the head aborts on a lost worker, so nothing here runs
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_magistral.rpc import backend
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from edge_magistral.rpc.worker import free_port
 
 
 @dataclass

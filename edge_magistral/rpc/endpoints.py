@@ -183,7 +183,7 @@ def _worker_spec(entry: Any, where: str) -> WorkerSpec:
         raise BadInputError(f"{where}: each worker must be a mapping with an address, not {entry!r}")
     unknown = sorted(set(map(str, entry)) - _WORKER_KEYS)
     if unknown:
-        raise BadInputError(f"{where}: unknown key {unknown[0]!r} (known: address, link_mbit, latency_ms, layers)")
+        raise BadInputError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_WORKER_KEYS))})")
     address = entry.get("address")
     if not isinstance(address, str):
         raise BadInputError(f"{where}: a worker needs an address (host:port), got {address!r}")
@@ -224,7 +224,7 @@ def load_cluster(path: str | Path) -> Cluster:
         raise BadInputError(f"cluster file {path} must be a mapping with a 'workers' list")
     unknown = sorted(set(map(str, data)) - _TOP_KEYS)
     if unknown:
-        raise BadInputError(f"cluster file {path}: unknown key {unknown[0]!r} (known: workers, allow_public)")
+        raise BadInputError(f"cluster file {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
     workers = data.get("workers")
     if not isinstance(workers, list) or not workers:
         raise BadInputError(f"cluster file {path} lists no workers: add 'workers:' with at least one address")
