@@ -6,7 +6,8 @@
    position (as the engine's ``_fill_batch`` asks them, through ``LoadedModel`` and ``Batch``, with
    the device top-k a default turn attaches) against one token, k = 0..16, median over reps:
    ``c(k) = t(k + 1) / t(1)``, the k+1-token step timed right after a one-token step (as a verify
-   step follows plain decoding; ``c_steady`` times it after a step of its own size). Decode time
+   step follows plain decoding; ``c_steady`` times it after a step of its own size, when CUDA
+   captures a graph of it, ``c_replay`` after two, when the captured graph is replayed). Decode time
    only (what the engine's ``VerifyCost`` sees; the host's sampling of each row is not in it).
 2. **Acceptance** (``accept``): the model's own outputs for prompts that look like what reasoning
    does (quote a question, write code, make a table, list steps), greedy and at temperature 0.7,
@@ -294,23 +295,32 @@ def cost_at_depth(model, batch, depth: int, k_max: int, reps: int, rng: random.R
         llama_cpp.llama_memory_seq_rm(mem, 0, depth, -1)
         return dt
 
-    switch: dict[int, list[float]] = {k: [] for k in range(k_max + 1)}
-    steady: dict[int, list[float]] = {k: [] for k in range(k_max + 1)}
+    ks_all = range(k_max + 1)
+    switch: dict[int, list[float]] = {k: [] for k in ks_all}
+    steady: dict[int, list[float]] = {k: [] for k in ks_all}
+    replay: dict[int, list[float]] = {k: [] for k in ks_all}
+    eager1: list[float] = []
     for rep in range(reps + 1):  # rep 0 warms up every size (graph reservation, kernels)
-        ks = list(range(k_max + 1))
+        ks = list(ks_all)
         rng.shuffle(ks)
         for k in ks:
-            step(1)
-            a, b = step(k + 1), step(k + 1)
+            e = step(1)
+            a, b, r = step(k + 1), step(k + 1), step(k + 1)
             if rep:
+                eager1.append(e)
                 switch[k].append(a)
                 steady[k].append(b)
+                replay[k].append(r)
     t_sw = {k: statistics.median(v) for k, v in switch.items()}
     t_st = {k: statistics.median(v) for k, v in steady.items()}
+    t_rp = {k: statistics.median(v) for k, v in replay.items()}
     return {"depth": depth, "reps": reps, "t_ms": {k: round(1e3 * v, 4) for k, v in t_st.items()},
             "t_switch_ms": {k: round(1e3 * v, 4) for k, v in t_sw.items()},
-            "c": {k: round(v / t_st[0], 4) for k, v in t_sw.items()},
-            "c_steady": {k: round(v, 4) for k, v in ratios(t_st).items()}}
+            "t_replay_ms": {k: round(1e3 * v, 4) for k, v in t_rp.items()},
+            "t_after_switch_1_ms": round(1e3 * statistics.median(eager1), 4),
+            "c": {k: round(v / t_rp[0], 4) for k, v in t_sw.items()},
+            "c_steady": {k: round(v, 4) for k, v in ratios(t_st).items()},
+            "c_replay": {k: round(v, 4) for k, v in ratios(t_rp).items()}}
 
 
 def measure_cost(settings, depths: Sequence[int], k_max: int, reps: int) -> list[dict]:
@@ -501,7 +511,7 @@ def main() -> None:
     if a.recompute:
         res = json.loads(a.recompute.read_text())
         for cd in res.get("cost", []):  # JSON made the k keys strings
-            for key in ("t_ms", "t_switch_ms", "c", "c_steady"):
+            for key in ("t_ms", "t_switch_ms", "t_replay_ms", "c", "c_steady", "c_replay"):
                 cd[key] = {int(k): v for k, v in cd.get(key, {}).items()}
         if a.draft_cost is not None:
             res["draft_cost"] = a.draft_cost
@@ -572,6 +582,8 @@ def cost_part(res: dict, settings, a: argparse.Namespace) -> None:
     for cd in res["cost"]:
         print(f"cost depth {cd['depth']}: t1 {cd['t_ms'][0]:.3f} ms, c(k) "
               + " ".join(f"{k}:{v:.2f}" for k, v in cd["c"].items()), flush=True)
+        print(f"  replayed (3rd step of a shape): t1 {cd['t_replay_ms'][0]:.3f} ms, c(k) "
+              + " ".join(f"{k}:{v:.2f}" for k, v in cd["c_replay"].items()), flush=True)
 
 
 def e2e_part(res: dict, settings, a: argparse.Namespace, temps: Sequence[float], accept: bool) -> None:
