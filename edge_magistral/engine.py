@@ -149,6 +149,8 @@ class Engine(LoadedModel):
         self.verify_cost = VerifyCost()  # how a step's time grows with its tokens (speculation's price)
         self.ngram_sizes = NGRAM_SIZES  # the n-gram lengths guesses are looked up by
         self._speculating = settings.speculate != "off"
+        hold = settings.speculate_hold
+        self.speculate_hold = self.all_on_gpu() if hold is None else hold  # see speculate.py
         try:
             self.drafter = open_draft(settings, self)  # speculate="draft": the draft model, else None
         except BaseException:
@@ -308,9 +310,9 @@ class Engine(LoadedModel):
     def _speculator(self, prompt: list[int], limits: Limits) -> Speculator | None:
         mode = self.settings.speculate if limits.speculate else "off"
         if mode == "ngram":
-            return Speculator(prompt, self.verify_cost, sizes=self.ngram_sizes)
+            return Speculator(prompt, self.verify_cost, sizes=self.ngram_sizes, hold=self.speculate_hold)
         if mode == "draft":
-            return Speculator(prompt, self.verify_cost, draft=self.drafter.open(prompt))
+            return Speculator(prompt, self.verify_cost, draft=self.drafter.open(prompt), hold=self.speculate_hold)
         return None
 
     def _reuse(self, seq: int, prompt: list[int]) -> int:

@@ -51,6 +51,9 @@ class LoadSettings:
     speculate: str = "ngram"
     draft_model: str | None = None
     draft_gpu_layers: int = 0
+    # Verify the same number of guesses every step (speculate.py): None = where every layer is on
+    # a GPU, whose CUDA graphs make a step of an unchanged shape cheaper than one of a new shape.
+    speculate_hold: bool | None = None
     # llama.cpp RPC workers ("host:port", probed first: see rpc/), whose devices come first in
     # llama.cpp's device order, so ``tensor_split`` lists theirs before the local GPUs.
     workers: tuple[str, ...] = ()

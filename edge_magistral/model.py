@@ -95,7 +95,11 @@ class LoadedModel:
         same top-k only moves that work into the graph and measured slower."""
         if s.backend_sampling is not None:
             return s.backend_sampling
-        return bool(llama_cpp.llama_supports_gpu_offload()) and s.n_gpu_layers > self.info.n_layers
+        return self.all_on_gpu()
+
+    def all_on_gpu(self) -> bool:
+        """Every layer and the output layer on a GPU (llama.cpp's n_gpu_layers > n_layers)."""
+        return bool(llama_cpp.llama_supports_gpu_offload()) and self.settings.n_gpu_layers > self.info.n_layers
 
     def set_backend_topk(self, seq: int, k: int | None) -> None:
         """Attach a device-side top-``k`` to sequence ``seq`` (``None``: detach). Changing it makes

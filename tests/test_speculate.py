@@ -16,7 +16,7 @@ import pytest
 
 from edge_magistral.chat import Message
 from edge_magistral.generation import Done, Limits, LoadSettings, ToolUse
-from edge_magistral.speculate import NgramDraft, Speculator, VerifyCost, best_k
+from edge_magistral.speculate import HOLD_STEPS, NgramDraft, Speculator, VerifyCost, best_k
 from edge_magistral.turn import Turn
 
 # ------------------------------------------------------------------------------ units
@@ -63,6 +63,63 @@ def test_the_speculator_learns_acceptance_from_verified_and_unverified_guesses()
     rate = expensive.rate
     expensive.next(9, room=8)  # the guess was 1: a miss
     assert expensive.rate < rate
+
+
+def test_steady_step_times_skip_each_new_shape_s_first_steps() -> None:
+    """A new shape's first steps run eagerly, then capture a CUDA graph: not its steady cost."""
+    c = VerifyCost()
+    for t in (0.015, 0.014, 0.010, 0.010):  # eager, capture, replayed, replayed
+        c.observe(1, t, 1)
+    assert c.steady == {1: pytest.approx(0.010)} and c.step_cost(0) == pytest.approx(1.0)
+    assert c.step_cost(2) is None
+    for t in (0.013, 0.020, 0.012, 0.012):
+        c.observe(3, t, 1)
+    assert c.step_cost(2) == pytest.approx(1.2)
+    c.observe(2, 0.020, 2)  # several sequences: not a width of one
+    assert set(c.steady) == {1, 3}
+
+
+def held(cost: VerifyCost, right: int, steps: int, history=(1, 2, 3, 1, 2, 3)) -> list[int]:
+    """Drive a held Speculator for ``steps`` steps, each step's first ``right`` guesses accepted;
+    the number of guesses of each step."""
+    s = Speculator(list(history), cost, hold=True)
+    widths = []
+    for i in range(steps):
+        g = s.next(4 + i % 3, room=8)
+        widths.append(len(g))
+        if g:
+            s.verified(len(g), min(right, len(g)))
+    return widths
+
+
+def test_a_held_width_starts_plain_then_climbs_while_guesses_pay() -> None:
+    cost = VerifyCost()
+    for _ in range(4):
+        cost.observe(1, 0.010, 1)  # a steady one-token step is known...
+    for n in range(2, 10):  # ...and every width costs 2% more per guess (a GPU's replayed graphs)
+        for _ in range(4):
+            cost.observe(n, 0.010 * (1 + 0.02 * (n - 1)), 1)
+    widths = held(cost, right=8, steps=6 * HOLD_STEPS)
+    epochs = [widths[i:i + HOLD_STEPS] for i in range(0, len(widths), HOLD_STEPS)]
+    assert all(len(set(e)) == 1 for e in epochs)  # one width per epoch: the step's shape holds
+    assert [e[0] for e in epochs] == [1, 2, 3, 4, 5, 6]  # one width further each time
+    fresh = held(VerifyCost(), right=8, steps=HOLD_STEPS)
+    assert set(fresh) == {0}  # nothing measured: plain steps first, to time a steady one-token step
+
+
+def test_a_held_width_comes_down_when_guesses_fail_or_cost_too_much() -> None:
+    cost = VerifyCost()
+    for n, t in ((1, 0.010), (2, 0.0106), (3, 0.0122), (4, 0.0146)):  # the H100's replayed c(k)
+        for _ in range(4):
+            cost.observe(n, t, 1)
+    s = Speculator([1, 2, 3, 1, 2, 3], cost, hold=True)
+    s.width = 3
+    for _ in range(3 * HOLD_STEPS):
+        g = s.next(9, room=8)  # 9 never occurred before: the padding repeats it
+        assert len(g) == s.width and (not g or g == [9] * len(g))
+        if g:
+            s.verified(len(g), 0)
+    assert s.width == 0  # never right: down a width each epoch
 
 
 # ------------------------------------------------------------------------- the engine
@@ -154,6 +211,24 @@ def test_speculation_changes_nothing_a_turn_produces(tiny_pair, limits: Limits, 
     assert (done_on.finish_reason, done_on.stop_reason, done_on.usage) == \
         (done_off.finish_reason, done_off.stop_reason, done_off.usage)
     assert done_off.timings.drafted_tokens == 0
+
+
+def test_a_held_width_changes_nothing_a_turn_produces(tiny_gguf_f32: Path, tiny_pair, monkeypatch) -> None:
+    """Every step verifies the held number of guesses, padded where the oracle has too few."""
+    _, off = tiny_pair
+    hold = make_engine(tiny_gguf_f32, "ngram", think_budget=48, speculate_hold=True)
+    try:
+        assert hold.speculate_hold and not off.speculate_hold  # auto is off on a CPU
+        for limits in (Limits(temperature=0.0, think_budget=0, max_tokens=200),
+                       Limits(seed=3, top_k=1, think_budget=40, max_tokens=400, answer_budget=24,
+                              force_thinking=True)):
+            oracle(monkeypatch, evaluated_ids(off, REPEAT, limits, monkeypatch))
+            ev_on, done_on = run(hold, REPEAT, limits)
+            ev_off, done_off = run(off, REPEAT, limits)
+            assert ev_on == ev_off and done_on.usage == done_off.usage
+            assert 0 < done_on.timings.accepted_tokens < done_on.timings.drafted_tokens
+    finally:
+        hold.close()
 
 
 def test_tool_calls_are_the_same_with_speculation(tiny_pair, monkeypatch) -> None:
