@@ -110,6 +110,7 @@ class VerifyCost:
         self.prior = prior
         self.fixed = fixed  # a known relative cost (tests, benchmarks): measurements are ignored
         self.steady: dict[int, float] = {}  # one sequence: tokens in a step -> its steady seconds
+        self.width = 0  # the held width chosen last: the next turn starts from it
         self._shape, self._run = 0, 0  # the last step's token count, and how many in a row had it
 
     def observe(self, n_tokens: int, seconds: float, n_sequences: int) -> None:
@@ -174,7 +175,7 @@ class Speculator:
         self.cost = cost
         self.k_max = k_max
         self.hold = hold  # verify the same number of guesses every step (see the module's text)
-        self.width = 0  # hold: the guesses each step verifies now
+        self.width = cost.width if hold else 0  # hold: the guesses each step verifies now
         self.rate = ACCEPT_PRIOR
         self.stats = SpecStats()
         self._shadow: int | None = None  # the first guess of a proposal not verified
@@ -240,6 +241,7 @@ class Speculator:
             else:
                 ks = [j for j in (self.width - 1, self.width + 1) if 0 <= j <= self.k_max]
                 self.width = best_width(self.rate, lambda j: self._cost_at(j) + guess_cost * j, ks, self.width)
+            self.cost.width = self.width
         self._hold_left -= 1
         return self.width
 

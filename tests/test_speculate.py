@@ -103,6 +103,8 @@ def test_a_held_width_starts_plain_then_climbs_while_guesses_pay() -> None:
     epochs = [widths[i:i + HOLD_STEPS] for i in range(0, len(widths), HOLD_STEPS)]
     assert all(len(set(e)) == 1 for e in epochs)  # one width per epoch: the step's shape holds
     assert [e[0] for e in epochs] == [1, 2, 3, 4, 5, 6]  # one width further each time
+    # the next turn starts from there, a width lower: its acceptance starts at the prior, 0.5
+    assert held(cost, right=8, steps=1) == [5]
     fresh = held(VerifyCost(), right=8, steps=HOLD_STEPS)
     assert set(fresh) == {0}  # nothing measured: plain steps first, to time a steady one-token step
 
