@@ -22,6 +22,7 @@
 #   compare     ours vs llama-bench (compare_llama.py) on each $QUANTS file already made (by direct or
 #               quants); no pipeline build, no plan_vs_gpu
 #   engine      the engine against a bare llama-cpp-python loop; diag: the CUDA import-order check
+#   at_rate     issue 13: speculate_at_rate.py, end to end at set acceptance rates (SPEC_RATES), all modes
 #   speculate   issue 13 on the Q4_K_M file direct made: verify cost c(k) k=0..16 at depth 512 and 4096,
 #               our tg with speculate ngram vs off vs llama-bench tg128, llama-bench tg128 of a 0.5B
 #               draft-shaped Tekken GGUF (its cost per guess), projections at the acceptance of the CPU
@@ -75,6 +76,17 @@ build_quant() {  # the project's own build pipeline: BF16 GGUF → quant, sha256
   echo "build_pipeline $1 $((SECONDS - t0)) s $(stat -c %s "$f") bytes" | tee -a "$RES/timings.txt"
   cp "$M/q/manifest.json" "$RES/manifest_$1.json"
 }
+draft_file() {  # the body of a 0.5B draft with Tekken's vocabulary (Qwen2-0.5B's shape), zero weights
+  local d=$M/q/draft-shaped-Q8_0.gguf
+  mkdir -p "$M/q"; [ -f "$d" ] || python3 - "$d" <<'PY'
+import dataclasses, sys
+from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, tensor_specs
+from edge_magistral.shaped_gguf import write_shaped_gguf
+arch = dataclasses.replace(MAGISTRAL_SMALL_1_1, n_layers=24, n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864)
+write_shaped_gguf(sys.argv[1], arch, tensor_specs(arch, "Q8_0"), "Q8_0", vocab_from=".gpu/tekken-vocab.gguf")
+PY
+  echo "$d"
+}
 for step in "$@"; do stamp "$step"; case $step in
   bandwidth)
     timeout 120 python3 benchmarks/bandwidth.py --out "$RES/bandwidth.json" ;;
@@ -126,16 +138,14 @@ PY
     build_quant Q4_K_M || exit 1
     timeout 240 python3 -X faulthandler benchmarks/engine_overhead.py --model "$(quant_file Q4_K_M)" \
       --n-gpu-layers "$NGL" --lengths 128,2048 --repeats 1 --out "$RES/engine_overhead_gpu.json" ;;
+  at_rate)  # issue 13: end to end at set acceptance rates (benchmarks/speculate_at_rate.py), after direct
+    f=$(quant_file Q4_K_M); [ -f "$f" ] || { echo "no $f: run direct first"; continue; }
+    timeout "${SPEC_TIMEOUT:-330}" python3 benchmarks/speculate_at_rate.py --model "$f" --draft "$(draft_file)" \
+      --n-gpu-layers "$NGL" --llama-bench "$(command -v llama-bench)" --rates "${SPEC_RATES:-0.6,0.7,0.8}" \
+      --max-tokens "${SPEC_TOKENS:-160}" --rounds "$ROUNDS" --out "$RES/speculate_at_rate_Q4_K_M.json"; pack ;;
   speculate)  # issue 13 (benchmarks/speculate.py); zero weights: only the costs mean anything
     f=$(quant_file Q4_K_M); [ -f "$f" ] || { echo "no $f: run direct first"; continue; }
-    d=$M/q/draft-shaped-Q8_0.gguf  # the body of a 0.5B draft with Tekken's vocabulary (Qwen2-0.5B's shape)
-    [ -f "$d" ] || python3 - "$d" <<'PY'
-import dataclasses, sys
-from edge_magistral.catalog import MAGISTRAL_SMALL_1_1, tensor_specs
-from edge_magistral.shaped_gguf import write_shaped_gguf
-arch = dataclasses.replace(MAGISTRAL_SMALL_1_1, n_layers=24, n_embd=896, n_head=14, n_head_kv=2, head_dim=64, n_ff=4864)
-write_shaped_gguf(sys.argv[1], arch, tensor_specs(arch, "Q8_0"), "Q8_0", vocab_from=".gpu/tekken-vocab.gguf")
-PY
+    d=$(draft_file)
     acc=benchmarks/results/issue13/speculate_cpu_smollm2.json
     timeout "${SPEC_TIMEOUT:-330}" python3 benchmarks/speculate.py --model "$f" --llama-bench "$(command -v llama-bench)" \
       --draft-bench "$d" --n-gpu-layers "$NGL" --backend-sampling "${SPEC_BACKEND_SAMPLING:-off}" --zero-weights --temps "${SPEC_TEMPS:-0.7}" --max-tokens "${SPEC_TOKENS:-192}" \
