@@ -9,7 +9,9 @@ published figures describe) and the first one dropped replaced by a wrong token,
 The guess source still does its work (a draft model's decodes cost what they cost); only its
 tokens are replaced. Everything else is the engine as shipped: the choice of k or of the held
 width, the verify steps, sampling every row, removing rejected guesses from the KV cache. Turns
-are greedy, so a speculative run must give exactly the plain run's tokens (``same_output``).
+are sampled with a seed per prompt (temperature 0.7), so a speculative run must give exactly the
+plain run's tokens (``same_output``); greedy would not do: a zero-weight model's greedy output is
+one token repeated, which the watchdog stops as a loop.
 
 Modes, each a fresh engine per round (rounds alternate the order), the same prompts:
   off          plain decoding, the baseline; llama-bench tg128 on the same file beside it
@@ -97,7 +99,9 @@ def run_mode(settings, mode: str, rates: Sequence[float], prompts: Sequence[list
     engine = Engine(mode_settings(settings, mode, a.draft, a.n_gpu_layers))
     out: dict = {}
     try:
-        limits = Limits(max_tokens=max_tokens, temperature=0.0, raw=True, ignore_eos=True)
+        # seeded sampling: the same tokens with and without guesses, and no loop for the watchdog to
+        # stop (a zero-weight model's greedy output is one token repeated)
+        limits = Limits(max_tokens=max_tokens, temperature=0.7, raw=True, ignore_eos=True)
         for rate in rates if mode != "off" else [None]:
             if rate is not None:
                 rng, orig = random.Random(1), type(engine)._speculator
@@ -111,12 +115,14 @@ def run_mode(settings, mode: str, rates: Sequence[float], prompts: Sequence[list
                 engine._speculator = scripted
             runs = []
             for i, prompt in enumerate([prompts[0], *prompts]):
-                done = [ev for ev in engine.generate_ids(prompt, limits) if isinstance(ev, Done)][-1]
+                seeded = replace(limits, seed=1000 + max(i - 1, 0))
+                done = [ev for ev in engine.generate_ids(prompt, seeded) if isinstance(ev, Done)][-1]
                 ids = list(engine._kept)  # prompt + output but its last token
                 if i:  # the first is the untimed turn
                     runs.append({"ids": ids, "s": done.timings.generation_s, "tokens": done.usage.completion_tokens,
                                  "drafted": done.timings.drafted_tokens, "accepted": done.timings.accepted_tokens})
             out[str(rate)] = {"tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["s"] for r in runs),
+                              "tokens": sum(r["tokens"] for r in runs),
                               "drafted": sum(r["drafted"] for r in runs), "accepted": sum(r["accepted"] for r in runs),
                               "ids": [r["ids"] for r in runs], "held_width": engine.verify_cost.width}
         return out
@@ -148,7 +154,7 @@ def main() -> None:
     prompts = [probe.raw_prompt_ids(text) for _, text in PROMPTS[:a.prompts]]
     in_own_thread(probe.close)
     t0 = time.time()
-    # the plain runs' outputs are the scripts the guesses come from (greedy: every run makes them)
+    # the plain runs' outputs are the scripts the guesses come from (seeded: every run makes them)
     first = in_own_thread(lambda: run_mode(settings, "off", rates, prompts, {}, a.max_tokens, a))
     scripts = {tuple(p): ids for p, ids in zip(prompts, first["None"]["ids"])}
     rounds: dict[str, list[dict]] = {m: [] for m in modes}
@@ -189,7 +195,7 @@ def summarize(rounds: dict, scripts: dict, prompts: Sequence[list[int]], rates: 
                          "tokens_per_s": round(best["tokens_per_s"], 2),
                          "rounds_tokens_per_s": [round(r[key]["tokens_per_s"], 2) for r in rs],
                          "over_off": round(best["tokens_per_s"] / base, 4) if base else None,
-                         "drafted": best["drafted"], "accepted": best["accepted"],
+                         "tokens": best["tokens"], "drafted": best["drafted"], "accepted": best["accepted"],
                          "accepted_share": round(best["accepted"] / best["drafted"], 4) if best["drafted"] else None,
                          "held_width_after": best["held_width"], "same_output": same})
     return {"rates": list(rates), "rows": rows,
@@ -198,11 +204,13 @@ def summarize(rounds: dict, scripts: dict, prompts: Sequence[list[int]], rates: 
 
 
 def table(res: dict) -> str:
-    lines = ["| mode | rate | t/s | ÷ off | ÷ llama-bench tg128 | accepted/drafted | width after | same tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| mode | rate | t/s | ÷ off | ÷ llama-bench tg128 | tokens | accepted/drafted | width after "
+             "| same tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["rows"]:
         lines.append(f"| {r['mode']} | {r['rate'] if r['rate'] is not None else '–'} | {r['tokens_per_s']} | "
-                     f"{r['over_off']} | {r.get('over_llama_bench', '–')} | {r['accepted']}/{r['drafted']} | "
+                     f"{r['over_off']} | {r.get('over_llama_bench', '–')} | {r['tokens']} | "
+                     f"{r['accepted']}/{r['drafted']} | "
                      f"{r['held_width_after']} | {r['same_output']} |")
     if "llama_bench_tg128" in res:
         lines.append(f"\nllama-bench tg128: {res['llama_bench_tg128']['mean']:.2f} t/s")
