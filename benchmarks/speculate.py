@@ -181,6 +181,63 @@ def engine_walk(prompt: Sequence[int], output: Sequence[int], rel_cost: float, c
     return Walk(tokens, steps, spec.stats.drafted, spec.stats.accepted, cost)
 
 
+def shape_costs(cd: dict) -> Callable[[int, int], float]:
+    """A step's cost in replayed one-token steps, by its guesses ``k`` and how many steps in a row
+    had its shape (``run``): eager at 1, the CUDA graph captured at 2, replayed from 3 (as the cost
+    part timed them; ``t_after_switch_1_ms`` is the one-token step right after another shape)."""
+    base = cd["t_replay_ms"][0]
+
+    def f(k: int, run: int) -> float:
+        if run >= 3:
+            t = cd["t_replay_ms"][k]
+        elif run == 2:
+            t = cd["t_switch_ms"][0] if k == 0 else cd["t_ms"][k]
+        else:
+            t = cd["t_after_switch_1_ms"] if k == 0 else cd["t_switch_ms"][k]
+        return t / base
+    return f
+
+
+def policy_walk(prompt: Sequence[int], output: Sequence[int], spec: Speculator,
+                cost: Callable[[int, int], float]) -> Walk:
+    """Like :func:`engine_walk` for any Speculator (held or not), each step costed by its shape and
+    the shapes before it (:func:`shape_costs`)."""
+    i = tokens = steps = 0
+    total, last, run = 0.0, -1, 0
+    n = len(output)
+    while i < n - 1:
+        guesses = spec.next(output[i], room=n - 2 - i)
+        a = 0
+        for g, actual in zip(guesses, output[i + 1:]):
+            if g != actual:
+                break
+            spec.accepted_token(actual)
+            a += 1
+        if guesses:
+            spec.verified(len(guesses), a)
+        k = len(guesses)
+        run, last = (run + 1 if k == last else 1), k
+        steps, tokens, total = steps + 1, tokens + a + 1, total + cost(k, run)
+        i += a + 1
+    return Walk(tokens, steps, spec.stats.drafted, spec.stats.accepted, total)
+
+
+def shaped_projection(runs: Sequence[dict], cd: dict) -> dict:
+    """The engine's two policies over real outputs (prompt lookup) at this depth's shape-aware
+    costs: k chosen per step (the cost slope fixed at the eager c(k)'s) and the width held (its
+    steady costs known, one VerifyCost across the outputs as in a running engine)."""
+    cost = shape_costs(cd)
+    held_cost = VerifyCost()
+    held_cost.steady = {k + 1: v / cd["t_replay_ms"][0] for k, v in cd["t_replay_ms"].items()}
+    out = {}
+    for name, make in (("free", lambda r: Speculator(r["prompt"], VerifyCost(fixed=slope(cd["c"])))),
+                       ("held", lambda r: Speculator(r["prompt"], held_cost, hold=True))):
+        w = combine([policy_walk(r["prompt"], r["ids"], make(r), cost) for r in runs])
+        out[name] = {**asdict(w), "speedup": round(w.speedup, 4), "tokens_per_step": round(w.per_step, 4),
+                     "accepted_share": round(w.accepted / w.drafted, 4) if w.drafted else None}
+    return out
+
+
 def combine(walks: Sequence[Walk]) -> Walk:
     return Walk(*(sum(getattr(w, f) for w in walks) for f in ("tokens", "steps", "drafted", "accepted", "cost")))
 
@@ -493,15 +550,19 @@ def projections(result: dict, a: argparse.Namespace) -> dict:
     draft_cost = result.get("draft_cost", 0.1)
     for cd in result.get("cost", []):
         c = {int(k): v for k, v in cd["c"].items()}
-        f = curve(c)
-        p = {"published": geometric(PUBLISHED["rate"], f, draft_cost),
-             "published_ngram_free": geometric(PUBLISHED["rate"], f, 0.0),
-             "rates": {str(r): geometric(r, f, draft_cost)["best_speedup"] for r in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)}}
+        f, km = curve(c), max(c)  # no k past the measured ones (the device top-k stops at DRAFT_MAX)
+        p = {"published": geometric(PUBLISHED["rate"], f, draft_cost, km),
+             "published_ngram_free": geometric(PUBLISHED["rate"], f, 0.0, km),
+             "rates": {str(r): geometric(r, f, draft_cost, km)["best_speedup"] for r in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)}}
         if "accept_runs" in result:
-            p["own_outputs"] = acceptance_summary(result["accept_runs"], c)
+            p["own_outputs"] = acceptance_summary(result["accept_runs"], c, km)
         if a.acceptance:
             other = json.loads(a.acceptance.read_text())
-            p["acceptance_of"] = {"file": str(a.acceptance), **acceptance_summary(other["accept_runs"], c)}
+            p["acceptance_of"] = {"file": str(a.acceptance), **acceptance_summary(other["accept_runs"], c, km)}
+        runs = result.get("accept_runs") or (
+            json.loads(a.acceptance.read_text())["accept_runs"] if a.acceptance else [])
+        if "t_replay_ms" in cd and runs:
+            p["shaped"] = shaped_projection(runs, cd)
         out[str(cd["depth"])] = p
     return out
 
@@ -512,7 +573,8 @@ def main() -> None:
         res = json.loads(a.recompute.read_text())
         for cd in res.get("cost", []):  # JSON made the k keys strings
             for key in ("t_ms", "t_switch_ms", "t_replay_ms", "c", "c_steady", "c_replay"):
-                cd[key] = {int(k): v for k, v in cd.get(key, {}).items()}
+                if key in cd:
+                    cd[key] = {int(k): v for k, v in cd[key].items()}
         if a.draft_cost is not None:
             res["draft_cost"] = a.draft_cost
         res["projection"] = projections(res, a)
@@ -624,6 +686,10 @@ def summary(res: dict) -> str:
         pub = p["published"]
         lines.append(f"depth {depth}: published rate {pub['rate']}: best k {pub['best_k']}, x{pub['best_speedup']:.2f} "
                      f"(with draft cost), x{p['published_ngram_free']['best_speedup']:.2f} (free guesses)")
+        for name, w in p.get("shaped", {}).items():
+            lines.append(f"  n-gram, shape-aware costs, k {'held' if name == 'held' else 'per step'}: "
+                         f"x{w['speedup']:.3f} ({w['tokens_per_step']:.2f} tokens a step, "
+                         f"{w['accepted']}/{w['drafted']} guesses accepted)")
         for key in ("own_outputs", "acceptance_of"):
             if key in p:
                 s = p[key]

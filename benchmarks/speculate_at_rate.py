@@ -143,7 +143,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "speculate_at_rate.json")
+    ap.add_argument("--predict", type=Path, default=None,
+                    help="speculate.py's JSON with a cost part: only add what its costs predict to --out")
     a = ap.parse_args()
+    if a.predict:
+        res = json.loads(a.out.read_text())
+        res["predicted_over_off"] = predict(a.predict, [float(r) for r in a.rates.split(",")])
+        res["predicted_from"] = str(a.predict)
+        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["predicted_over_off"], indent=1))
+        return
     from edge_magistral.generation import LoadSettings
     from edge_magistral.model import LoadedModel
 
@@ -180,6 +189,34 @@ def save(res: dict, lb: dict | None, a: argparse.Namespace, t0: float) -> None:
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(table(res), flush=True)
     a.out.with_suffix(".txt").write_text(table(res) + "\n")
+
+
+def predict(costs: Path, rates: Sequence[float], n: int = 160, outputs: int = 20) -> dict:
+    """What the shape-aware cost model of ``speculate.py`` (its cost part's JSON) predicts for these
+    runs: both policies walked over ``outputs`` random outputs of ``n`` tokens with scripted guesses,
+    at each measured depth; to set beside the measured ratios (``over_off``)."""
+    from speculate import Speculator, VerifyCost, combine, policy_walk, shape_costs, slope
+
+    out: dict = {}
+    for cd in json.loads(costs.read_text())["cost"]:
+        for key in ("t_ms", "t_switch_ms", "t_replay_ms", "c"):
+            cd[key] = {int(k): v for k, v in cd[key].items()}
+        cost, row = shape_costs(cd), {}
+        for rate in rates:
+            rng = random.Random(1)
+            held = VerifyCost()
+            held.steady = {k + 1: v / cd["t_replay_ms"][0] for k, v in cd["t_replay_ms"].items()}
+            for name in ("free", "held"):
+                walks = []
+                for _ in range(outputs):
+                    prompt, output = [1, 2, 3], [rng.randrange(1000, 2000) for _ in range(n)]
+                    vc = held if name == "held" else VerifyCost(fixed=slope(cd["c"]))
+                    spec = Speculator(prompt, vc, hold=name == "held")
+                    spec.draft = Scripted(spec.draft, prompt + output, len(prompt), rate, rng, 4000)
+                    walks.append(policy_walk(prompt, output, spec, cost))
+                row[f"ngram-{name} {rate}"] = round(combine(walks).speedup, 4)
+        out[str(cd["depth"])] = row
+    return out
 
 
 def summarize(rounds: dict, scripts: dict, prompts: Sequence[list[int]], rates: Sequence[float]) -> dict:
