@@ -337,3 +337,59 @@ def test_speculate_geometric_slope_and_best_of(spec):
     a = {"generation_s": 2.0, "completion_tokens": 11}
     b = {"generation_s": 1.0, "completion_tokens": 11}
     assert spec.best_of([[a, b], [b, a]]) == [b, b]
+
+
+def _costs(depth: int = 512) -> dict:
+    """A cost part shaped like the H100's: cheap replayed steps, dear shape changes (ms)."""
+    replay = {k: 9.0 * (1 + 0.1 * k) for k in range(9)}
+    return {"depth": depth, "t_replay_ms": replay, "t_after_switch_1_ms": 10.5,
+            "t_switch_ms": {k: v * 1.15 if k else 13.5 for k, v in replay.items()},
+            "t_ms": {k: v * 1.6 if k else 9.0 for k, v in replay.items()},
+            "c": {k: v * 1.15 / 9.0 if k else 1.5 for k, v in replay.items()}}
+
+
+def test_speculate_shape_costs_follow_the_graph_replays(spec):
+    f = spec.shape_costs(_costs())
+    assert f(0, 3) == pytest.approx(1.0) and f(0, 1) == pytest.approx(10.5 / 9) and f(0, 2) == pytest.approx(1.5)
+    assert f(2, 1) == pytest.approx(1.2 * 1.15) and f(2, 2) == pytest.approx(1.2 * 1.6)
+    assert f(2, 5) == pytest.approx(1.2)
+
+
+def test_speculate_at_rate_scripts_guesses_at_the_rate(spec):
+    import random
+
+    import speculate_at_rate as sar
+
+    class Source:
+        cheap = True
+
+        def __init__(self) -> None:
+            self.pushed, self.asked = [], []
+
+        def push(self, t: int) -> None:
+            self.pushed.append(t)
+
+        def propose(self, k: int) -> list[int]:
+            self.asked.append(k)
+            return []
+
+    script = list(range(100, 200))
+    src = Source()
+    always = sar.Scripted(src, script, 10, 1.0, random.Random(0), 1000)
+    assert always.propose(3) == [110, 111, 112] and src.asked == [3]  # the source still works
+    always.push(110)
+    assert always.propose(2) == [111, 112] and src.pushed == [110]
+    never = sar.Scripted(Source(), script, 10, 0.0, random.Random(0), 1000)
+    assert never.propose(2) == [111, 112]  # every guess wrong: the true token + 1
+    half = sar.Scripted(Source(), script, 0, 0.5, random.Random(3), 1000)
+    firsts = [half.propose(1)[0] == 100 for _ in range(400)]
+    assert 150 < sum(firsts) < 250
+
+
+def test_speculate_held_beats_per_step_where_shape_changes_cost(spec, tmp_path):
+    import speculate_at_rate as sar
+
+    f = tmp_path / "cost.json"
+    f.write_text(json.dumps({"cost": [_costs()]}))
+    p = sar.predict(f, [0.7], n=120, outputs=4)["512"]
+    assert p["ngram-held 0.7"] > p["ngram-free 0.7"] > 1.0

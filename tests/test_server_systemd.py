@@ -53,13 +53,20 @@ def test_notify_liveness_stall_and_graceful_stop(tiny_gguf_f32, tmp_path):
         with server.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()
             next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
-            waiter = threading.Thread(target=lambda: queued.append(server.client().post(
-                "/v1/chat/completions", json={**body, "stream": False})))
-            waiter.start()
-            _until(lambda: httpx.get(f"{server.url}/health").json()["queue"] == 1)
+            # the model worker holds still until the request is queued and the stop has begun, so
+            # the stream cannot end first however fast or slow the machine (SIGCONT well inside
+            # the 6 s stall timeout)
             worker = server.worker_pid()
-            server.proc.send_signal(signal.SIGTERM)
-            listener.wait_for("STOPPING=1", 5)
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                waiter = threading.Thread(target=lambda: queued.append(server.client().post(
+                    "/v1/chat/completions", json={**body, "stream": False})))
+                waiter.start()
+                _until(lambda: httpx.get(f"{server.url}/health").json()["queue"] == 1)
+                server.proc.send_signal(signal.SIGTERM)
+                listener.wait_for("STOPPING=1", 5)
+            finally:
+                os.kill(worker, signal.SIGCONT)
             with pytest.raises(httpx.HTTPError):  # the listener is closed
                 httpx.get(f"{server.url}/health", timeout=2).raise_for_status()
             rest = list(lines)
