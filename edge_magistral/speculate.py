@@ -203,14 +203,15 @@ class Speculator:
 
     def _from_model(self, room: int) -> list[int]:
         """A draft model's guesses cost its decodes too. When none pay at the measured rate, one
-        guess is still verified every ``PROBE_EVERY`` tokens, so the rate can recover."""
+        guess is still verified every ``PROBE_EVERY`` tokens, so the rate can recover; unless a
+        guess costs a whole step or more, when it cannot pay even if always right."""
         guess = self.draft.guess_cost(self.cost.t1)
         if self.hold:
             k = min(self._held_width(guess), room)
         else:
             k = min(best_k(self.rate, self.cost.relative + guess, room, self.k_max), room)
         self._since_probe += 1
-        if k == 0 and self._since_probe >= PROBE_EVERY and room > 0:
+        if k == 0 and self._since_probe >= PROBE_EVERY and room > 0 and self.cost.relative + guess < 1.0:
             k = 1
         if k == 0:
             return []

@@ -389,3 +389,7 @@ def test_guesses_that_do_not_pay_stop_and_a_costly_draft_still_probes() -> None:
     assert sum(verified[:10]) > 0  # the prior lets it try
     assert all(n <= 1 for n in verified[100:])  # then only a probe of one guess...
     assert 4 <= sum(verified[100:]) <= 100 // 16 + 1  # ...every 16 tokens
+    dear = Costly()
+    dear.guess_cost = lambda t1: 1.0  # a draft as slow as the model: no guess can pay
+    s = Speculator([1, 2, 3], VerifyCost(fixed=0.1), draft=dear)
+    assert sum(len(s.next(i + 100, room=8)) for i in range(200)) == 0
