@@ -67,7 +67,9 @@ class DraftModel:
         self.n_ctx = self.model.n_ctx
         self.held: dict[int, list[int]] = {}  # stream → the tokens its KV holds
         self.free = [0] if settings.n_slots == 1 else list(range(settings.n_slots, 0, -1))
-        self.step_s: float | None = None  # one draft decode of one token, running average
+        # seconds per guess of a whole proposal (the catch-up of the tokens the turn took since, and
+        # the guesses' own decodes), running average: what a guess really costs
+        self.guess_s: float | None = None
 
     def open(self, history: Sequence[int]) -> DraftSeq:
         """A turn's draft, starting from ``history`` (its prompt as evaluated)."""
@@ -84,12 +86,8 @@ class DraftModel:
             n = b.put(0, chunk, pos + start, seq)
             b.want_logits(n - 1)
             b.struct.n_tokens = n
-            t0 = time.perf_counter()
             if llama_cpp.llama_decode(self.model.ctx, b.struct) != 0:
                 raise RuntimeError("the draft model's decode failed (its KV cache is full?)")
-            if n == 1:
-                dt = time.perf_counter() - t0
-                self.step_s = dt if self.step_s is None else 0.9 * self.step_s + 0.1 * dt
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.model.ctx, n - 1),
                                        shape=(self.model.n_vocab,))
         return int(logits.argmax())
@@ -114,6 +112,7 @@ class DraftSeq:
         k = min(k, dm.n_ctx - len(toks) - 1)
         if k <= 0:
             return []
+        t0 = time.perf_counter()
         keep = min(common_prefix(kv, toks), len(toks) - 1)  # the last token is evaluated for fresh logits
         if keep < len(kv):
             llama_cpp.llama_memory_seq_rm(dm.mem, self.seq, keep, -1)
@@ -123,13 +122,15 @@ class DraftSeq:
         while len(out) < k:
             kv.append(out[-1])
             out.append(dm.decode(self.seq, out[-1:], len(kv) - 1))
+        dt = (time.perf_counter() - t0) / k  # the argmax read the logits: the device has finished
+        dm.guess_s = dt if dm.guess_s is None else 0.9 * dm.guess_s + 0.1 * dt
         return out
 
     def guess_cost(self, t1: float | None) -> float:
-        """A guess's draft decode, as a fraction of the target's one-token step."""
-        if t1 is None or t1 <= 0 or self.dm.step_s is None:
+        """A guess's draft work, as a fraction of the target's one-token step."""
+        if t1 is None or t1 <= 0 or self.dm.guess_s is None:
             return 0.05
-        return self.dm.step_s / t1
+        return self.dm.guess_s / t1
 
     def release(self) -> None:
         """The turn ended: the stream goes back (its KV stays, a prefix for the next turn)."""

@@ -180,7 +180,9 @@ class Speculator:
         self.stats = SpecStats()
         self._shadow: int | None = None  # the first guess of a proposal not verified
         self._since_probe = 0  # tokens since a costly draft last proposed (see next)
-        self._hold_left = 0  # hold: steps until the width is chosen again
+        # hold: steps until the width is chosen again; a width carried over from the last turn is
+        # kept for a first epoch while this turn's rate is learned (not judged at the prior's)
+        self._hold_left = HOLD_STEPS if hold and cost.step_cost(0) is not None else 0
 
     def next(self, token: int, room: int) -> list[int]:
         """``token`` was sampled and goes to the KV cache next: the guesses to verify with it

@@ -102,9 +102,9 @@ def test_a_held_width_starts_plain_then_climbs_while_guesses_pay() -> None:
     widths = held(cost, right=8, steps=6 * HOLD_STEPS)
     epochs = [widths[i:i + HOLD_STEPS] for i in range(0, len(widths), HOLD_STEPS)]
     assert all(len(set(e)) == 1 for e in epochs)  # one width per epoch: the step's shape holds
-    assert [e[0] for e in epochs] == [1, 2, 3, 4, 5, 6]  # one width further each time
-    # the next turn starts from there, a width lower: its acceptance starts at the prior, 0.5
-    assert held(cost, right=8, steps=1) == [5]
+    assert [e[0] for e in epochs] == [0, 1, 2, 3, 4, 5]  # the carried width (none yet), then one further each time
+    # the next turn goes on at that width for an epoch, while it learns its own acceptance
+    assert held(cost, right=8, steps=HOLD_STEPS + 1) == [5] * HOLD_STEPS + [6]
     fresh = held(VerifyCost(), right=8, steps=HOLD_STEPS)
     assert set(fresh) == {0}  # nothing measured: plain steps first, to time a steady one-token step
 
@@ -115,8 +115,8 @@ def test_a_held_width_comes_down_when_guesses_fail_or_cost_too_much() -> None:
         for _ in range(4):
             cost.observe(n, t, 1)
     s = Speculator([1, 2, 3, 1, 2, 3], cost, hold=True)
-    s.width = 3
-    for _ in range(3 * HOLD_STEPS):
+    s.width = 3  # kept for a first epoch, then one lower each epoch
+    for _ in range(4 * HOLD_STEPS):
         g = s.next(9, room=8)  # 9 never occurred before: the padding repeats it
         assert len(g) == s.width and (not g or g == [9] * len(g))
         if g:
