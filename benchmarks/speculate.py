@@ -162,23 +162,7 @@ def engine_walk(prompt: Sequence[int], output: Sequence[int], rel_cost: float, c
     are accepted, as the engine's sampler would (the same tokens come either way)."""
     kw = {} if sizes is None else {"sizes": sizes}
     spec = Speculator(prompt, VerifyCost(fixed=rel_cost), **kw)
-    i = tokens = steps = 0
-    cost = 0.0
-    n = len(output)
-    while i < n - 1:
-        guesses = spec.next(output[i], room=n - 2 - i)  # the next token is known up to output[-1]
-        a = 0
-        for g, actual in zip(guesses, output[i + 1:]):
-            if g != actual:
-                break
-            spec.accepted_token(actual)
-            a += 1
-        if guesses:
-            spec.verified(len(guesses), a)
-        steps, tokens = steps + 1, tokens + a + 1
-        cost += c(len(guesses))
-        i += a + 1
-    return Walk(tokens, steps, spec.stats.drafted, spec.stats.accepted, cost)
+    return policy_walk(prompt, output, spec, lambda k, run: c(k))
 
 
 def shape_costs(cd: dict) -> Callable[[int, int], float]:
@@ -206,7 +190,7 @@ def policy_walk(prompt: Sequence[int], output: Sequence[int], spec: Speculator,
     total, last, run = 0.0, -1, 0
     n = len(output)
     while i < n - 1:
-        guesses = spec.next(output[i], room=n - 2 - i)
+        guesses = spec.next(output[i], room=n - 2 - i)  # the next token is known up to output[-1]
         a = 0
         for g, actual in zip(guesses, output[i + 1:]):
             if g != actual:
