@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import click
 
+from edge_magistral.cli.group import stacked
+
 CLUSTER_OPTIONS = [
     click.option("--worker", "workers", multiple=True, metavar="HOST:PORT",
                  help="An `edge-magistral rpc-worker` to place layers on (repeatable; order is device "
@@ -18,10 +20,7 @@ CLUSTER_OPTIONS = [
 ]
 
 
-def cluster_options(f):
-    for opt in reversed(CLUSTER_OPTIONS):
-        f = opt(f)
-    return f
+cluster_options = stacked(CLUSTER_OPTIONS)
 
 
 def cluster_of(workers: tuple[str, ...], cluster_file: str | None, allow_public_worker: bool):

@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Sequence
 
 import click
 
 from edge_magistral import __version__
 from edge_magistral.errors import EdgeMagistralError
+
+
+def stacked(options: Sequence[Callable]) -> Callable:
+    """One decorator that applies ``options`` (click.option decorators) in their listed order, so
+    a shared option list reads in ``--help`` as it is written."""
+    def apply(f: Callable) -> Callable:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return apply
 
 
 class _Group(click.Group):

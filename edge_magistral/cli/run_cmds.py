@@ -19,7 +19,7 @@ from rich.markup import escape
 from edge_magistral import loader
 from edge_magistral.cli import tool_io
 from edge_magistral.cli.cluster_opts import CLUSTER_OPTIONS, cluster_of
-from edge_magistral.cli.group import cli
+from edge_magistral.cli.group import cli, stacked
 from edge_magistral.cli.render import err_console
 from edge_magistral.cli.speculate_opts import SPECULATE_OPTIONS, speculation
 from edge_magistral.errors import TOOL_CALLS_EXIT, BadInputError, ToolCallError, WatchdogStopError
@@ -138,10 +138,7 @@ _common = [
 ]
 
 
-def common_options(f):
-    for opt in reversed(_common):
-        f = opt(f)
-    return f
+common_options = stacked(_common)
 
 
 _run_tool_options = [
@@ -161,10 +158,7 @@ _run_tool_options = [
 ]
 
 
-def _tool_options(f):
-    for opt in reversed(_run_tool_options):
-        f = opt(f)
-    return f
+_tool_options = stacked(_run_tool_options)
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from edge_magistral.cli.group import stacked
 from edge_magistral.generation import SPECULATE_MODES
 
 SPECULATE_OPTIONS = [
@@ -19,10 +20,7 @@ SPECULATE_OPTIONS = [
 ]
 
 
-def speculate_options(f):
-    for opt in reversed(SPECULATE_OPTIONS):
-        f = opt(f)
-    return f
+speculate_options = stacked(SPECULATE_OPTIONS)
 
 
 def speculation(speculate: str | None, draft_model: str | None) -> tuple[str | None, str | None]:
