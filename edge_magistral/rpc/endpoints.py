@@ -176,14 +176,19 @@ def _number(entry: dict, key: str, where: str, minimum_exclusive: bool) -> float
     return float(v)
 
 
+def _known_keys(mapping: dict, known: set[str], where: str) -> None:
+    """Refuse the first key the cluster file does not define (a typo would be silently ignored)."""
+    unknown = sorted(set(map(str, mapping)) - known)
+    if unknown:
+        raise BadInputError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
 def _worker_spec(entry: Any, where: str) -> WorkerSpec:
     if isinstance(entry, str):
         entry = {"address": entry}
     if not isinstance(entry, dict):
         raise BadInputError(f"{where}: each worker must be a mapping with an address, not {entry!r}")
-    unknown = sorted(set(map(str, entry)) - _WORKER_KEYS)
-    if unknown:
-        raise BadInputError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_WORKER_KEYS))})")
+    _known_keys(entry, _WORKER_KEYS, where)
     address = entry.get("address")
     if not isinstance(address, str):
         raise BadInputError(f"{where}: a worker needs an address (host:port), got {address!r}")
@@ -222,9 +227,7 @@ def load_cluster(path: str | Path) -> Cluster:
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise BadInputError(f"cluster file {path} must be a mapping with a 'workers' list")
-    unknown = sorted(set(map(str, data)) - _TOP_KEYS)
-    if unknown:
-        raise BadInputError(f"cluster file {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    _known_keys(data, _TOP_KEYS, f"cluster file {path}")
     workers = data.get("workers")
     if not isinstance(workers, list) or not workers:
         raise BadInputError(f"cluster file {path} lists no workers: add 'workers:' with at least one address")
