@@ -23,6 +23,7 @@ Predicted tokens/s and the link's cost follow :mod:`~edge_magistral.planner.link
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from edge_magistral.catalog import ModelCandidate
@@ -96,6 +97,11 @@ class Space:
     @property
     def head_has_gpu(self) -> bool:
         return HEAD in self.owner
+
+    @cached_property
+    def pinned(self) -> dict[int, int]:
+        """Device index -> layers of pinned workers (their first device); read once make_space is done."""
+        return {self.owner.index(w.name): w.layers for w in self.workers if w.layers is not None}
 
 
 @dataclass
@@ -244,11 +250,11 @@ def fill(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0: i
 def _greedy(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0: int | None,
             caps: dict[int, int]) -> tuple[int, list[int], int]:
     c0, counts = fixed_c0 or 0, [0] * len(sp.devices)
-    for i, n in _pinned(sp).items():
+    for i, n in sp.pinned.items():
         counts[i] = n
     left = m.n_layers - c0 - sum(counts)  # below 0: more pinned than there are layers (no fit)
     for i in _slot_order(sp):
-        if i in _pinned(sp):
+        if i in sp.pinned:
             continue
         if i == -1:
             if fixed_c0 is not None or not (allow_cpu or not sp.devices):
@@ -273,16 +279,11 @@ def _greedy(sp: Space, m: ModelCandidate, s: Settings, allow_cpu: bool, fixed_c0
     return c0, counts, left
 
 
-def _pinned(sp: Space) -> dict[int, int]:
-    """Device index -> layers, for workers whose layers are pinned (on their first device)."""
-    return {sp.owner.index(w.name): w.layers for w in sp.workers if w.layers is not None}
-
-
 def _cap(sp: Space, f: Fill, caps: dict[int, int], fixed_c0: int | None) -> bool:
     """Lower the cap of the device with the most layers in an overflowing pool; False if none can give."""
     over = {u.pool for u in f.use if not u.fits}
     holders = [(f.counts[i], i) for i in range(len(sp.devices))
-               if over & set(sp.devices[i].pools) and i not in _pinned(sp)]
+               if over & set(sp.devices[i].pools) and i not in sp.pinned]
     if "RAM" in over and fixed_c0 is None:
         holders.append((f.c0, -1))
     n, i = max(holders, default=(0, 0))
